@@ -1,0 +1,158 @@
+"""Command-line options shared by main.py and train_original.py.
+
+Every flag of the reference implementation keeps its name, type and default; flags
+that take a boolean parse the strings ``True`` and ``False``.  Flags added by this
+project are marked "(new)".
+"""
+import argparse
+
+MODELS = ("sasrec", "bert4rec", "narm", "gru4rec", "ncf")
+MODES = ("ml-1m", "ml-10m", "amazon", "yelp")
+
+
+def str2bool(value):
+    """Parse 'True'/'False' (any case, also 1/0, yes/no) into a bool."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="MELO: meta-learning with adaptive weighted loss for imbalanced "
+        "cold-start sequential recommendation")
+    add = parser.add_argument
+
+    # logging and data
+    add("--log_dir", type=str, default="./log", help="where meta-training logs and checkpoints go")
+    add("--data_path", type=str, default="./Data/ml-1m/ratings.dat", help="rating file to read")
+    add("--mode", type=str, default="ml-1m",
+        help=f"dataset reader: one of {', '.join(MODES)}")
+    add("--test", action="store_true", help="test a checkpoint instead of training")
+    add("--test_best", action="store_false",
+        help="give this flag to test the checkpoint of every validation rather than the best one")
+    add("--test_baseline", action="store_true", help="test the mean-rating baseline")
+    add("--checkpoint_step", type=int, default=-1,
+        help="checkpoint to load: test it with --test, resume training from it otherwise")
+    add("--log_interval", type=int, default=50, help="validate and checkpoint every N iterations")
+    add("--num_test_data", type=int, default=1000, help="number of test users")
+    add("--min_sequence", type=int, default=5, help="drop users with fewer ratings")
+    add("--use_random_sequence_length", type=str2bool, default=False,
+        help="train on windows of random length instead of max_seq_len")
+    add("--min_item", type=int, default=50, help="drop items with fewer ratings")
+    add("--random_seed", type=int, default=222, help="seed of the data split and the test tasks")
+    add("--download_url", type=str, default=None,
+        help="(new) URL of the MovieLens zip, for a mirror; GroupLens by default")
+
+    # training
+    add("--num_inner_steps", type=int, default=3, help="inner-loop adaptation steps")
+    add("--use_learnable_params", type=str2bool, default=True,
+        help="learn the per-layer, per-step inner learning rates (MAML++ LSLR)")
+    add("--inner_lr", type=float, default=1e-3, help="initial inner learning rate")
+    add("--outer_lr", type=float, default=1e-3, help="meta learning rate of the recommender")
+    add("--min_outer_lr", type=float, default=1e-4, help="end of the outer cosine schedule")
+    add("--loss_lr", type=float, default=1e-2, help="learning rate of the loss network")
+    add("--task_info_lr", type=float, default=1e-2, help="learning rate of the MLP encoder")
+    add("--lstm_lr", type=float, default=1e-1, help="learning rate of the LSTM encoder")
+    add("--learn_lr", type=float, default=1e-3, help="learning rate of the inner learning rates")
+    add("--loss_weight_decay", type=float, default=0, help="weight decay of the loss network")
+    add("--num_train_iterations", type=int, default=2000, help="outer iterations")
+    add("--first_order", type=str2bool, default=False,
+        help="(new) first-order meta-gradients: faster, not the paper's method")
+    add("--use_vmap", type=str2bool, default=True,
+        help="(new) adapt a task batch at once with torch.func.vmap; False loops over tasks")
+    add("--device", type=str, default=None,
+        help="(new) torch device; cuda when available, else cpu")
+
+    # task-state encoder
+    add("--lstm_hidden", type=int, default=32)
+    add("--lstm_num_layers", type=int, default=1)
+    add("--lstm_input_size", type=int, default=16)
+    add("--loss_num_layers", type=int, default=1)
+
+    # recommender
+    add("--model", type=str, default="bert4rec", help=f"one of {', '.join(MODELS)}")
+    add("--max_seq_len", type=int, default=30)
+    add("--bert_num_blocks", type=int, default=2)
+    add("--bert_num_heads", type=int, default=4)
+    add("--bert_hidden_units", type=int, default=32)
+    add("--bert_dropout", type=float, default=0.1)
+    add("--model_init_seed", type=int, default=5)
+    add("--narm_hidden_size", type=int, default=32)
+    add("--narm_n_layers", type=int, default=1)
+    add("--narm_embedding_dim", type=int, default=32)
+    add("--gru4rec_hidden_size", type=int, default=32)
+    add("--gru4rec_n_layers", type=int, default=2)
+    add("--gru4rec_embedding_dim", type=int, default=32)
+
+    # tasks
+    add("--num_users", type=int, default=0, help="set from the data")
+    add("--num_items", type=int, default=0, help="set from the data")
+    add("--batch_size", type=int, default=16, help="tasks per outer iteration")
+    add("--val_size", type=int, default=600, help="number of validation tasks")
+    add("--num_samples", type=int, default=25, help="support sequences per task")
+    add("--num_query_set", type=int, default=3, help="query sequences per task")
+    add("--default_rating", type=int, default=0, help="rating value of padded positions")
+    add("--min_sub_window_size", type=int, default=2, help="shortest support sequence")
+    add("--use_label", type=str2bool, default=True,
+        help="MLP encoder statistics from the support labels")
+
+    # loss
+    add("--multi_step_loss_num_epochs", type=int, default=1000,
+        help="iterations that use the MAML++ multi-step loss")
+    add("--use_multi_step", type=str2bool, default=True)
+    add("--use_adaptive_loss", type=str2bool, default=True, help="MELO (True) or MAML (False)")
+    add("--use_mlp", type=str2bool, default=False, help="MLP task-state encoder")
+    add("--use_lstm", type=str2bool, default=True, help="LSTM task-state encoder")
+    add("--use_step_loss", type=str2bool, default=True, help="one loss network per inner step")
+    add("--use_focal_loss", type=str2bool, default=False, help="inner loss |y - y_hat|^3")
+    add("--use_mlp_mean", type=str2bool, default=False,
+        help="aggregate position losses with the loss network")
+    add("--use_softmax", type=str2bool, default=False, help="softmax loss weights")
+    add("--normalize_loss", type=str2bool, default=True, help="ratings / 5 in the loss")
+    add("--task_info_loss", type=str2bool, default=True)
+    add("--task_info_rating_mean", type=str2bool, default=True)
+    add("--task_info_rating_std", type=str2bool, default=True)
+    add("--task_info_labels", type=str2bool, default=True)
+    add("--task_info_predictions", type=str2bool, default=True)
+
+    # pretraining (train_original.py)
+    add("--pretraining_batch_size", type=int, default=128)
+    add("--pretrain_epochs", type=int, default=100)
+    add("--pretraining_lr", type=float, default=1e-3)
+    add("--load_pretrained_embedding", type=str2bool, default=False)
+    add("--load_pretrained", type=str2bool, default=False)
+    add("--save_pretrained", type=str2bool, default=False)
+    add("--use_learned_loss_baseline", type=str2bool, default=False,
+        help="weight Basic's loss with the LSTM encoder")
+    add("--pretrain_log_dir", type=str, default="./log_pretrained")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse the command line (``argv`` for tests) and check the values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model not in MODELS:
+        parser.error(f"--model={args.model} is not a model here; choose one of {', '.join(MODELS)}")
+    if args.mode not in MODES:
+        parser.error(f"--mode={args.mode} is not a dataset reader here; choose one of {', '.join(MODES)}")
+    positive = ("max_seq_len", "batch_size", "num_samples", "num_query_set", "num_inner_steps",
+                "val_size", "num_test_data", "pretraining_batch_size", "log_interval")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.min_sub_window_size < 1:
+        parser.error("--min_sub_window_size must be at least 1")
+    if args.min_sub_window_size >= args.max_seq_len:
+        parser.error(f"--min_sub_window_size={args.min_sub_window_size} leaves no support sequence "
+                     f"in windows of --max_seq_len={args.max_seq_len}; lower it")
+    if args.bert_hidden_units % args.bert_num_heads:
+        parser.error(f"--bert_hidden_units={args.bert_hidden_units} must be divisible by "
+                     f"--bert_num_heads={args.bert_num_heads}")
+    return args
