@@ -1,0 +1,138 @@
+"""Building blocks shared by the recommenders.
+
+Everything here is written from plain tensor ops so that the models run under
+``torch.func.functional_call`` and ``torch.func.vmap`` with exact second-order
+gradients (DESIGN.md §3): no nn.LayerNorm, no fused attention, no nn.GRU.
+Sequences are left-padded with item id 0.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+MASKED_SCORE = -1e9  # finite, so that no mask can turn the softmax into NaN
+
+
+class ItemEmbedding(nn.Module):
+    """Item-id embedding (row 0 is padding), plus a learned position embedding when
+    ``max_seq_len`` is given (the transformers).
+
+    Padded positions are zeroed by the mask as well as by ``padding_idx``: under vmap the
+    second-order gradient ignores ``padding_idx`` (PyTorch 2.13), and would move row 0.
+    Models keep it as ``model.embedding`` so it can be saved and loaded on its own.
+    """
+
+    def __init__(self, num_items, dim, max_seq_len=None):
+        super().__init__()
+        self.items = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.positions = nn.Embedding(max_seq_len, dim) if max_seq_len else None
+
+    def forward(self, items):  # [B, L] -> [B, L, dim]
+        x = self.items(items) * (items > 0).unsqueeze(-1)
+        if self.positions is not None:
+            x = x + self.positions.weight[: items.shape[-1]]
+        return x
+
+
+class RatingHead(nn.Linear):
+    """Linear(dim, 1) per position -> predicted rating / 5 as 0.1 + sigmoid, in (0.1, 1.1)."""
+
+    def __init__(self, dim):
+        super().__init__(dim, 1)
+
+    def forward(self, x):  # [B, L, dim] -> [B, L]
+        return 0.1 + torch.sigmoid(super().forward(x).squeeze(-1))
+
+
+class LayerNorm(nn.Module):
+    """BERT4Rec's layer norm, a * (x - mean) / (std + eps) + b."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):  # [..., dim]
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)
+        return self.weight * (x - mean) / (std + self.eps) + self.bias
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, softmax(QK^T / sqrt(d) + mask) V with plain ops."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, visible):  # x [B, L, D], visible bool [B, 1, L, L] (query, key) -> [B, L, D]
+        B, L, D = x.shape
+        heads = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
+        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, heads, L, L]
+        scores = torch.where(visible, scores, MASKED_SCORE)
+        y = torch.softmax(scores, dim=-1) @ v  # [B, heads, L, d]
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + drop(attn(norm(x))), x + drop(ffn(norm(x))), then dropout."""
+
+    def __init__(self, dim, num_heads, dropout):
+        super().__init__()
+        self.attn_norm = LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads)
+        self.ffn_norm = LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, visible):  # x [B, L, D], visible bool [B, 1, L, L]
+        x = x + self.dropout(self.attn(self.attn_norm(x), visible))
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return self.dropout(x)
+
+
+class GRULayer(nn.Module):
+    """One GRU layer (nn.GRU's equations) with a learned initial state.
+
+    The input projections of all time steps are one matmul; only the hidden
+    recurrence is looped. At padded steps the state is carried over unchanged, so
+    the first real item starts from the learned initial state whatever the padding.
+    """
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.input_proj = nn.Linear(input_size, 3 * hidden_size)
+        self.hidden_proj = nn.Linear(hidden_size, 3 * hidden_size)
+        self.initial_state = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x, real):  # x [B, L, input], real bool [B, L] -> [B, L, hidden]
+        h = self.initial_state.expand(x.shape[0], -1)  # [B, hidden]
+        outputs = []
+        for x_gates, is_real in zip(self.input_proj(x).unbind(1), real.unsqueeze(-1).unbind(1)):
+            x_r, x_z, x_n = x_gates.chunk(3, dim=-1)
+            h_r, h_z, h_n = self.hidden_proj(h).chunk(3, dim=-1)
+            reset = torch.sigmoid(x_r + h_r)
+            update = torch.sigmoid(x_z + h_z)
+            candidate = torch.tanh(x_n + reset * h_n)
+            h = torch.where(is_real, (1 - update) * candidate + update * h, h)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)
+
+
+class GRU(nn.Module):
+    """Stacked GRU layers with dropout between layers (like nn.GRU's ``dropout``)."""
+
+    def __init__(self, input_size, hidden_size, num_layers, dropout):
+        super().__init__()
+        sizes = [input_size] + [hidden_size] * (num_layers - 1)
+        self.layers = nn.ModuleList(GRULayer(size, hidden_size) for size in sizes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, real):  # x [B, L, input], real bool [B, L] -> [B, L, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer(self.dropout(x) if i > 0 else x, real)
+        return x
