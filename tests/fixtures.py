@@ -1,0 +1,220 @@
+"""Small seeded rating files in every input format, and a loopback HTTP server for downloads.
+
+    frame = make_ratings_frame(num_users=60, num_items=80, seed=0)
+    path = write_ratings(tmp_path / "ratings.dat", "ml-1m", frame)
+    path = write_ratings(tmp_path / "ratings.dat", "ml-1m", num_users=60, seed=1)  # same, shorter
+
+``frame`` has columns user, item, rating, timestamp (unix seconds), rows in file order.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# format name -> the --mode that reads it (raw formats are detected under any mode)
+FORMAT_MODES = {
+    "ml-1m": "ml-1m",
+    "ml-10m": "ml-10m",
+    "ml-latest-csv": "ml-10m",
+    "amazon": "amazon",
+    "yelp": "yelp",
+    "yelp-zip": "yelp",
+    "amazon-json": "amazon",
+    "amazon-json-gz": "amazon",
+    "amazon-2023-jsonl": "amazon",
+    "amazon-ratings-csv": "amazon",
+    "yelp-review-json": "yelp",
+}
+FORMATS = tuple(FORMAT_MODES)
+FILE_NAMES = {"ml-1m": "ratings.dat", "ml-10m": "ratings.dat", "yelp-zip": "yelp.zip",
+              "amazon-json": "reviews.json", "amazon-json-gz": "reviews.json.gz",
+              "amazon-2023-jsonl": "reviews.jsonl", "yelp-review-json": "review.json"}
+
+STAR_PROBABILITIES = [0.06, 0.11, 0.27, 0.34, 0.22]            # 1..5, MovieLens-like skew
+HALF_STAR_PROBABILITIES = [0.014, 0.028, 0.018, 0.075, 0.055,   # 0.5..5, ml-latest-like
+                           0.199, 0.130, 0.266, 0.085, 0.130]
+
+
+def file_name(fmt: str) -> str:
+    """A usual file name for ``fmt``."""
+    return FILE_NAMES.get(fmt, "ratings.csv")
+
+
+def make_ratings_frame(num_users: int = 60, num_items: int = 80, seed: int = 0,
+                       half_stars: bool = False, string_ids: bool = False) -> pd.DataFrame:
+    """Ratings of users with 5..40 distinct items each (popular items more often), shuffled.
+
+    Timestamps repeat within a user now and then (ties must keep file order). With
+    ``string_ids`` users are 'U0042'-like and items zero-padded digit strings ('0000000042').
+    """
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, num_items + 1) ** 0.8
+    popularity = rng.permutation(popularity / popularity.sum())
+    levels, probabilities = ((np.arange(1, 11) / 2, HALF_STAR_PROBABILITIES) if half_stars
+                             else (np.arange(1, 6).astype(float), STAR_PROBABILITIES))
+    rows = []
+    for user in range(num_users):
+        count = min(int(rng.integers(5, 41)), num_items)
+        items = rng.choice(num_items, count, replace=False, p=popularity)
+        ratings = rng.choice(levels, count, p=probabilities)
+        steps = rng.integers(0, 3, count) * 86_400                   # 0 = same second as before
+        times = 900_000_000 + int(rng.integers(0, 10**8)) + np.cumsum(steps)
+        rows += [(user, item, rating, t) for item, rating, t in zip(items, ratings, times)]
+    frame = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+    frame = frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)
+    if string_ids:
+        frame["user"] = [f"U{u:04d}" for u in frame.user]
+        frame["item"] = [f"{i:010d}" for i in frame.item]
+    else:
+        frame["user"] += 1
+        frame["item"] += 1
+    return frame
+
+
+def _iso(timestamp) -> str:
+    return datetime.fromtimestamp(int(timestamp), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _stars(rating) -> str:
+    return f"{rating:g}"
+
+
+def movielens_dat(frame: pd.DataFrame) -> str:
+    return "".join(f"{r.user}::{r.item}::{_stars(r.rating)}::{r.timestamp}\n"
+                   for r in frame.itertuples())
+
+
+def _csv_text(frame: pd.DataFrame, fmt: str) -> str:
+    if fmt == "ml-latest-csv":
+        table = pd.DataFrame({"userId": frame.user, "movieId": frame.item,
+                              "rating": frame.rating.map("{:.1f}".format),
+                              "timestamp": frame.timestamp})
+        return table.to_csv(index=False)
+    if fmt == "amazon":
+        table = pd.DataFrame({"rating": frame.rating.map(_stars), "reviewerID": frame.user,
+                              "product_id": frame.item, "date": frame.timestamp})
+        return table.to_csv(index=False)
+    if fmt in ("yelp", "yelp-zip"):
+        table = pd.DataFrame({"stars": frame.rating.map(_stars), "user_id": frame.user,
+                              "business_id": frame.item,
+                              "timestamp": frame.timestamp.map(_iso)})
+        return table.to_csv(index=False)
+    if fmt == "amazon-ratings-csv":
+        table = pd.DataFrame({"user": frame.user, "item": frame.item,
+                              "rating": frame.rating.map("{:.1f}".format),
+                              "timestamp": frame.timestamp})
+        return table.to_csv(index=False, header=False)
+    raise ValueError(f"not a CSV format: {fmt}")
+
+
+def _json_records(frame: pd.DataFrame, fmt: str) -> list[dict]:
+    records = []
+    for r in frame.itertuples():
+        user, item, rating, t = r.user, r.item, float(r.rating), int(r.timestamp)
+        if fmt in ("amazon-json", "amazon-json-gz"):
+            records.append({"overall": rating, "verified": True, "reviewTime": _iso(t)[:10],
+                            "reviewerID": user, "asin": item, "reviewText": "Fine, \"quoted\".",
+                            "unixReviewTime": t})
+        elif fmt == "amazon-2023-jsonl":
+            records.append({"rating": rating, "title": "ok", "text": "line\nbreak",
+                            "asin": f"V{item}", "parent_asin": item, "user_id": user,
+                            "timestamp": t * 1000, "verified_purchase": True})
+        elif fmt == "yelp-review-json":
+            records.append({"review_id": f"r{r.Index}", "user_id": user, "business_id": item,
+                            "stars": rating, "useful": 0, "text": "Nice.", "date": _iso(t)})
+        else:
+            raise ValueError(f"not a JSON format: {fmt}")
+    return records
+
+
+def write_ratings(path, fmt: str, frame: pd.DataFrame | None = None, **frame_options) -> Path:
+    """Write ``frame`` to ``path`` in ``fmt`` (one of FORMATS); rows keep the frame's order.
+
+    Without ``frame``, writes ``make_ratings_frame(**frame_options)``.
+    """
+    if frame is None:
+        frame = make_ratings_frame(**frame_options)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt in ("ml-1m", "ml-10m"):
+        path.write_text(movielens_dat(frame))
+    elif fmt == "yelp-zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("yelp_ratings.csv", _csv_text(frame, fmt))
+    elif fmt in ("ml-latest-csv", "amazon", "yelp", "amazon-ratings-csv"):
+        path.write_text(_csv_text(frame, fmt))
+    elif fmt in FORMAT_MODES:
+        text = "".join(json.dumps(record) + "\n" for record in _json_records(frame, fmt))
+        if fmt == "amazon-json-gz":
+            with gzip.open(path, "wt", encoding="utf-8") as out:
+                out.write(text)
+        else:
+            path.write_text(text)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return path
+
+
+def movielens_zip(frame: pd.DataFrame, folder: str = "ml-1m") -> bytes:
+    """A MovieLens-like zip: ``folder``/ratings.dat (from ``frame``), movies.dat, README."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{folder}/ratings.dat", movielens_dat(frame))
+        archive.writestr(f"{folder}/movies.dat", "1::Toy Story (1995)::Animation\n")
+        archive.writestr(f"{folder}/README", "Test archive.\n")
+    return buffer.getvalue()
+
+
+@dataclass
+class Payload:
+    """A response body; ``content_length`` may claim more bytes than are sent (a cut download)."""
+    body: bytes
+    content_length: int | None = None
+    delay_s: float = 0.0
+
+
+@contextlib.contextmanager
+def loopback_server(routes: dict[str, bytes | Payload]):
+    """Serve ``routes`` (URL path -> body) on 127.0.0.1; yields the base URL. Others get 404."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            payload = routes.get(self.path)
+            if payload is None:
+                self.send_error(404, "Not Found")
+                return
+            if isinstance(payload, bytes):
+                payload = Payload(payload)
+            time.sleep(payload.delay_s)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/zip")
+            self.send_header("Content-Length", str(payload.content_length or len(payload.body)))
+            self.end_headers()
+            with contextlib.suppress(ConnectionError):      # the client may give up first
+                self.wfile.write(payload.body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
