@@ -1,0 +1,94 @@
+"""One evaluation protocol for Basic, MAML and MELO (DESIGN §5).
+
+Everything here takes predictions and targets in stars and knows nothing of how the
+predictions were made.  Each test user contributes the squared / absolute errors of
+its query targets, averaged over that user's real query sequences; RMSE is the square
+root of the mean over users, MAE the mean over users.
+"""
+import json
+import math
+
+import numpy as np
+
+
+def evaluate(predictions, targets, row_mask, rating_values=None):
+    """Metrics of target predictions.
+
+    predictions, targets: [U, Q] stars (array-likes or tensors); row_mask: [U, Q], 1 where
+    the query sequence is real.  rating_values: the rating scale, so the per-rating report
+    lists every value (also ones that never occur among the targets).
+    """
+    predictions, targets, row_mask = (np.asarray(_numpy(a), dtype=np.float64)
+                                      for a in (predictions, targets, row_mask))
+    real = row_mask > 0
+    rows_per_user = real.sum(axis=1)
+    if (rows_per_user == 0).any():
+        raise ValueError("every user needs at least one real query sequence")
+    errors = (predictions - targets) * real
+    user_mse = (errors ** 2).sum(axis=1) / rows_per_user
+    user_mae = np.abs(errors).sum(axis=1) / rows_per_user
+    mse = float(user_mse.mean())
+    return {
+        "num_users": int(len(user_mse)),
+        "num_targets": int(real.sum()),
+        "mse": mse,
+        "rmse": math.sqrt(mse),
+        "mae": float(user_mae.mean()),
+        "per_rating": per_rating_report(predictions[real], targets[real], rating_values),
+    }
+
+
+def per_rating_report(predictions, targets, rating_values=None):
+    """For each true rating: count, RMSE and the mean / median / std of the predictions."""
+    values = np.union1d(np.unique(targets), [] if rating_values is None else rating_values)
+    report = {}
+    for value in values:
+        chosen = predictions[np.isclose(targets, value)]
+        count = int(chosen.size)
+        report[_rating_key(value)] = {
+            "count": count,
+            "rmse": float(np.sqrt(np.mean((chosen - value) ** 2))) if count else None,
+            "prediction_mean": float(chosen.mean()) if count else None,
+            "prediction_median": float(np.median(chosen)) if count else None,
+            "prediction_std": float(chosen.std()) if count else None,
+        }
+    return report
+
+
+def format_metrics(prefix, metrics):
+    """The reference's console line: 'prefix MSE loss: … | RMSE loss: … | MAE loss: …'."""
+    return (f"{prefix}MSE loss: {metrics['mse']:.4f} | RMSE loss: {metrics['rmse']:.4f} | "
+            f"MAE loss: {metrics['mae']:.4f}")
+
+
+def format_per_rating(report):
+    """A table of the per-rating report, one row per true rating."""
+    lines = [f"{'rating':>6} {'count':>7} {'RMSE':>7} {'pred mean':>9} {'median':>7} {'std':>6}"]
+    for rating, row in report.items():
+        if row["count"] == 0:
+            lines.append(f"{rating:>6} {0:>7d} {'-':>7} {'-':>9} {'-':>7} {'-':>6}")
+            continue
+        lines.append(f"{rating:>6} {row['count']:>7d} {row['rmse']:>7.4f} "
+                     f"{row['prediction_mean']:>9.4f} {row['prediction_median']:>7.4f} "
+                     f"{row['prediction_std']:>6.4f}")
+    return "\n".join(lines)
+
+
+def write_results(path, metrics, args, **extra):
+    """Write test metrics and the full configuration as JSON."""
+    record = {"metrics": metrics, "config": {k: _jsonable(v) for k, v in vars(args).items()}}
+    record.update(extra)
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=2)
+
+
+def _rating_key(value):
+    return f"{value:g}"
+
+
+def _numpy(array):
+    return array.detach().cpu().numpy() if hasattr(array, "detach") else array
+
+
+def _jsonable(value):
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)

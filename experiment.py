@@ -1,0 +1,132 @@
+"""What main.py and train_original.py share: errors for the user, devices, seeds,
+atomic checkpoints and the list of checkpoints a folder holds."""
+import os
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataloader import DataError
+
+
+class UserError(Exception):
+    """A problem the user can fix; reported as one line, never a traceback."""
+
+
+def run_cli(main):
+    """Run ``main()``; report user errors in one line (exit 2), interruption as 130."""
+    try:
+        return main()
+    except (UserError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last checkpoint written is kept", file=sys.stderr)
+        sys.exit(130)
+
+
+def select_device(name=None):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"--device={name} is not a device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name} asks for CUDA, which this machine does not have; "
+                        f"leave --device out to use the CPU")
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_dirs(*paths):
+    """Create folders, with a clear error when that is not allowed."""
+    for path in paths:
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
+            probe.close()
+        except OSError as error:
+            raise UserError(f"cannot write to {path}: {error.strerror}; choose another folder "
+                            f"with --log_dir / --pretrain_log_dir") from None
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside ``path``, then rename: a run killed while
+    saving never leaves a half-written checkpoint."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_steps(directory, pattern):
+    """Steps of the checkpoints in ``directory`` whose names match ``pattern``, a format
+    string with ``{step}`` (e.g. ``'bert4rec_{step}_best_ml-1m_melo.pt'``)."""
+    regex = re.compile("^" + re.escape(pattern).replace(re.escape("{step}"), r"(\d+)") + "$")
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for m in map(regex.match, os.listdir(directory)) if m)
+
+
+def load_checkpoint(directory, pattern, step, device, made_by):
+    """Load the checkpoint ``pattern.format(step=step)``; a missing one is reported with
+    the steps that do exist and the command (``made_by``) that writes them."""
+    path = Path(directory) / pattern.format(step=step)
+    if not path.is_file():
+        steps = checkpoint_steps(directory, pattern)
+        available = (f"steps with a checkpoint: {', '.join(map(str, steps))}" if steps
+                     else f"no checkpoint of this kind in {directory}; {made_by} writes them")
+        raise UserError(f"no checkpoint {path} for step {step}; {available}")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # a corrupt or foreign file: say which and why
+        raise UserError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def load_matching_state(module, state, what, made_by):
+    """``module.load_state_dict(state)`` with a clear error when the sizes differ."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise UserError(f"{what} does not fit this model ({detail}); it was made with other "
+                        f"flags or data: {made_by}") from None
+
+
+def pretrained_embedding_path(args):
+    """Where train_original.py --save_pretrained=True puts the embedding part."""
+    name = f"{args.model}_embedding_{args.mode}"
+    if args.model in ("bert4rec", "sasrec"):
+        name += f"_{args.bert_hidden_units}_{args.bert_num_blocks}_{args.bert_num_heads}"
+    return Path(args.pretrain_log_dir) / "embedding" / name
+
+
+def pretrained_model_path(args):
+    """Where train_original.py --save_pretrained=True puts the whole model."""
+    name = (f"{args.model}_pretrained_{args.mode}_{args.bert_hidden_units}_"
+            f"{args.bert_num_blocks}_{args.bert_num_heads}")
+    return Path(args.pretrain_log_dir) / "pretrained" / name
+
+
+def pretraining_command(args):
+    """The train_original.py command that writes the pretrained files for these flags."""
+    return (f"python train_original.py --model={args.model} --mode={args.mode} "
+            f"--data_path={args.data_path} --pretrain_log_dir={args.pretrain_log_dir} "
+            f"--save_pretrained=True (with the same model and data flags)")

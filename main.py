@@ -1,0 +1,291 @@
+"""MELO and MAML meta-training of a sequential recommender (DESIGN §4), and testing.
+
+    python main.py --model=bert4rec ...                          # MELO
+    python main.py --model=bert4rec ... --use_adaptive_loss=False  # MAML
+    python main.py ... --test --checkpoint_step=N                # test a checkpoint
+    python main.py ... --checkpoint_step=N                       # resume training
+"""
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import evaluation
+from dataloader import TaskSampler, load_data
+from experiment import (UserError, atomic_save, checkpoint_steps, load_checkpoint,
+                        load_matching_state, make_dirs, pretrained_embedding_path,
+                        pretrained_model_path, pretraining_command, run_cli,
+                        seed_everything, select_device)
+from meta_learner import MetaLearner, importance_vector
+from models import model_factory
+from options import parse_args
+
+GRADIENT_CLIP_NORM = 5.0
+MIN_LSTM_LR = 1e-2
+EVALUATION_CHUNK = 64  # tasks adapted at once when there is no outer graph
+
+
+class MetaTrainer:
+    """Meta-training state: the learner, its optimisers and schedulers, the task sampler
+    and the bookkeeping that a checkpoint must hold to resume a run exactly."""
+
+    def __init__(self, args, data, device):
+        self.args = args
+        self.data = data
+        self.device = device
+        self.sampler = TaskSampler(data, args)
+        model = model_factory(args)
+        if args.load_pretrained_embedding:
+            self._load_pretrained(model.embedding, pretrained_embedding_path(args), "embedding")
+        elif args.load_pretrained:
+            self._load_pretrained(model, pretrained_model_path(args), "model")
+        self.learner = MetaLearner(model, args).to(device)
+        self.method = self.learner.method
+        self.optimizers, self.schedulers = self._build_optimizers()
+
+        self.iteration = 0
+        self.best_valid_rmse = math.inf
+        self.best_step = 0
+        self.save_dir = Path(args.log_dir) / "state"
+        self.best_pattern = f"{args.model}_{{step}}_best_{args.mode}_{self.method}.pt"
+        self.every_pattern = f"{args.model}_{{step}}_{args.mode}_{self.method}.pt"
+
+    def _load_pretrained(self, module, path, what):
+        if not path.is_file():
+            raise UserError(f"no pretrained {what} at {path}; make it first with: "
+                            f"{pretraining_command(self.args)}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise UserError(f"cannot read pretrained {what} {path}: {error}") from None
+        load_matching_state(module, state, f"pretrained {what} {path}", pretraining_command(self.args))
+        print(f"Loaded pretrained {what} from {path}")
+
+    def _build_optimizers(self):
+        """Adam on θ (cosine to min_outer_lr), on the LSTM encoder (cosine to 1e-2), on
+        the inner rates α, and on the MLP encoder and loss network when they are used."""
+        args, learner = self.args, self.learner
+        T = args.num_train_iterations
+        meta = torch.optim.Adam(learner.model.parameters(), lr=args.outer_lr)
+        optimizers = {"meta": meta}
+        schedulers = {"meta": torch.optim.lr_scheduler.CosineAnnealingLR(
+            meta, T_max=T, eta_min=args.min_outer_lr)}
+        if args.use_learnable_params:
+            optimizers["inner_lr"] = torch.optim.Adam(learner.inner_optimizer.parameters(),
+                                                      lr=args.learn_lr)
+        if learner.encoder is not None:
+            optimizers["encoder"] = torch.optim.Adam(learner.encoder.parameters(), lr=args.lstm_lr)
+            schedulers["encoder"] = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizers["encoder"], T_max=T, eta_min=MIN_LSTM_LR)
+        if learner.task_info_mlp is not None:
+            optimizers["task_info"] = torch.optim.Adam(learner.task_info_mlp.parameters(),
+                                                       lr=args.task_info_lr)
+        if learner.loss_network is not None:
+            optimizers["loss_network"] = torch.optim.Adam(
+                learner.loss_network.parameters(), lr=args.loss_lr,
+                weight_decay=args.loss_weight_decay)
+        return optimizers, schedulers
+
+    # --- one outer step ----------------------------------------------------------------
+    def outer_loss(self, batch, iteration):
+        """The meta-objective of a batch: the MAML++ importance-weighted sum of every
+        step's query loss while iteration < multi_step_loss_num_epochs, else the last
+        step's; averaged over tasks.  Also returns the target predictions [T, Q]."""
+        args = self.args
+        J = args.num_inner_steps
+        multi_step = args.use_multi_step and iteration < args.multi_step_loss_num_epochs
+        query_steps = range(J) if multi_step else (J - 1,)
+        query_losses, predictions = self.learner(batch, query_steps, first_order=args.first_order,
+                                                 use_vmap=args.use_vmap)
+        if multi_step:
+            weights = importance_vector(iteration, J, args.multi_step_loss_num_epochs)
+            return (query_losses * weights.to(query_losses)).sum(dim=1).mean(), predictions
+        return query_losses[:, -1].mean(), predictions
+
+    def train_step(self, batch):
+        """One outer update of every meta-parameter on a batch of tasks."""
+        self.iteration += 1
+        self.learner.train()
+        loss, predictions = self.outer_loss(batch, self.iteration)
+        if not torch.isfinite(loss):
+            raise UserError(f"the meta-loss became {loss.item()} at iteration {self.iteration}; "
+                            f"the run stops here and its last checkpoint is kept: lower "
+                            f"--outer_lr / --inner_lr / --lstm_lr and resume with --checkpoint_step")
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.learner.model.parameters(), max_norm=GRADIENT_CLIP_NORM)
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        return evaluation.evaluate(predictions.detach(), batch.target_ratings, batch.query_row_mask)
+
+    # --- evaluation ----------------------------------------------------------------------
+    def evaluate(self, batch):
+        """Adapt to each task (no outer graph) and score the final-step target predictions."""
+        self.learner.eval()
+        predictions = []
+        with torch.no_grad():
+            for start in range(0, len(batch), EVALUATION_CHUNK):
+                chunk = batch[start:start + EVALUATION_CHUNK].to(self.device)
+                _, chunk_predictions = self.learner(chunk, (self.args.num_inner_steps - 1,),
+                                                    first_order=True, use_vmap=self.args.use_vmap)
+                predictions.append(chunk_predictions.cpu())
+        return evaluation.evaluate(torch.cat(predictions), batch.target_ratings, batch.query_row_mask,
+                                   rating_values=self.data.rating_values)
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def state_dict(self):
+        return {
+            "method": self.method,
+            "iteration": self.iteration,
+            "best_valid_rmse": self.best_valid_rmse,
+            "best_step": self.best_step,
+            "learner": self.learner.state_dict(),
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
+            "sampler": self.sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "args": vars(self.args),
+        }
+
+    def save(self, best):
+        pattern = self.best_pattern if best else self.every_pattern
+        atomic_save(self.state_dict(), self.save_dir / pattern.format(step=self.iteration))
+
+    def load(self, step, best, resume):
+        """Load a checkpoint: only the learner to test it, everything to resume training."""
+        pattern = self.best_pattern if best else self.every_pattern
+        made_by = f"main.py with --log_dir={self.args.log_dir} and the same --model/--mode/method"
+        state = load_checkpoint(self.save_dir, pattern, step, self.device, made_by)
+        load_matching_state(self.learner, state["learner"], f"checkpoint of step {step}", made_by)
+        if not resume:
+            return
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
+        self.iteration = state["iteration"]
+        self.best_valid_rmse = state["best_valid_rmse"]
+        self.best_step = state["best_step"]
+        self.sampler.load_state_dict(state["sampler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # --- the run -----------------------------------------------------------------------------
+    def train(self):
+        args = self.args
+        make_dirs(self.save_dir)
+        valid_tasks = self.sampler.fixed_tasks("valid")
+        writer = SummaryWriter(str(Path(args.log_dir) / "runs" / f"{args.model}_{args.mode}_{self.method}"))
+        print(f"Starting {self.method.upper()} training at iteration {self.iteration}")
+        progress = tqdm(range(self.iteration + 1, args.num_train_iterations + 1),
+                        initial=self.iteration, total=args.num_train_iterations, desc=self.method.upper())
+        for _ in progress:
+            batch = self.sampler.train_batch(args.batch_size).to(self.device)
+            metrics = self.train_step(batch)
+            progress.set_postfix(rmse=f"{metrics['rmse']:.4f}")
+            tqdm.write(evaluation.format_metrics(f"Iteration {self.iteration}: ", metrics))
+            self._log(writer, "train", metrics)
+            if self.iteration % args.log_interval == 0 or self.iteration == args.num_train_iterations:
+                self._validate(writer, valid_tasks, batch)
+        writer.close()
+        print("-------------------------------------------------")
+        print("Model with the best validation RMSE loss is saved.")
+        print(f"Best step: {self.best_step}")
+        print(f"Best RMSE loss: {self.best_valid_rmse:.4f}")
+        print("Done.")
+
+    def _validate(self, writer, valid_tasks, train_batch):
+        metrics = self.evaluate(valid_tasks)
+        tqdm.write(evaluation.format_metrics("\tValidation: Val ", metrics))
+        self._log(writer, "valid", metrics)
+        mean_rates = self.learner.inner_optimizer.rates_tensor().mean(dim=0)   # [J]
+        for step, rate in enumerate(mean_rates.tolist()):
+            writer.add_scalar(f"inner_lr/step_{step}", rate, self.iteration)
+        for rating, weight in self.learner.mean_weight_per_rating(train_batch).items():
+            writer.add_scalar(f"encoder_weight/rating_{rating}", weight, self.iteration)
+        if metrics["rmse"] < self.best_valid_rmse:
+            self.best_valid_rmse = metrics["rmse"]
+            self.best_step = self.iteration
+            self.save(best=True)
+            tqdm.write(f"........Model saved (step: {self.best_step} | RMSE loss: {metrics['rmse']:.4f})")
+        self.save(best=False)
+
+    def _log(self, writer, split, metrics):
+        for key in ("mse", "rmse", "mae"):
+            writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], self.iteration)
+
+    def test(self, step):
+        metrics = self.evaluate(self.sampler.fixed_tasks("test"))
+        report(metrics, f"{self.method.upper()} test (step {step})")
+        pattern = self.best_pattern if self.args.test_best else self.every_pattern
+        path = self.save_dir / pattern.format(step=step).replace(".pt", "_test.json")
+        evaluation.write_results(path, metrics, self.args, method=self.method, checkpoint_step=step)
+        print(f"Results written to {path}")
+        return metrics
+
+
+def report(metrics, title):
+    print(f"{title}: {metrics['num_users']} users, {metrics['num_targets']} targets")
+    print(evaluation.format_metrics("\tTest: Test ", metrics))
+    print(" -------- Rating ---- ")
+    print(evaluation.format_per_rating(metrics["per_rating"]))
+
+
+def test_mean_rating(args, data):
+    """The mean-rating baseline: predict the training users' mean rating for every target."""
+    sampler = TaskSampler(data, args)
+    test_tasks = sampler.fixed_tasks("test")
+    targets = test_tasks.target_ratings
+    metrics = evaluation.evaluate(torch.full_like(targets, data.train_mean_rating), targets,
+                                  test_tasks.query_row_mask, rating_values=data.rating_values)
+    report(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})")
+    make_dirs(args.log_dir)
+    path = Path(args.log_dir) / f"mean_rating_{args.mode}_test.json"
+    evaluation.write_results(path, metrics, args, method="mean_rating")
+    print(f"Results written to {path}")
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = select_device(args.device)
+    seed_everything(args.random_seed)
+    data = load_data(args)
+    args.num_users, args.num_items = data.num_users, data.num_items
+    if args.test_baseline:
+        return test_mean_rating(args, data)
+    trainer = MetaTrainer(args, data, device)
+    if args.test:
+        step = args.checkpoint_step
+        if step < 0:
+            pattern = trainer.best_pattern if args.test_best else trainer.every_pattern
+            steps = checkpoint_steps(trainer.save_dir, pattern)
+            if not steps:
+                raise UserError(f"nothing to test: no checkpoint {pattern.format(step='N')} in "
+                                f"{trainer.save_dir}; train first, or give --log_dir")
+            step = steps[-1]
+            print(f"Testing the latest checkpoint, step {step}")
+        trainer.load(step, best=args.test_best, resume=False)
+        return trainer.test(step)
+    if args.checkpoint_step > -1:
+        trainer.load(args.checkpoint_step, best=False, resume=True)
+        print(f"Resuming from iteration {trainer.iteration}")
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,186 @@
+"""MAML++ meta-learning with MELO's adaptive weighted loss (DESIGN §4).
+
+For every task (one user) the recommender's shared initial parameters θ are adapted on
+the support set for J inner steps,
+
+    θ_{j+1} = θ_j - α[p, j] · ∂/∂θ_j  Σ w·ℓ(f(support; θ_j), r) / #real positions,
+
+and judged on the query set after each step.  MAML uses w = 1; MELO gets one weight
+per support interaction from a task-state encoder that reads the user's ratings.  A
+whole task batch is adapted at once: ``torch.func.vmap`` over a function that runs the
+model with ``functional_call`` and takes inner gradients with ``torch.func.grad``.
+Outer gradients flow through the inner updates (second order) unless first order is
+asked for.
+"""
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from inner_loop_optimizers import LSLRGradientDescentLearningRule
+from models.loss_weighting import LossNetwork, TaskInfoMLP, TaskStateEncoder
+
+MAX_RATING = 5.0
+
+
+def importance_vector(iteration, num_steps, num_multi_step_iterations):
+    """MAML++ multi-step loss weights of the J query losses at an outer iteration: the
+    non-final steps decay from 1/J to 0.03/J, the final step grows to take the rest."""
+    decay = iteration / (num_steps * num_multi_step_iterations)
+    floor = 0.03 / num_steps
+    weights = [max(1.0 / num_steps - decay, floor)] * (num_steps - 1)
+    weights.append(min(1.0 / num_steps + (num_steps - 1) * decay, 1.0 - (num_steps - 1) * floor))
+    return torch.tensor(weights)
+
+
+class MetaLearner(nn.Module):
+    """The meta-parameters — recommender θ, inner learning rates α and, for MELO, the
+    loss-weighting networks — and the adaptation of a task batch with them."""
+
+    def __init__(self, model, args):
+        super().__init__()
+        self.model = model
+        self.num_inner_steps = args.num_inner_steps
+        self.inner_optimizer = LSLRGradientDescentLearningRule(
+            dict(model.named_parameters()), num_inner_steps=args.num_inner_steps,
+            init_learning_rate=args.inner_lr,
+            use_learnable_learning_rates=args.use_learnable_params)
+        self.use_focal_loss = args.use_focal_loss
+        # predictions are rating / 5; the loss compares them with rating / 5, or in stars
+        self.loss_scale = 1.0 if args.normalize_loss else MAX_RATING
+
+        adaptive = args.use_adaptive_loss
+        self.method = "melo" if adaptive else "maml"
+        # the LSTM encoder takes precedence over the MLP one, as in the reference
+        self.encoder = (TaskStateEncoder(args.lstm_input_size, args.lstm_hidden,
+                                         args.lstm_num_layers, use_softmax=args.use_softmax)
+                        if adaptive and args.use_lstm else None)
+        self.task_info_features = [name for name in ("rating_mean", "rating_std", "labels",
+                                                     "predictions", "loss")
+                                   if getattr(args, f"task_info_{name}")]
+        self.use_label = args.use_label
+        self.task_info_mlp = (TaskInfoMLP(len(self.task_info_features), use_softmax=args.use_softmax)
+                              if adaptive and not args.use_lstm and args.use_mlp else None)
+        aggregate = adaptive and (args.use_mlp_mean or (not args.use_lstm and not args.use_mlp))
+        self.loss_network = (LossNetwork(args.num_inner_steps, args.max_seq_len,
+                                         num_layers=args.loss_num_layers,
+                                         use_step_loss=args.use_step_loss)
+                             if aggregate else None)
+
+    # --- losses -------------------------------------------------------------------
+    def _errors(self, predictions, ratings, focal=False):
+        """Per-position loss of predictions (rating / 5) against ratings (stars)."""
+        difference = (predictions - ratings / MAX_RATING) * self.loss_scale
+        return difference.abs() ** 3 if focal else difference ** 2
+
+    def support_loss(self, params, step, task):
+        """The inner-loop loss of one task: Σ w·ℓ / #real positions (DESIGN §4)."""
+        items, ratings, mask = task["support_items"], task["support_ratings"], task["support_mask"]
+        predictions = functional_call(self.model, params, (items,))      # [S, L]
+        losses = self._errors(predictions, ratings, focal=self.use_focal_loss) * mask
+        if self.task_info_mlp is not None:
+            features = self._task_features(task, predictions, losses)  # [S, L, F]
+            losses = losses * self.task_info_mlp(features, mask)
+        elif "support_weights" in task:
+            losses = losses * task["support_weights"]
+        if self.loss_network is not None:
+            real_rows = mask[:, -1]
+            sequence_losses = self.loss_network(losses, step)            # [S]
+            return (sequence_losses * real_rows).sum() / real_rows.sum()
+        return losses.sum() / mask.sum()
+
+    def query_loss(self, params, task):
+        """Mean squared error over all real query positions, and the predictions."""
+        predictions = functional_call(self.model, params, (task["query_items"],))  # [Q, L]
+        mask = task["query_mask"]
+        loss = (self._errors(predictions, task["query_ratings"]) * mask).sum() / mask.sum()
+        return loss, predictions
+
+    def _task_features(self, task, predictions, losses):
+        """Per-position inputs of the MLP encoder: the task's rating mean and std, the
+        label, the prediction and the loss (each switched by a task_info_* flag)."""
+        columns = {
+            "rating_mean": task["rating_stats"][0].expand_as(predictions),
+            "rating_std": task["rating_stats"][1].expand_as(predictions),
+            "labels": task["support_ratings"] / MAX_RATING * self.loss_scale,
+            "predictions": predictions * self.loss_scale,
+            "loss": losses,
+        }
+        return torch.stack([columns[name] for name in self.task_info_features], dim=-1)
+
+    # --- adaptation -----------------------------------------------------------------
+    def adapt_task(self, params, task, query_steps, first_order):
+        """Adapt θ to one task; return the query losses after the steps in
+        ``query_steps`` ([len(query_steps)]) and the final query predictions [Q, L]."""
+        support_gradient = grad(self.support_loss)
+        query_losses = []
+        for step in range(self.num_inner_steps):
+            gradients = support_gradient(params, step, task)
+            if first_order:
+                gradients = {name: g.detach() for name, g in gradients.items()}
+            params = self.inner_optimizer.update_params(params, gradients, step)
+            if step in query_steps:
+                loss, predictions = self.query_loss(params, task)
+                query_losses.append(loss)
+        return torch.stack(query_losses), predictions
+
+    def prepare_tasks(self, batch):
+        """The batch as a dict of per-task tensors, with what is computed once for the
+        whole batch outside the vmapped inner loop (masks, LSTM weights, statistics)."""
+        task = {
+            "support_items": batch.support_items,
+            "support_ratings": batch.support_ratings,
+            "support_mask": batch.support_mask,
+            "query_items": batch.query_items,
+            "query_ratings": batch.query_ratings,
+            "query_mask": batch.query_mask,
+        }
+        if self.encoder is not None:
+            num_tasks, num_support, length = batch.support_items.shape
+            weights = self.encoder(batch.support_ratings.reshape(-1, length),
+                                   batch.support_mask.reshape(-1, length))
+            task["support_weights"] = weights.reshape(num_tasks, num_support, length)
+        if self.task_info_mlp is not None:
+            task["rating_stats"] = self._rating_stats(batch)
+        return task
+
+    def _rating_stats(self, batch):
+        """Per task mean and std of the support ratings ([T, 2], on the loss scale): of
+        the support targets with use_label, else of every real support rating."""
+        mask = batch.support_mask
+        if self.use_label:
+            mask = torch.zeros_like(mask)
+            mask[..., -1] = batch.support_mask[..., -1]
+        ratings = batch.support_ratings / MAX_RATING * self.loss_scale
+        count = mask.sum(dim=(1, 2))
+        mean = (ratings * mask).sum(dim=(1, 2)) / count
+        variance = (((ratings - mean[:, None, None]) * mask) ** 2).sum(dim=(1, 2)) / (count - 1).clamp(min=1)
+        return torch.stack([mean, variance.sqrt()], dim=1)
+
+    def forward(self, batch, query_steps, first_order=False, use_vmap=True):
+        """Adapt every task of ``batch``: query losses [T, len(query_steps)] and target
+        predictions [T, Q] in stars."""
+        params = dict(self.model.named_parameters())
+        task = self.prepare_tasks(batch)
+        query_steps = tuple(query_steps)
+
+        def adapt(one_task):
+            return self.adapt_task(params, one_task, query_steps, first_order)
+
+        if use_vmap:
+            query_losses, predictions = vmap(adapt, randomness="different")(task)
+        else:
+            outputs = [adapt({k: v[t] for k, v in task.items()}) for t in range(len(batch))]
+            query_losses = torch.stack([losses for losses, _ in outputs])
+            predictions = torch.stack([prediction for _, prediction in outputs])
+        return query_losses, predictions[..., -1] * MAX_RATING
+
+    def mean_weight_per_rating(self, batch):
+        """Mean LSTM loss weight of the real support positions of each true rating."""
+        if self.encoder is None:
+            return {}
+        with torch.no_grad():
+            weights = self.prepare_tasks(batch)["support_weights"]
+        real = batch.support_mask > 0
+        ratings, weights = batch.support_ratings[real], weights[real]
+        return {f"{value:g}": weights[ratings == value].mean().item()
+                for value in torch.unique(ratings).tolist()}

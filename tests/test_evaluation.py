@@ -1,0 +1,57 @@
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import evaluation
+
+
+def test_metrics_average_per_user_then_over_users():
+    # user 0: two real queries with errors 1 and 3; user 1: one real query (error 2), one padded
+    predictions = np.array([[4.0, 2.0], [3.0, 0.0]])
+    targets = np.array([[5.0, 5.0], [1.0, 0.0]])
+    rows = np.array([[1, 1], [1, 0]])
+    metrics = evaluation.evaluate(predictions, targets, rows)
+    user_mse = [(1 + 9) / 2, 4.0]
+    assert metrics["mse"] == pytest.approx(np.mean(user_mse))
+    assert metrics["rmse"] == pytest.approx(math.sqrt(np.mean(user_mse)))
+    assert metrics["mae"] == pytest.approx(np.mean([(1 + 3) / 2, 2.0]))
+    assert metrics["num_users"] == 2 and metrics["num_targets"] == 3
+
+
+def test_per_rating_report_lists_the_whole_scale_and_counts_add_up():
+    predictions = np.array([[4.0, 4.5], [2.0, 3.0]])
+    targets = np.array([[5.0, 5.0], [1.0, 1.0]])
+    rows = np.ones((2, 2))
+    report = evaluation.evaluate(predictions, targets, rows, rating_values=[1, 2, 3, 4, 5])["per_rating"]
+    assert list(report) == ["1", "2", "3", "4", "5"]
+    assert sum(row["count"] for row in report.values()) == 4
+    assert report["5"]["rmse"] == pytest.approx(math.sqrt((1 + 0.25) / 2))
+    assert report["5"]["prediction_mean"] == pytest.approx(4.25)
+    assert report["1"]["prediction_median"] == pytest.approx(2.5)
+    assert report["1"]["prediction_std"] == pytest.approx(0.5)
+    assert report["3"] == {"count": 0, "rmse": None, "prediction_mean": None,
+                           "prediction_median": None, "prediction_std": None}
+
+
+def test_half_star_ratings_keep_their_own_rows():
+    report = evaluation.per_rating_report(np.array([3.0, 4.0]), np.array([3.5, 4.5]))
+    assert list(report) == ["3.5", "4.5"]
+
+
+def test_a_user_without_real_queries_is_an_error():
+    with pytest.raises(ValueError):
+        evaluation.evaluate(np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)))
+
+
+def test_results_are_written_with_the_configuration(tmp_path):
+    metrics = evaluation.evaluate(np.array([[4.0]]), np.array([[5.0]]), np.array([[1]]))
+    path = tmp_path / "result.json"
+    evaluation.write_results(path, metrics, SimpleNamespace(model="bert4rec", device=object()), method="melo")
+    record = json.loads(path.read_text())
+    assert record["metrics"]["rmse"] == pytest.approx(1.0)
+    assert record["config"]["model"] == "bert4rec" and record["method"] == "melo"
+    assert evaluation.format_metrics("\tTest: Test ", metrics) == \
+        "\tTest: Test MSE loss: 1.0000 | RMSE loss: 1.0000 | MAE loss: 1.0000"

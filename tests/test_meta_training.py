@@ -1,0 +1,212 @@
+"""MAML / MELO meta-training (main.py, meta_learner.py) on small fixture data."""
+import json
+import math
+
+import pytest
+import torch
+
+import main
+import train_original
+from dataloader import TaskSampler, load_data
+from experiment import UserError
+from fixtures import write_ratings
+from meta_learner import MetaLearner, importance_vector
+from models import model_factory
+from options import parse_args
+
+MODELS = ("bert4rec", "sasrec", "gru4rec", "narm", "ncf")
+TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8",
+        "--num_samples=4", "--num_query_set=2", "--batch_size=4", "--bert_hidden_units=8",
+        "--bert_num_blocks=1", "--bert_num_heads=2", "--gru4rec_hidden_size=8",
+        "--gru4rec_embedding_dim=8", "--gru4rec_n_layers=1", "--narm_hidden_size=8",
+        "--narm_embedding_dim=8", "--lstm_hidden=8", "--lstm_input_size=4"]
+
+
+@pytest.fixture(scope="module")
+def ratings_file(tmp_path_factory):
+    return write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m",
+                         num_users=60, num_items=30, seed=3)
+
+
+def tiny_args(ratings_file, *extra):
+    args = parse_args([f"--data_path={ratings_file}", *TINY, *extra])
+    return args
+
+
+def tiny_learner(ratings_file, *extra, dtype=torch.float32):
+    args = tiny_args(ratings_file, *extra)
+    data = load_data(args)
+    args.num_users, args.num_items = data.num_users, data.num_items
+    learner = MetaLearner(model_factory(args), args).to(dtype)
+    batch = TaskSampler(data, args).train_batch(3)
+    batch.support_ratings, batch.query_ratings = (batch.support_ratings.to(dtype),
+                                                  batch.query_ratings.to(dtype))
+    return args, learner, batch
+
+
+# --- the MAML++ multi-step importance vector ----------------------------------------------
+@pytest.mark.parametrize("iteration", [0, 250, 500, 1000, 5000])
+def test_importance_vector_follows_its_formula(iteration):
+    J, N = 3, 1000
+    weights = importance_vector(iteration, J, N)
+    non_final = max(1 / J - iteration / (J * N), 0.03 / J)
+    final = min(1 / J + iteration * (J - 1) / (J * N), 1 - (J - 1) * 0.03 / J)
+    assert weights.tolist() == pytest.approx([non_final, non_final, final])
+    assert weights.sum().item() == pytest.approx(1.0)
+
+
+def test_importance_vector_at_the_ends():
+    assert importance_vector(0, 4, 100).tolist() == pytest.approx([0.25] * 4)
+    assert importance_vector(100, 4, 100).tolist() == pytest.approx([0.0075] * 3 + [1 - 3 * 0.0075])
+
+
+# --- vmap and the per-task loop give the same meta-gradients --------------------------------
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp"])
+def test_vmap_and_loop_agree_on_an_outer_step(ratings_file, model, method):
+    extra = {"maml": ["--use_adaptive_loss=False"], "melo": [],
+             "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"]}[method]
+    args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
+                                        "--inner_lr=0.1", *extra, dtype=torch.float64)
+    learner.train()
+    results = []
+    for use_vmap in (True, False):
+        losses, predictions = learner(batch, range(args.num_inner_steps), use_vmap=use_vmap)
+        loss = losses.sum(dim=1).mean()
+        gradients = torch.autograd.grad(loss, [p for p in learner.parameters() if p.requires_grad],
+                                        allow_unused=True)
+        results.append((losses, predictions, gradients))
+    (losses_v, pred_v, grads_v), (losses_l, pred_l, grads_l) = results
+    torch.testing.assert_close(losses_v, losses_l, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(pred_v, pred_l, rtol=1e-9, atol=1e-9)
+    for g_v, g_l in zip(grads_v, grads_l):
+        assert (g_v is None) == (g_l is None)
+        if g_v is not None:
+            torch.testing.assert_close(g_v, g_l, rtol=1e-5, atol=1e-9)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads_v)
+
+
+def test_second_order_differs_from_first_order(ratings_file):
+    args, learner, batch = tiny_learner(ratings_file, "--bert_dropout=0", "--inner_lr=0.5",
+                                        dtype=torch.float64)
+    gradients = []
+    for first_order in (False, True):
+        losses, _ = learner(batch, (args.num_inner_steps - 1,), first_order=first_order)
+        gradients.append(torch.autograd.grad(losses.mean(), learner.model.embedding.items.weight))
+    assert not torch.allclose(gradients[0][0], gradients[1][0])
+
+
+def test_melo_weights_reach_the_support_loss(ratings_file):
+    args, learner, batch = tiny_learner(ratings_file, "--bert_dropout=0", dtype=torch.float64)
+    task = {k: v[0] for k, v in learner.prepare_tasks(batch).items()}
+    params = dict(learner.model.named_parameters())
+    loss = learner.support_loss(params, 0, task)
+    doubled = dict(task, support_weights=2 * task["support_weights"])
+    assert learner.support_loss(params, 0, doubled).item() == pytest.approx(2 * loss.item())
+    weights = task["support_weights"]
+    assert (weights[task["support_mask"] == 0] == 0).all()
+
+
+# --- training lowers the query loss ---------------------------------------------------------
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("use_adaptive_loss", [False, True])
+def test_meta_training_lowers_the_query_loss_on_a_fixed_batch(ratings_file, tmp_path, model,
+                                                              use_adaptive_loss):
+    args = tiny_args(ratings_file, f"--model={model}", "--bert_dropout=0", "--outer_lr=0.01",
+                     f"--use_adaptive_loss={use_adaptive_loss}", f"--log_dir={tmp_path}")
+    data = load_data(args)
+    args.num_users, args.num_items = data.num_users, data.num_items
+    trainer = main.MetaTrainer(args, data, torch.device("cpu"))
+    batch = trainer.sampler.train_batch(4)
+    before = trainer.outer_loss(batch, iteration=0)[0].item()
+    for _ in range(8):
+        trainer.train_step(batch)
+    after = trainer.outer_loss(batch, iteration=0)[0].item()
+    assert after < 0.9 * before
+
+
+# --- checkpoints, resuming, testing ------------------------------------------------------------
+def run_main(ratings_file, tmp_path, *extra):
+    return main.main([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}",
+                      f"--pretrain_log_dir={tmp_path / 'pre'}", *extra])
+
+
+def learner_state(log_dir, step):
+    return torch.load(log_dir / "state" / f"bert4rec_{step}_ml-1m_melo.pt", weights_only=False)["learner"]
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_path, monkeypatch):
+    flags = ["--num_train_iterations=4", "--log_interval=2", "--multi_step_loss_num_epochs=3"]
+    run_main(ratings_file, tmp_path / "whole", *flags)
+
+    original_step = main.MetaTrainer.train_step
+
+    def killed_at_three(self, batch):
+        if self.iteration == 2:
+            raise KeyboardInterrupt
+        return original_step(self, batch)
+
+    monkeypatch.setattr(main.MetaTrainer, "train_step", killed_at_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(ratings_file, tmp_path / "killed", *flags)
+    monkeypatch.setattr(main.MetaTrainer, "train_step", original_step)
+    run_main(ratings_file, tmp_path / "killed", *flags, "--checkpoint_step=2")
+
+    whole, resumed = learner_state(tmp_path / "whole" / "log", 4), learner_state(tmp_path / "killed" / "log", 4)
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
+    run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
+    melo = run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
+    assert math.isfinite(melo["rmse"]) and math.isfinite(melo["mae"])
+    result = json.loads((tmp_path / "log" / "state" / "bert4rec_2_best_ml-1m_melo_test.json").read_text())
+    assert result["metrics"]["rmse"] == pytest.approx(melo["rmse"])
+    assert result["config"]["num_test_data"] == 8
+
+    again = run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
+    assert again["rmse"] == melo["rmse"]  # fixed test tasks: the same number every time
+
+    flags = [f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path / 'pre'}"]
+    train_original.main([*flags, "--pretrain_epochs=1"])
+    basic = train_original.main([*flags, "--test", "--checkpoint_step=1"])
+    baseline = run_main(ratings_file, tmp_path, "--test_baseline")
+    for other in (basic, baseline):
+        assert other["num_users"] == melo["num_users"] == 8
+        assert other["num_targets"] == melo["num_targets"]
+        assert {k: v["count"] for k, v in other["per_rating"].items()} == \
+            {k: v["count"] for k, v in melo["per_rating"].items()}
+
+
+def test_missing_checkpoint_lists_the_steps_that_exist(ratings_file, tmp_path):
+    run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
+    with pytest.raises(UserError, match=r"steps with a checkpoint: 1, 2"):
+        run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=7", "--test_best")
+
+
+def test_missing_pretrained_embedding_names_the_command(ratings_file, tmp_path):
+    with pytest.raises(UserError, match=r"train_original.py .*--save_pretrained=True"):
+        run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True")
+
+
+def test_pretrained_embedding_of_other_sizes_is_a_clear_error(ratings_file, tmp_path):
+    flags = [f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path / 'pre'}"]
+    train_original.main([*flags, "--pretrain_epochs=1", "--save_pretrained=True",
+                         "--bert_hidden_units=8"])
+    with pytest.raises(UserError, match="does not fit"):
+        run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True", "--max_seq_len=9")
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(ratings_file, tmp_path, monkeypatch):
+    original = main.MetaTrainer.outer_loss
+
+    def poisoned(self, batch, iteration):
+        loss, predictions = original(self, batch, iteration)
+        return (loss * math.nan if iteration == 3 else loss), predictions
+
+    monkeypatch.setattr(main.MetaTrainer, "outer_loss", poisoned)
+    with pytest.raises(UserError, match="became nan at iteration 3"):
+        run_main(ratings_file, tmp_path, "--num_train_iterations=4", "--log_interval=2")
+    assert (tmp_path / "log" / "state" / "bert4rec_2_ml-1m_melo.pt").is_file()

@@ -1,0 +1,177 @@
+"""Basic training of a sequential recommender on all training users (no meta-learning).
+
+    python train_original.py --model=bert4rec ... --pretrain_epochs=40          # train
+    python train_original.py --model=bert4rec ... --test --checkpoint_step=22   # test
+    python train_original.py ... --save_pretrained=True   # also write the embedding and
+                                                          # model that main.py starts from
+
+Basic is tested on the same fixed test tasks as MAML and MELO (DESIGN §5): it predicts
+the targets of their query sequences without adapting.
+"""
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import evaluation
+from dataloader import PretrainDataset, TaskSampler, load_data
+from experiment import (UserError, atomic_save, checkpoint_steps, load_checkpoint,
+                        load_matching_state, make_dirs, pretrained_embedding_path,
+                        pretrained_model_path, run_cli, seed_everything, select_device)
+from meta_learner import MAX_RATING
+from models import model_factory
+from models.loss_weighting import TaskStateEncoder
+from options import parse_args
+
+MIN_LSTM_LR = 1e-2
+PREDICTION_CHUNK = 4096  # sequences per forward call when predicting
+
+
+class BasicTrainer:
+    def __init__(self, args, data, device):
+        self.args = args
+        self.data = data
+        self.device = device
+        self.model = model_factory(args).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.pretraining_lr)
+        # --use_learned_loss_baseline: weight the loss with the LSTM task-state encoder
+        self.encoder = None
+        if args.use_learned_loss_baseline:
+            self.encoder = TaskStateEncoder(args.lstm_input_size, args.lstm_hidden,
+                                            args.lstm_num_layers, use_softmax=args.use_softmax).to(device)
+            self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=args.lstm_lr)
+            self.encoder_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.encoder_optimizer, T_max=args.pretrain_epochs, eta_min=MIN_LSTM_LR)
+        self.loss_scale = 1.0 if args.normalize_loss else MAX_RATING
+        self.sampler = TaskSampler(data, args)
+        generator = torch.Generator().manual_seed(args.random_seed)
+        self.train_loader = DataLoader(
+            PretrainDataset(data, data.train_users, args, seed=args.random_seed),
+            batch_size=args.pretraining_batch_size, shuffle=True, generator=generator)
+        self.save_dir = Path(args.pretrain_log_dir) / "state"
+        self.pattern = f"{args.model}_{{step}}_no_meta_best"
+
+    def train_epoch(self):
+        """One pass over the training users: masked MSE over all real positions."""
+        self.model.train()
+        squared_errors, absolute_errors = [], []
+        for items, ratings in tqdm(self.train_loader, desc="batches", leave=False):
+            items, ratings = items.to(self.device), ratings.to(self.device)
+            mask = (items != 0).float()
+            predictions = self.model(items)                                # [B, L]
+            losses = ((predictions - ratings / MAX_RATING) * self.loss_scale) ** 2 * mask
+            if self.encoder is not None:
+                losses = losses * self.encoder(ratings, mask)
+            loss = losses.sum() / mask.sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.encoder is not None:
+                self.encoder_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.encoder is not None:
+                self.encoder_optimizer.step()
+            errors = (predictions[:, -1].detach() - ratings[:, -1] / MAX_RATING) * MAX_RATING
+            squared_errors.append(errors ** 2)
+            absolute_errors.append(errors.abs())
+        if self.encoder is not None:
+            self.encoder_scheduler.step()
+        mse = torch.cat(squared_errors).mean().item()
+        return {"mse": mse, "rmse": math.sqrt(mse), "mae": torch.cat(absolute_errors).mean().item()}
+
+    def evaluate(self, tasks):
+        """Predict the targets of the tasks' query sequences (no adaptation) and score them."""
+        self.model.eval()
+        num_tasks, num_queries, length = tasks.query_items.shape
+        sequences = tasks.query_items.reshape(-1, length)
+        with torch.no_grad():
+            predictions = torch.cat([
+                self.model(sequences[start:start + PREDICTION_CHUNK].to(self.device))[:, -1].cpu()
+                for start in range(0, len(sequences), PREDICTION_CHUNK)])
+        return evaluation.evaluate(predictions.reshape(num_tasks, num_queries) * MAX_RATING,
+                                   tasks.target_ratings, tasks.query_row_mask,
+                                   rating_values=self.data.rating_values)
+
+    def train(self):
+        args = self.args
+        make_dirs(self.save_dir)
+        if args.save_pretrained:
+            make_dirs(pretrained_embedding_path(args).parent, pretrained_model_path(args).parent)
+        writer = SummaryWriter(str(Path(args.pretrain_log_dir) / "runs" / f"{args.model}_{args.mode}_basic"))
+        valid_tasks = self.sampler.fixed_tasks("valid")
+        best_rmse, best_epoch = math.inf, 0
+        print(f"Starting Basic model training ({args.model}, {args.pretrain_epochs} epochs)")
+        for epoch in tqdm(range(1, args.pretrain_epochs + 1), desc="epochs"):
+            train_metrics = self.train_epoch()
+            tqdm.write(evaluation.format_metrics(f"Epoch {epoch}: ", train_metrics))
+            valid_metrics = self.evaluate(valid_tasks)
+            tqdm.write(evaluation.format_metrics("\tValidation: Val ", valid_metrics))
+            for split, metrics in (("train", train_metrics), ("valid", valid_metrics)):
+                for key in ("mse", "rmse", "mae"):
+                    writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], epoch)
+            if valid_metrics["rmse"] < best_rmse:
+                best_rmse, best_epoch = valid_metrics["rmse"], epoch
+                self.save(epoch, valid_metrics["rmse"])
+                tqdm.write(f"........Model saved (step: {epoch} | RMSE loss: {best_rmse:.4f})")
+        writer.close()
+        print("-------------------------------------------------")
+        print("Model with the best validation RMSE loss is saved.")
+        print(f"Best step: {best_epoch}")
+        print(f"Best RMSE loss: {best_rmse:.4f}")
+        if args.save_pretrained:
+            print(f"Pretrained embedding: {pretrained_embedding_path(args)}")
+        print("Done.")
+        return best_epoch
+
+    def save(self, epoch, valid_rmse):
+        """The best epoch's checkpoint in state/ (always: every run can be tested) and,
+        with --save_pretrained=True, the embedding and whole model for main.py."""
+        state = {"model": self.model.state_dict(), "epoch": epoch, "valid_rmse": valid_rmse,
+                 "args": vars(self.args)}
+        atomic_save(state, self.save_dir / self.pattern.format(step=epoch))
+        if self.args.save_pretrained:
+            atomic_save(self.model.embedding.state_dict(), pretrained_embedding_path(self.args))
+            atomic_save(self.model.state_dict(), pretrained_model_path(self.args))
+
+    def load(self, step):
+        made_by = f"train_original.py with --pretrain_log_dir={self.args.pretrain_log_dir}"
+        state = load_checkpoint(self.save_dir, self.pattern, step, self.device, made_by)
+        load_matching_state(self.model, state["model"], f"checkpoint of epoch {step}", made_by)
+
+    def test(self, step):
+        metrics = self.evaluate(self.sampler.fixed_tasks("test"))
+        print(f"Basic test (epoch {step}): {metrics['num_users']} users, {metrics['num_targets']} targets")
+        print(evaluation.format_metrics("\tTest: Test ", metrics))
+        print(" -------- Rating ---- ")
+        print(evaluation.format_per_rating(metrics["per_rating"]))
+        path = self.save_dir / f"{self.pattern.format(step=step)}_test.json"
+        evaluation.write_results(path, metrics, self.args, method="basic", checkpoint_step=step)
+        print(f"Results written to {path}")
+        return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = select_device(args.device)
+    seed_everything(args.random_seed)
+    data = load_data(args)
+    args.num_users, args.num_items = data.num_users, data.num_items
+    trainer = BasicTrainer(args, data, device)
+    if args.test:
+        step = args.checkpoint_step
+        if step < 0:
+            steps = checkpoint_steps(trainer.save_dir, trainer.pattern)
+            if not steps:
+                raise UserError(f"nothing to test: no checkpoint in {trainer.save_dir}; train first "
+                                f"or give --pretrain_log_dir")
+            step = steps[-1]
+            print(f"Testing the latest best checkpoint, epoch {step}")
+        trainer.load(step)
+        return trainer.test(step)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    run_cli(main)
