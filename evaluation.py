@@ -74,6 +74,16 @@ def format_per_rating(report):
     return "\n".join(lines)
 
 
+def report_test(metrics, title, path, args, **extra):
+    """Print the test metrics and the per-rating report; write them as JSON to ``path``."""
+    print(f"{title}: {metrics['num_users']} users, {metrics['num_targets']} targets")
+    print(format_metrics("\tTest: Test ", metrics))
+    print(" -------- Rating ---- ")
+    print(format_per_rating(metrics["per_rating"]))
+    write_results(path, metrics, args, **extra)
+    print(f"Results written to {path}")
+
+
 def write_results(path, metrics, args, **extra):
     """Write test metrics and the full configuration as JSON."""
     record = {"metrics": metrics, "config": {k: _jsonable(v) for k, v in vars(args).items()}}

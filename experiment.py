@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloader import DataError
+from dataloader import DataError, load_data
+from options import parse_args
 
 
 class UserError(Exception):
@@ -27,6 +28,17 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("\ninterrupted: the last checkpoint written is kept", file=sys.stderr)
         sys.exit(130)
+
+
+def setup(argv=None):
+    """Parse the command line, choose the device, seed everything and load the data
+    (telling ``args`` how many users and items there are)."""
+    args = parse_args(argv)
+    device = select_device(args.device)
+    seed_everything(args.random_seed)
+    data = load_data(args)
+    args.num_users, args.num_items = data.num_users, data.num_items
+    return args, device, data
 
 
 def select_device(name=None):
@@ -82,6 +94,16 @@ def checkpoint_steps(directory, pattern):
     if not directory.is_dir():
         return []
     return sorted(int(m.group(1)) for m in map(regex.match, os.listdir(directory)) if m)
+
+
+def latest_step(directory, pattern, made_by):
+    """The highest step with a checkpoint, for --test without --checkpoint_step."""
+    steps = checkpoint_steps(directory, pattern)
+    if not steps:
+        raise UserError(f"nothing to test: no checkpoint {pattern.format(step='N')} in {directory}; "
+                        f"train first with {made_by}")
+    print(f"Testing the latest checkpoint, step {steps[-1]}")
+    return steps[-1]
 
 
 def load_checkpoint(directory, pattern, step, device, made_by):

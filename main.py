@@ -15,14 +15,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import evaluation
-from dataloader import TaskSampler, load_data
-from experiment import (UserError, atomic_save, checkpoint_steps, load_checkpoint,
-                        load_matching_state, make_dirs, pretrained_embedding_path,
-                        pretrained_model_path, pretraining_command, run_cli,
-                        seed_everything, select_device)
+from dataloader import TaskSampler
+from experiment import (UserError, atomic_save, latest_step, load_checkpoint, load_matching_state,
+                        make_dirs, pretrained_embedding_path, pretrained_model_path,
+                        pretraining_command, run_cli, setup)
 from meta_learner import MetaLearner, importance_vector
 from models import model_factory
-from options import parse_args
 
 GRADIENT_CLIP_NORM = 5.0
 MIN_LSTM_LR = 1e-2
@@ -229,19 +227,11 @@ class MetaTrainer:
 
     def test(self, step):
         metrics = self.evaluate(self.sampler.fixed_tasks("test"))
-        report(metrics, f"{self.method.upper()} test (step {step})")
         pattern = self.best_pattern if self.args.test_best else self.every_pattern
         path = self.save_dir / pattern.format(step=step).replace(".pt", "_test.json")
-        evaluation.write_results(path, metrics, self.args, method=self.method, checkpoint_step=step)
-        print(f"Results written to {path}")
+        evaluation.report_test(metrics, f"{self.method.upper()} test (step {step})", path, self.args,
+                               method=self.method, checkpoint_step=step)
         return metrics
-
-
-def report(metrics, title):
-    print(f"{title}: {metrics['num_users']} users, {metrics['num_targets']} targets")
-    print(evaluation.format_metrics("\tTest: Test ", metrics))
-    print(" -------- Rating ---- ")
-    print(evaluation.format_per_rating(metrics["per_rating"]))
 
 
 def test_mean_rating(args, data):
@@ -251,20 +241,15 @@ def test_mean_rating(args, data):
     targets = test_tasks.target_ratings
     metrics = evaluation.evaluate(torch.full_like(targets, data.train_mean_rating), targets,
                                   test_tasks.query_row_mask, rating_values=data.rating_values)
-    report(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})")
     make_dirs(args.log_dir)
     path = Path(args.log_dir) / f"mean_rating_{args.mode}_test.json"
-    evaluation.write_results(path, metrics, args, method="mean_rating")
-    print(f"Results written to {path}")
+    evaluation.report_test(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})", path, args,
+                           method="mean_rating")
     return metrics
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device = select_device(args.device)
-    seed_everything(args.random_seed)
-    data = load_data(args)
-    args.num_users, args.num_items = data.num_users, data.num_items
+    args, device, data = setup(argv)
     if args.test_baseline:
         return test_mean_rating(args, data)
     trainer = MetaTrainer(args, data, device)
@@ -272,12 +257,7 @@ def main(argv=None):
         step = args.checkpoint_step
         if step < 0:
             pattern = trainer.best_pattern if args.test_best else trainer.every_pattern
-            steps = checkpoint_steps(trainer.save_dir, pattern)
-            if not steps:
-                raise UserError(f"nothing to test: no checkpoint {pattern.format(step='N')} in "
-                                f"{trainer.save_dir}; train first, or give --log_dir")
-            step = steps[-1]
-            print(f"Testing the latest checkpoint, step {step}")
+            step = latest_step(trainer.save_dir, pattern, "main.py (or give --log_dir)")
         trainer.load(step, best=args.test_best, resume=False)
         return trainer.test(step)
     if args.checkpoint_step > -1:

@@ -58,6 +58,7 @@ class MetaLearner(nn.Module):
                                                      "predictions", "loss")
                                    if getattr(args, f"task_info_{name}")]
         self.use_label = args.use_label
+        self.normalize_weights = args.normalize_weights
         self.task_info_mlp = (TaskInfoMLP(len(self.task_info_features), use_softmax=args.use_softmax)
                               if adaptive and not args.use_lstm and args.use_mlp else None)
         aggregate = adaptive and (args.use_mlp_mean or (not args.use_lstm and not args.use_mlp))
@@ -79,7 +80,7 @@ class MetaLearner(nn.Module):
         losses = self._errors(predictions, ratings, focal=self.use_focal_loss) * mask
         if self.task_info_mlp is not None:
             features = self._task_features(task, predictions, losses)  # [S, L, F]
-            losses = losses * self.task_info_mlp(features, mask)
+            losses = losses * self._normalized(self.task_info_mlp(features, mask), mask)
         elif "support_weights" in task:
             losses = losses * task["support_weights"]
         if self.loss_network is not None:
@@ -138,10 +139,20 @@ class MetaLearner(nn.Module):
             num_tasks, num_support, length = batch.support_items.shape
             weights = self.encoder(batch.support_ratings.reshape(-1, length),
                                    batch.support_mask.reshape(-1, length))
-            task["support_weights"] = weights.reshape(num_tasks, num_support, length)
+            task["support_weights"] = self._normalized(weights.reshape(num_tasks, num_support, length),
+                                                       batch.support_mask)
         if self.task_info_mlp is not None:
             task["rating_stats"] = self._rating_stats(batch)
         return task
+
+    def _normalized(self, weights, mask):
+        """With --normalize_weights, scale each task's weights [..., S, L] to mean 1 over its
+        real positions: the encoder then shifts the loss between interactions, and the
+        size of the inner step stays with the learnable rates α."""
+        if not self.normalize_weights:
+            return weights
+        mean = (weights * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum(dim=(-2, -1), keepdim=True)
+        return weights / (mean + 1e-8)
 
     def _rating_stats(self, batch):
         """Per task mean and std of the support ratings ([T, 2], on the loss scale): of

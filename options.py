@@ -114,6 +114,9 @@ def build_parser():
     add("--use_mlp_mean", type=str2bool, default=False,
         help="aggregate position losses with the loss network")
     add("--use_softmax", type=str2bool, default=False, help="softmax loss weights")
+    add("--normalize_weights", type=str2bool, default=True,
+        help="(new) scale each task's loss weights to mean 1, so that the encoder cannot "
+        "inflate the inner step; False is the reference")
     add("--normalize_loss", type=str2bool, default=True, help="ratings / 5 in the loss")
     add("--task_info_loss", type=str2bool, default=True)
     add("--task_info_rating_mean", type=str2bool, default=True)

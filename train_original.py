@@ -17,14 +17,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import evaluation
-from dataloader import PretrainDataset, TaskSampler, load_data
-from experiment import (UserError, atomic_save, checkpoint_steps, load_checkpoint,
-                        load_matching_state, make_dirs, pretrained_embedding_path,
-                        pretrained_model_path, run_cli, seed_everything, select_device)
+from dataloader import PretrainDataset, TaskSampler
+from experiment import (atomic_save, latest_step, load_checkpoint, load_matching_state, make_dirs,
+                        pretrained_embedding_path, pretrained_model_path, run_cli, setup)
 from meta_learner import MAX_RATING
 from models import model_factory
 from models.loss_weighting import TaskStateEncoder
-from options import parse_args
 
 MIN_LSTM_LR = 1e-2
 PREDICTION_CHUNK = 4096  # sequences per forward call when predicting
@@ -142,32 +140,19 @@ class BasicTrainer:
 
     def test(self, step):
         metrics = self.evaluate(self.sampler.fixed_tasks("test"))
-        print(f"Basic test (epoch {step}): {metrics['num_users']} users, {metrics['num_targets']} targets")
-        print(evaluation.format_metrics("\tTest: Test ", metrics))
-        print(" -------- Rating ---- ")
-        print(evaluation.format_per_rating(metrics["per_rating"]))
         path = self.save_dir / f"{self.pattern.format(step=step)}_test.json"
-        evaluation.write_results(path, metrics, self.args, method="basic", checkpoint_step=step)
-        print(f"Results written to {path}")
+        evaluation.report_test(metrics, f"Basic test (epoch {step})", path, self.args,
+                               method="basic", checkpoint_step=step)
         return metrics
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device = select_device(args.device)
-    seed_everything(args.random_seed)
-    data = load_data(args)
-    args.num_users, args.num_items = data.num_users, data.num_items
+    args, device, data = setup(argv)
     trainer = BasicTrainer(args, data, device)
     if args.test:
         step = args.checkpoint_step
         if step < 0:
-            steps = checkpoint_steps(trainer.save_dir, trainer.pattern)
-            if not steps:
-                raise UserError(f"nothing to test: no checkpoint in {trainer.save_dir}; train first "
-                                f"or give --pretrain_log_dir")
-            step = steps[-1]
-            print(f"Testing the latest best checkpoint, epoch {step}")
+            step = latest_step(trainer.save_dir, trainer.pattern, "train_original.py (or give --pretrain_log_dir)")
         trainer.load(step)
         return trainer.test(step)
     return trainer.train()

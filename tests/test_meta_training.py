@@ -210,3 +210,16 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(ratings_file, 
     with pytest.raises(UserError, match="became nan at iteration 3"):
         run_main(ratings_file, tmp_path, "--num_train_iterations=4", "--log_interval=2")
     assert (tmp_path / "log" / "state" / "bert4rec_2_ml-1m_melo.pt").is_file()
+
+
+def test_test_without_a_step_takes_the_latest_best_checkpoint(ratings_file, tmp_path, capsys):
+    run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
+    best_steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "log" / "state").glob("*_best_*.pt"))
+    metrics = run_main(ratings_file, tmp_path, "--test")
+    assert f"Testing the latest checkpoint, step {best_steps[-1]}" in capsys.readouterr().out
+    assert metrics == run_main(ratings_file, tmp_path, "--test", f"--checkpoint_step={best_steps[-1]}")
+
+
+def test_test_without_any_checkpoint_says_to_train_first(ratings_file, tmp_path):
+    with pytest.raises(UserError, match="nothing to test"):
+        run_main(ratings_file, tmp_path, "--test")

@@ -1,0 +1,124 @@
+"""Seconds per outer meta-training iteration, tasks per second and peak memory.
+
+    python benchmarks/meta_iteration.py                       # every model x MAML/MELO x vmap/loop
+    python benchmarks/meta_iteration.py --models bert4rec --methods melo --paths vmap
+    python benchmarks/meta_iteration.py --quick               # tiny sizes, a few iterations (CI)
+
+Each configuration runs in a fresh subprocess, so its peak memory is its own (RSS on the
+CPU, ``torch.cuda.max_memory_allocated`` on a GPU).  Data: ``../shared/data/ml-100k``
+(through the ml-1m reader) when present, else a generated file of the same shape.  The
+configuration is the default one (16 tasks, 25 support sequences of length 30, 3 second-
+order inner steps, multi-step loss) unless ``--flags`` adds others.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_ML100K = ROOT.parent / "shared" / "data" / "ml-100k" / "ratings.dat"
+QUICK_FLAGS = ["--max_seq_len=10", "--num_samples=5", "--batch_size=4", "--bert_hidden_units=8",
+               "--bert_num_heads=2", "--gru4rec_hidden_size=8", "--narm_hidden_size=8"]
+
+
+def data_file(workdir):
+    if SHARED_ML100K.is_file():
+        return SHARED_ML100K
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures import write_ratings
+    return write_ratings(Path(workdir) / "ratings.dat", "ml-1m", num_users=943, num_items=600, seed=0)
+
+
+def measure(model, method, path, data_path, flags, warmup, iterations):
+    """Time train steps of one configuration in this process; return a result dict."""
+    import torch
+
+    import main
+    from dataloader import load_data
+    from options import parse_args
+
+    args = parse_args([f"--model={model}", f"--data_path={data_path}", "--num_test_data=150",
+                       "--val_size=100", f"--use_adaptive_loss={method == 'melo'}",
+                       f"--use_vmap={path == 'vmap'}", *flags])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = load_data(args)
+    args.num_users, args.num_items = data.num_users, data.num_items
+    trainer = main.MetaTrainer(args, data, device)
+    seconds = []
+    for i in range(warmup + iterations):
+        batch = trainer.sampler.train_batch(args.batch_size).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train_step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"model": model, "method": method, "path": path, "device": str(device),
+            "seconds": median, "tasks_per_second": args.batch_size / median, "peak_mib": memory,
+            "threads": torch.get_num_threads()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["bert4rec", "sasrec", "gru4rec", "narm"])
+    parser.add_argument("--methods", nargs="+", default=["maml", "melo"])
+    parser.add_argument("--paths", nargs="+", default=["vmap", "loop"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 iterations")
+    parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
+                        help="more main.py flags, e.g. --flags --first_order=True")
+    parser.add_argument("--single", nargs=3, metavar=("MODEL", "METHOD", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--data_path", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    flags = options.flags + (QUICK_FLAGS if options.quick else [])
+    if options.quick:
+        options.warmup, options.iterations = 1, 2
+
+    if options.single:  # the child process: measure one configuration, print JSON
+        result = measure(*options.single, options.data_path, flags, options.warmup, options.iterations)
+        print("RESULT " + json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as workdir:
+        data_path = data_file(workdir)
+        print(f"data: {data_path}; flags: {' '.join(flags) or '(defaults)'}")
+        print(f"{'model':<9} {'method':<5} {'path':<5} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9}")
+        for model in options.models:
+            for method in options.methods:
+                for path in options.paths:
+                    command = [sys.executable, __file__, "--single", model, method, path,
+                               f"--data_path={data_path}", f"--warmup={options.warmup}",
+                               f"--iterations={options.iterations}"]
+                    if options.quick:
+                        command.append("--quick")
+                    if options.flags:
+                        command += ["--flags", *options.flags]
+                    run = subprocess.run(command, capture_output=True, text=True, cwd=workdir,
+                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+                    if run.returncode or not lines:
+                        print(f"{model:<9} {method:<5} {path:<5} failed:\n{run.stderr[-2000:]}")
+                        continue
+                    r = json.loads(lines[-1][len("RESULT "):])
+                    print(f"{model:<9} {method:<5} {path:<5} {r['seconds']:>8.3f} "
+                          f"{r['tasks_per_second']:>8.1f} {r['peak_mib']:>9.0f}", flush=True)
+        print(f"device: {r['device'] if lines else '?'}; torch threads: {r['threads'] if lines else '?'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""One command from a rating file to the paper's results table.
+
+    python reproduce.py --mode=ml-1m --data_path=./Data/ml-1m/ratings.dat \\
+        --models gru4rec narm sasrec bert4rec --seeds 222 223 \\
+        --pretrain_epochs=20 --num_train_iterations=600 -- --first_order=True
+
+For each seed (the --random_seed of every run: the data split and the test users): the
+mean-rating baseline (main.py --test_baseline), then for each model Basic
+(train_original.py --save_pretrained=True, then --test on its latest best epoch), MAML and
+MELO from Basic's embedding (main.py --load_pretrained_embedding=True, with
+--use_adaptive_loss=False for MAML, then --test on the latest best checkpoint). Every run is
+a subprocess; its output goes to results/<name>/runs/<seed>/<model>/<method>.log, its
+checkpoints to the folder beside it. Flags after `--` go to every run.
+
+Written under results/<name>/: results.json (every run: seed, model, method, metrics,
+commands), table.md (the paper's layout), dataset.md (the data statistics) and
+per_rating.png (RMSE per true rating). A finished run leaves <method>.json beside its log
+and is not run again, so an interrupted study goes on where it stopped: an interrupted
+MAML/MELO training resumes from its last checkpoint, an interrupted Basic training starts
+over.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+import options  # noqa: E402
+from dataloader import load_data  # noqa: E402
+from experiment import UserError, checkpoint_steps, run_cli  # noqa: E402
+
+PROJECT_DIR = Path(__file__).resolve().parent
+PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
+METHODS = ("basic", "maml", "melo")
+METRICS = ("rmse", "mae")
+TITLES = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "mean_rating": "mean rating",
+          "gru4rec": "GRU4Rec", "narm": "NARM", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
+          "ncf": "NCF", "rmse": "RMSE", "mae": "MAE"}
+DATA_FLAGS = ("min_item", "min_sequence", "num_test_data", "val_size", "max_seq_len")
+BUDGET_FLAGS = ("pretrain_epochs", "num_train_iterations", "log_interval")
+# set by reproduce.py for each run, so not accepted after `--`
+RESERVED_FLAGS = frozenset({
+    "mode", "data_path", *DATA_FLAGS, *BUDGET_FLAGS, "model", "random_seed", "log_dir",
+    "pretrain_log_dir", "test", "test_best", "test_baseline", "checkpoint_step",
+    "save_pretrained", "load_pretrained", "load_pretrained_embedding", "use_adaptive_loss"})
+FLAG_HELP = {"min_item": "drop items with fewer ratings",
+             "min_sequence": "drop users with fewer ratings", "num_test_data": "test users",
+             "val_size": "validation users", "max_seq_len": "longest task window",
+             "pretrain_epochs": "Basic's training epochs",
+             "num_train_iterations": "MAML's and MELO's outer iterations",
+             "log_interval": "MAML/MELO validate and checkpoint every N iterations"}
+LOG_TAIL_LINES = 20
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+def build_parser():
+    run_defaults = options.build_parser()
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [options] [-- flags for every run]",
+        description="Run Basic, MAML and MELO for each model and seed, and the mean-rating "
+        "baseline, then write the results table, the data statistics and a per-rating "
+        "figure under RESULTS_DIR/NAME/. Finished runs are reused.",
+        epilog="Flags after `--` are passed to every run, e.g. `-- --first_order=True "
+        "--device=cuda` (see `python main.py --help`).")
+    add = parser.add_argument
+    add("--mode", default=run_defaults.get_default("mode"), choices=options.MODES,
+        help="dataset reader (default: %(default)s)")
+    add("--data_path", default=run_defaults.get_default("data_path"),
+        help="rating file (default: %(default)s)")
+    for flag in DATA_FLAGS + BUDGET_FLAGS:
+        add(f"--{flag}", type=int, default=run_defaults.get_default(flag),
+            help=f"{FLAG_HELP[flag]} (default: %(default)s)")
+    add("--models", nargs="+", choices=options.MODELS, default=list(PAPER_MODELS), metavar="MODEL",
+        help=f"recommenders, one table row each: {', '.join(options.MODELS)} "
+        f"(default: {' '.join(PAPER_MODELS)})")
+    add("--seeds", nargs="+", type=int, default=[run_defaults.get_default("random_seed")],
+        metavar="SEED", help="--random_seed of the runs (data split, test users); several "
+        "give mean ± std (default: %(default)s)")
+    add("--name", default=None,
+        help="dataset name in the results folder (default: the data file's folder and --mode)")
+    add("--results_dir", default="results", help="where NAME/ goes (default: %(default)s)")
+    return parser
+
+
+def parse_command_line(argv=None):
+    """reproduce.py's own flags; ``run_flags`` holds those after `--`, for every run."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    study = build_parser().parse_args(argv[:split])
+    study.models = list(dict.fromkeys(study.models))
+    study.seeds = list(dict.fromkeys(study.seeds))
+    study.run_flags = argv[split + 1:]
+    study.name = study.name or default_name(study.data_path, study.mode)
+    return study
+
+
+def default_name(data_path, mode):
+    folder = Path(data_path).resolve().parent.name
+    return folder if folder == mode else f"{folder}_{mode}"
+
+
+def parse_run_flags(parse, argv):
+    """``parse(argv)`` with an argparse parser of the runs' flags; its error becomes one line."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return parse(argv)
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise UserError(f"flags for the runs: {message}") from None
+
+
+def options_given(argv):
+    """Names of the run options that ``argv`` sets (abbreviations resolved as argparse does)."""
+    parser = options.build_parser()
+    unset = object()
+    parser.set_defaults(**{name: unset for name in vars(parser.parse_args([]))})
+    given = parse_run_flags(parser.parse_args, argv)
+    return {name for name, value in vars(given).items() if value is not unset}
+
+
+def check_run_flags(study):
+    """Refuse flags after `--` that reproduce.py sets itself, or that the runs would refuse;
+    return the first seed's run options (for the data statistics)."""
+    reserved = sorted(options_given(study.run_flags) & RESERVED_FLAGS)
+    if reserved:
+        names = ", ".join(f"--{name}" for name in reserved)
+        raise UserError(f"{names} after `--`: reproduce.py sets these for each run; give the "
+                        f"data and budget flags before `--` (see reproduce.py --help)")
+    return parse_run_flags(options.parse_args,
+                           [*data_flags(study), f"--random_seed={study.seeds[0]}", *study.run_flags])
+
+
+def data_flags(study):
+    return [f"--mode={study.mode}", f"--data_path={study.data_path}",
+            *(f"--{flag}={getattr(study, flag)}" for flag in DATA_FLAGS)]
+
+
+def study_flags(study):
+    """Every flag that the runs of all seeds and models share."""
+    return [*data_flags(study), *(f"--{flag}={getattr(study, flag)}" for flag in BUDGET_FLAGS),
+            *study.run_flags]
+
+
+def check_same_study(runs_dir, flags):
+    """Finished runs made with other flags must not be reused: remember the flags of the
+    study, and refuse others once a run has finished."""
+    path = runs_dir / "flags.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else None
+    if earlier == flags:
+        return
+    if earlier is not None and finished_records(runs_dir):
+        differences = " ".join(sorted(set(earlier) ^ set(flags))) or "the order of the flags"
+        raise UserError(f"{runs_dir} holds runs made with other flags (they differ in: "
+                        f"{differences}); give another --name, or delete {runs_dir} to start over")
+    write_json(path, flags)
+
+
+def finished_records(runs_dir):
+    return [path for method in (*METHODS, "mean_rating") for path in runs_dir.glob(f"**/{method}.json")]
+
+
+# --------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One method of one model and seed: an optional training command, then its test."""
+    seed: int
+    model: str | None                # None for the mean-rating baseline
+    method: str                      # basic, maml, melo or mean_rating
+    folder: Path                     # holds <method>.log, <method>.json and <method>/
+    train_command: list[str] | None
+    test_command: list[str]
+    test_results: str                # the test's JSON file under work_dir, may hold {step}
+    checkpoint_pattern: str | None = None   # MAML/MELO every-validation checkpoints
+    final_step: int = 0
+
+    @property
+    def label(self):
+        if self.model is None:
+            return f"seed {self.seed} {TITLES[self.method]}"
+        return f"seed {self.seed} {self.model} {TITLES[self.method]}"
+
+    @property
+    def work_dir(self):
+        return self.folder / self.method
+
+    @property
+    def log_path(self):
+        return self.folder / f"{self.method}.log"
+
+    @property
+    def record_path(self):
+        return self.folder / f"{self.method}.json"
+
+
+def script(name, *flags):
+    return [sys.executable, str(PROJECT_DIR / name), *flags]
+
+
+def plan_runs(study, runs_dir):
+    """Every run of the study, in order: per seed the baseline, then per model Basic, MAML, MELO."""
+    runs = []
+    for seed in study.seeds:
+        seed_dir = runs_dir / str(seed)
+        shared = [*data_flags(study), f"--random_seed={seed}"]
+        baseline = script("main.py", *shared, f"--log_dir={seed_dir / 'mean_rating'}",
+                          *study.run_flags, "--test_baseline")
+        runs.append(Run(seed, None, "mean_rating", seed_dir, None, baseline,
+                        f"mean_rating_{study.mode}_test.json"))
+        for model in study.models:
+            folder = seed_dir / model
+            model_flags = [*shared, f"--model={model}", f"--pretrain_log_dir={folder / 'basic'}"]
+            basic = script("train_original.py", *model_flags,
+                           f"--pretrain_epochs={study.pretrain_epochs}", *study.run_flags,
+                           "--save_pretrained=True")
+            runs.append(Run(seed, model, "basic", folder, basic, [*basic, "--test"],
+                            f"state/{model}_{{step}}_no_meta_best_test.json"))
+            for method in ("maml", "melo"):
+                meta = script("main.py", *model_flags, f"--log_dir={folder / method}",
+                              f"--num_train_iterations={study.num_train_iterations}",
+                              f"--log_interval={study.log_interval}", *study.run_flags,
+                              "--load_pretrained_embedding=True",
+                              *(["--use_adaptive_loss=False"] if method == "maml" else []))
+                # checkpoint names as main.py writes them (README, "Checkpoints")
+                runs.append(Run(seed, model, method, folder, meta, [*meta, "--test"],
+                                f"state/{model}_{{step}}_best_{study.mode}_{method}_test.json",
+                                checkpoint_pattern=f"{model}_{{step}}_{study.mode}_{method}.pt",
+                                final_step=study.num_train_iterations))
+    return runs
+
+
+def execute(run, number, total):
+    """Train (unless that is done) and test one run; return its record. A run with a
+    record from an earlier invocation is not run again. Prints one line per run."""
+    tag = f"[{number}/{total}] {run.label}"
+    if run.record_path.is_file():
+        record = json.loads(run.record_path.read_text())
+        print(f"{tag}: done before: {metrics_summary(record['metrics'])}", flush=True)
+        return record
+    run.folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    announce(f"{tag}:")
+    try:
+        if run.train_command is not None:
+            train(run)
+        announce(" testing")
+        invoke(run.test_command, run, "test")
+        metrics = read_test_results(run)["metrics"]
+    except UserError:
+        print(" FAILED", flush=True)
+        raise
+    record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
+              "commands": [shlex.join(command) for command in (run.train_command, run.test_command)
+                           if command is not None],
+              "log": str(run.log_path)}
+    write_json(run.record_path, record)
+    print(f": {metrics_summary(metrics)} ({format_duration(time.monotonic() - started)})", flush=True)
+    return record
+
+
+def train(run):
+    """Train from scratch, resume a MAML/MELO run from its last checkpoint, or skip the
+    training when that checkpoint is the last step's."""
+    resume_step = last_checkpoint_step(run)
+    if resume_step is None:
+        shutil.rmtree(run.work_dir, ignore_errors=True)   # an interrupted Basic run's leftovers
+        announce(" training,")
+        invoke(run.train_command, run, "training")
+    elif resume_step < run.final_step:
+        announce(f" training (resumed from step {resume_step}),")
+        invoke([*run.train_command, f"--checkpoint_step={resume_step}"], run, "training")
+
+
+def announce(text):
+    print(text, end="", flush=True)
+
+
+def last_checkpoint_step(run):
+    """The step of a MAML/MELO run's last checkpoint, None when there is none to resume from."""
+    if run.checkpoint_pattern is None:
+        return None
+    steps = checkpoint_steps(run.work_dir / "state", run.checkpoint_pattern)
+    return steps[-1] if steps else None
+
+
+def invoke(command, run, phase):
+    """Run one script with its output appended to the run's log; a failure is a UserError
+    that shows the end of the log."""
+    with open(run.log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(command)}\n")
+        log.flush()
+        status = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    if status != 0:
+        how = f"exit status {status}" if status > 0 else f"killed by signal {-status}"
+        raise UserError(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n"
+                        f"{log_tail(run.log_path)}\n"
+                        f"Finished runs are kept: fix the problem and run the same command again.")
+
+
+def log_tail(path, lines=LOG_TAIL_LINES):
+    """The last lines of a log as a terminal shows them (progress bars redraw after '\\r')."""
+    text = path.read_text(errors="replace")
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    shown = [line for line in shown if line.strip()]
+    return "\n".join(f"  | {line}" for line in shown[-lines:])
+
+
+def read_test_results(run):
+    """The JSON that the run's test wrote: the latest best checkpoint's when named by step."""
+    path = run.work_dir / run.test_results
+    if "{step}" in path.name:
+        steps = checkpoint_steps(path.parent, path.name)
+        if not steps:
+            raise UserError(f"{run.label}: its test wrote no {path.name.format(step='N')} in "
+                            f"{path.parent}; see {run.log_path}")
+        path = path.parent / path.name.format(step=steps[-1])
+    return json.loads(path.read_text())
+
+
+def metrics_summary(metrics):
+    return f"RMSE {metrics['rmse']:.4f} | MAE {metrics['mae']:.4f}"
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def write_json(path, value):
+    """Write JSON through a temporary file, so an interruption never leaves half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2))
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------------------
+# Results table, data statistics, per-rating figure
+# --------------------------------------------------------------------------------------
+def metric_values(records, model, method, metric):
+    """One value per seed."""
+    return [r["metrics"][metric] for r in records if r["model"] == model and r["method"] == method]
+
+
+def mean_cell(values):
+    mean = statistics.fmean(values)
+    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {statistics.stdev(values):.4f}"
+
+
+def improvement(other, melo):
+    """MELO's improvement over another method in %: positive when MELO's error is lower."""
+    return (other - melo) / other * 100
+
+
+def markdown_table(header, rows):
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def model_row(records, model):
+    """A model's cells: each method's RMSE and MAE, then MELO's improvements on the means."""
+    def mean(method, metric):
+        return statistics.fmean(metric_values(records, model, method, metric))
+
+    return [TITLES[model],
+            *(mean_cell(metric_values(records, model, method, metric))
+              for method in METHODS for metric in METRICS),
+            *(f"{improvement(mean(other, metric), mean('melo', metric)):+.2f}"
+              for other in ("basic", "maml") for metric in METRICS)]
+
+
+def results_table(study, records):
+    header = ["Model",
+              *(f"{TITLES[method]} {TITLES[metric]}" for method in METHODS for metric in METRICS),
+              *(f"MELO vs {TITLES[other]} {TITLES[metric]} (%)" for other in ("basic", "maml")
+                for metric in METRICS)]
+    rows = [model_row(records, model) for model in study.models]
+    baseline = [mean_cell(metric_values(records, None, "mean_rating", metric)) for metric in METRICS]
+    rows.append(["Mean rating", *baseline, *[""] * (len(header) - 3)])
+    test_users = metric_values(records, None, "mean_rating", "num_users")[0]
+    spread = (f"mean ± sample standard deviation over seeds {', '.join(map(str, study.seeds))}"
+              if len(study.seeds) > 1 else f"seed {study.seeds[0]}")
+    extra = f"; flags given to every run: `{shlex.join(study.run_flags)}`" if study.run_flags else ""
+    return (f"# Results: {study.name}\n\n"
+            f"Test RMSE and MAE in stars on the same {test_users} cold-start test users for every "
+            f"method ({spread}). Basic: {study.pretrain_epochs} epochs; MAML and MELO: "
+            f"{study.num_train_iterations} iterations from Basic's embedding{extra}.\n\n"
+            f"{markdown_table(header, rows)}\n\n"
+            f"MELO vs X = (X − MELO) / X × 100 on the means over seeds: positive when MELO's "
+            f"error is lower. Mean rating: the training users' mean rating predicted for every "
+            f"test target (no model); its RMSE and MAE are in the Basic columns.\n")
+
+
+def dataset_table(study, stats):
+    header = ["Dataset", "#Users", "#Items", "#Ratings", "Avg. length", "Balance score"]
+    row = [study.name, f"{stats['num_users']:,}", f"{stats['num_items']:,}",
+           f"{stats['num_ratings']:,}", f"{stats['avg_seq_len']:.1f}", f"{stats['balance_score']:.3f}"]
+    distribution = " | ".join(f"{rating:g}: {count:,} ({count / stats['num_ratings']:.1%})"
+                              for rating, count in stats["rating_counts"].items())
+    return (f"# Dataset: {study.name}\n\n"
+            f"{markdown_table(header, [row])}\n\n"
+            f"- file: `{stats['path']}` ({stats['layout']}, `--mode={study.mode}`)\n"
+            f"- kept: items with at least {study.min_item} ratings, then users with at least "
+            f"{study.min_sequence}\n"
+            f"- average length: of the sequences cut at max_seq_len={stats['max_seq_len']} "
+            f"({stats['avg_full_seq_len']:.1f} uncut)\n"
+            f"- ratings: {distribution}\n"
+            f"- balance score: normalised entropy of the rating histogram (1 = every rating "
+            f"equally frequent)\n"
+            f"- users per seed: {stats['num_train_users']:,} train, {stats['num_valid_users']:,} "
+            f"valid, {stats['num_test_users']:,} test\n")
+
+
+def per_rating_rmse(reports, rating):
+    """Mean and standard deviation over seeds of the RMSE at one true rating (nan when absent)."""
+    values = [report[rating]["rmse"] for report in reports
+              if rating in report and report[rating]["rmse"] is not None]
+    if not values:
+        return float("nan"), 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot_per_rating(study, records, path):
+    """Grouped bars of the RMSE per true rating, Basic / MAML / MELO, one panel per model;
+    the tick labels give the number of test targets with that rating (all seeds)."""
+    width_inches = max(6.0, 4.8 * len(study.models))
+    figure, axes = plt.subplots(1, len(study.models), figsize=(width_inches, 4.4), squeeze=False,
+                                sharey=True, layout="constrained")
+    width = 0.8 / len(METHODS)
+    for axis, model in zip(axes[0], study.models):
+        reports = {method: [r["metrics"]["per_rating"] for r in records
+                            if r["model"] == model and r["method"] == method] for method in METHODS}
+        ratings = sorted({rating for report in reports["basic"] for rating in report}, key=float)
+        positions = np.arange(len(ratings))
+        for offset, method in enumerate(METHODS):
+            means, stds = zip(*(per_rating_rmse(reports[method], rating) for rating in ratings))
+            axis.bar(positions + (offset - 1) * width, means, width, label=TITLES[method],
+                     yerr=stds if len(study.seeds) > 1 else None, capsize=2)
+        counts = [sum(report.get(rating, {"count": 0})["count"] for report in reports["basic"])
+                  for rating in ratings]
+        axis.set_xticks(positions, [f"{rating}\nn={count}" for rating, count in zip(ratings, counts)])
+        axis.set_title(TITLES[model])
+        axis.set_xlabel("true rating")
+    axes[0][0].set_ylabel("RMSE (stars)")
+    axes[0][0].legend()
+    seeds = (f"mean ± std over {len(study.seeds)} seeds" if len(study.seeds) > 1
+             else f"seed {study.seeds[0]}")
+    figure.suptitle(f"{study.name}: test RMSE per true rating\n({seeds})")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_outputs(study, study_dir, stats, records):
+    write_json(study_dir / "results.json",
+               {"dataset": study.name, "data_path": study.data_path, "mode": study.mode,
+                "seeds": study.seeds, "models": study.models, "run_flags": study.run_flags,
+                "runs": records})
+    (study_dir / "table.md").write_text(results_table(study, records))
+    (study_dir / "dataset.md").write_text(dataset_table(study, stats))
+    plot_per_rating(study, records, study_dir / "per_rating.png")
+
+
+# --------------------------------------------------------------------------------------
+def main(argv=None):
+    study = parse_command_line(argv)
+    first_seed_args = check_run_flags(study)
+    study_dir = Path(study.results_dir) / study.name
+    runs_dir = study_dir / "runs"
+    stats = load_data(first_seed_args).stats
+    check_same_study(runs_dir, study_flags(study))
+    runs = plan_runs(study, runs_dir)
+    print(f"{len(runs)} runs; their logs and checkpoints go to {runs_dir}", flush=True)
+    records = [execute(run, number, len(runs)) for number, run in enumerate(runs, start=1)]
+    write_outputs(study, study_dir, stats, records)
+    print(f"Results: {study_dir / 'table.md'}, {study_dir / 'dataset.md'}, "
+          f"{study_dir / 'per_rating.png'}, {study_dir / 'results.json'}")
+    return records
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,227 @@
+"""reproduce.py: one command from a rating file to the results table, on tiny runs.
+
+One study (GRU4Rec, seeds 222 and 223: 8 runs, 14 script calls) is run once for the
+module; the tests read what it wrote and invoke it again to check reuse, resuming and
+failures.
+"""
+import json
+import statistics
+from types import SimpleNamespace
+
+import pytest
+
+import reproduce
+from dataloader import load_data
+from experiment import UserError, run_cli
+from fixtures import write_ratings
+from options import parse_args
+
+DATA = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8"]
+BUDGET = ["--pretrain_epochs=1", "--num_train_iterations=2", "--log_interval=1"]
+RUN_FLAGS = ["--num_samples=4", "--num_query_set=2", "--batch_size=4", "--pretraining_batch_size=16",
+             "--gru4rec_hidden_size=8", "--gru4rec_embedding_dim=8", "--gru4rec_n_layers=1",
+             "--lstm_hidden=8", "--lstm_input_size=4"]
+SEEDS = (222, 223)
+METHODS = ("basic", "maml", "melo")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    ratings = write_ratings(root / "data" / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
+    argv = [f"--data_path={ratings}", *DATA, *BUDGET, "--models", "gru4rec",
+            "--seeds", *map(str, SEEDS), "--name=tiny", f"--results_dir={root / 'results'}",
+            "--", *RUN_FLAGS]
+    records = reproduce.main(argv)
+    return SimpleNamespace(argv=argv, dir=root / "results" / "tiny", ratings=ratings, records=records)
+
+
+def with_seeds(argv, *seeds):
+    flags = list(argv)
+    start = flags.index("--seeds") + 1
+    flags[start:start + len(SEEDS)] = map(str, seeds)
+    return flags
+
+
+def table_rows(markdown):
+    """{first cell: {column: cell}} of the markdown table in ``markdown``."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    header = split[0]
+    return {cells[0]: dict(zip(header, cells)) for cells in split[1:]}
+
+
+def mean_and_std(cell):
+    mean, std = cell.split(" ± ")
+    return float(mean), float(std)
+
+
+def file_times(folder):
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def metric(study, model, method, name):
+    return [r["metrics"][name] for r in study.records if r["model"] == model and r["method"] == method]
+
+
+# --- what one invocation writes ---------------------------------------------------------
+def test_every_run_is_recorded_with_the_metrics_its_test_wrote(study):
+    results = json.loads((study.dir / "results.json").read_text())
+    assert results["runs"] == study.records
+    assert [(r["seed"], r["model"], r["method"]) for r in study.records] == [
+        (seed, model, method) for seed in SEEDS
+        for model, method in [(None, "mean_rating"), *(("gru4rec", m) for m in METHODS)]]
+    for record in study.records:
+        folder = study.dir / "runs" / str(record["seed"]) / (record["model"] or "")
+        assert json.loads((folder / f"{record['method']}.json").read_text()) == record
+        written = list((folder / record["method"]).rglob("*_test.json"))
+        assert len(written) == 1
+        assert json.loads(written[0].read_text())["metrics"] == record["metrics"]
+        assert set(record["metrics"]["per_rating"]) == {"1", "2", "3", "4", "5"}
+        assert (folder / f"{record['method']}.log").is_file()
+
+
+def test_each_method_runs_the_right_commands(study):
+    commands = {(r["seed"], r["method"]): r["commands"] for r in study.records}
+    for seed in SEEDS:
+        folder = study.dir / "runs" / str(seed) / "gru4rec"
+        basic_train, basic_test = commands[seed, "basic"]
+        assert "train_original.py" in basic_train and "--save_pretrained=True" in basic_train
+        assert basic_test == basic_train + " --test"
+        for method in ("maml", "melo"):
+            train, test = commands[seed, method]
+            assert "main.py" in train and test == train + " --test"
+            assert "--load_pretrained_embedding=True" in train
+            assert f"--pretrain_log_dir={folder / 'basic'}" in train
+            assert f"--log_dir={folder / method}" in train
+            assert ("--use_adaptive_loss=False" in train) == (method == "maml")
+        assert commands[seed, "mean_rating"][0].endswith("--test_baseline")
+        for method in (*METHODS, "mean_rating"):
+            for command in commands[seed, method]:
+                assert f"--random_seed={seed}" in command
+                assert " ".join(RUN_FLAGS) in command
+
+
+def test_table_holds_the_mean_and_std_over_seeds_and_melos_improvements(study):
+    rows = table_rows((study.dir / "table.md").read_text())
+    assert set(rows) == {"GRU4Rec", "Mean rating"}
+    row = rows["GRU4Rec"]
+    titles = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "rmse": "RMSE", "mae": "MAE"}
+    for method in METHODS:
+        for name in ("rmse", "mae"):
+            values = metric(study, "gru4rec", method, name)
+            assert len(values) == 2
+            mean, std = mean_and_std(row[f"{titles[method]} {titles[name]}"])
+            assert mean == pytest.approx(statistics.fmean(values), abs=6e-5)
+            assert std == pytest.approx(statistics.stdev(values), abs=6e-5)
+    for other in ("basic", "maml"):
+        for name in ("rmse", "mae"):
+            other_mean = statistics.fmean(metric(study, "gru4rec", other, name))
+            melo_mean = statistics.fmean(metric(study, "gru4rec", "melo", name))
+            shown = float(row[f"MELO vs {titles[other]} {titles[name]} (%)"])
+            assert shown == pytest.approx((other_mean - melo_mean) / other_mean * 100, abs=6e-3)
+    baseline = rows["Mean rating"]
+    for name in ("rmse", "mae"):
+        mean, std = mean_and_std(baseline[f"Basic {titles[name]}"])
+        values = metric(study, None, "mean_rating", name)
+        assert mean == pytest.approx(statistics.fmean(values), abs=6e-5)
+        assert std == pytest.approx(statistics.stdev(values), abs=6e-5)
+
+
+def test_improvements_are_relative_to_the_other_method():
+    def record(method, rmse, mae, model="narm"):
+        return {"seed": 1, "model": model, "method": method,
+                "metrics": {"rmse": rmse, "mae": mae, "num_users": 8}}
+
+    records = [record("mean_rating", 1.2, 1.0, model=None), record("basic", 1.0, 0.5),
+               record("maml", 0.9, 0.4), record("melo", 0.8, 0.6)]
+    options = SimpleNamespace(name="x", models=["narm"], seeds=[1], pretrain_epochs=1,
+                              num_train_iterations=1, run_flags=[])
+    row = table_rows(reproduce.results_table(options, records))["NARM"]
+    assert (row["MELO RMSE"], row["MELO MAE"]) == ("0.8000", "0.6000")    # one seed: no ±
+    assert row["MELO vs Basic RMSE (%)"] == "+20.00"                     # (1.0 - 0.8) / 1.0
+    assert row["MELO vs MAML RMSE (%)"] == "+11.11"                      # (0.9 - 0.8) / 0.9
+    assert row["MELO vs Basic MAE (%)"] == "-20.00"
+    assert row["MELO vs MAML MAE (%)"] == "-50.00"
+
+
+def test_dataset_table_equals_the_statistics_of_load_data(study):
+    stats = load_data(parse_args([f"--data_path={study.ratings}", *DATA, *RUN_FLAGS])).stats
+    row = table_rows((study.dir / "dataset.md").read_text())["tiny"]
+    assert int(row["#Users"].replace(",", "")) == stats["num_users"] == 60
+    assert int(row["#Items"].replace(",", "")) == stats["num_items"]
+    assert int(row["#Ratings"].replace(",", "")) == stats["num_ratings"]
+    assert float(row["Avg. length"]) == round(stats["avg_seq_len"], 1)
+    assert float(row["Balance score"]) == round(stats["balance_score"], 3)
+
+
+def test_per_rating_figure_is_a_png(study):
+    figure = (study.dir / "per_rating.png").read_bytes()
+    assert figure.startswith(b"\x89PNG\r\n\x1a\n") and len(figure) > 10_000
+
+
+# --- invoking it again ----------------------------------------------------------------------
+def test_a_second_invocation_reuses_every_run(study, capsys):
+    before = file_times(study.dir / "runs")
+    table = (study.dir / "table.md").read_text()
+    capsys.readouterr()
+    assert reproduce.main(study.argv) == study.records
+    output = capsys.readouterr().out
+    assert output.count("done before") == 8
+    assert "training" not in output and "testing" not in output
+    assert file_times(study.dir / "runs") == before
+    assert (study.dir / "table.md").read_text() == table
+
+
+def test_other_flags_for_the_same_study_are_refused(study):
+    changed = [flag.replace("--pretrain_epochs=1", "--pretrain_epochs=2") for flag in study.argv]
+    with pytest.raises(UserError, match="other flags .*--pretrain_epochs=1 --pretrain_epochs=2"):
+        reproduce.main(changed)
+
+
+@pytest.mark.parametrize("flag, named", [("--model=narm", "--model"),
+                                         ("--checkpoint=1", "--checkpoint_step"),
+                                         ("--num_test=4", "--num_test_data")])
+def test_flags_that_reproduce_sets_are_refused_after_the_separator(study, flag, named):
+    with pytest.raises(UserError, match=f"{named} after `--`"):
+        reproduce.main([*study.argv, flag])
+
+
+def test_an_unknown_flag_for_the_runs_is_refused_before_any_run(study):
+    with pytest.raises(UserError, match="flags for the runs: unrecognized arguments: --no_such_flag"):
+        reproduce.main([*study.argv, "--no_such_flag=1"])
+
+
+def test_a_failed_run_stops_the_study_with_the_end_of_its_log(study, capsys):
+    seed_dir = study.dir / "runs" / "224"
+    seed_dir.mkdir()
+    (seed_dir / "mean_rating").write_text("a file where the run's folder should be")
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(lambda: reproduce.main(with_seeds(study.argv, *SEEDS, 224)))
+    assert stopped.value.code != 0
+    output = capsys.readouterr()
+    assert output.out.count("done before") == 8
+    assert "[9/12] seed 224 mean rating: testing FAILED" in output.out
+    assert "seed 224 mean rating test failed (exit status 2)" in output.err
+    assert str(seed_dir / "mean_rating.log") in output.err
+    assert "cannot write to" in output.err          # the run's own error, from its log
+    assert "Finished runs are kept" in output.err
+    assert not (seed_dir / "mean_rating.json").exists()
+
+
+def test_an_interrupted_meta_training_resumes_from_its_last_checkpoint(study, capsys):
+    folder = study.dir / "runs" / "223" / "gru4rec"
+    earlier = json.loads((folder / "melo.json").read_text())
+    (folder / "melo.json").unlink()
+    for last_step in (folder / "melo" / "state").glob("gru4rec_2_*"):
+        last_step.unlink()
+    untouched = {path: time for path, time in file_times(study.dir / "runs").items()
+                 if folder / "melo" not in path.parents and path.name != "melo.log"}
+    capsys.readouterr()
+    records = reproduce.main(study.argv)
+    assert "[8/8] seed 223 gru4rec MELO: training (resumed from step 1), testing: RMSE" \
+        in capsys.readouterr().out
+    assert "Resuming from iteration 1" in (folder / "melo.log").read_text()
+    assert records[-1]["metrics"] == earlier["metrics"]      # resuming is exact
+    now = file_times(study.dir / "runs")
+    assert {path: now.get(path) for path in untouched} == untouched

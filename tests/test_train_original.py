@@ -1,0 +1,102 @@
+"""Basic training (train_original.py) end to end on small fixture data."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import train_original
+from experiment import UserError
+from fixtures import write_ratings
+from models import model_factory
+from options import parse_args
+
+TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8",
+        "--num_query_set=2", "--bert_hidden_units=8", "--bert_num_blocks=1", "--bert_num_heads=2",
+        "--pretraining_batch_size=16", "--lstm_hidden=8", "--lstm_input_size=4"]
+
+
+@pytest.fixture(scope="module")
+def ratings_file(tmp_path_factory):
+    return write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m",
+                         num_users=60, num_items=30, seed=5)
+
+
+def run(ratings_file, tmp_path, *extra):
+    return train_original.main([f"--data_path={ratings_file}", *TINY,
+                                f"--pretrain_log_dir={tmp_path}", *extra])
+
+
+def test_train_save_pretrained_and_test_from_the_checkpoint(ratings_file, tmp_path):
+    best_epoch = run(ratings_file, tmp_path, "--pretrain_epochs=2", "--save_pretrained=True")
+    assert best_epoch in (1, 2)
+    checkpoint = tmp_path / "state" / f"bert4rec_{best_epoch}_no_meta_best"
+    assert checkpoint.is_file()
+
+    embedding = torch.load(tmp_path / "embedding" / "bert4rec_embedding_ml-1m_8_1_2", weights_only=True)
+    whole = torch.load(tmp_path / "pretrained" / "bert4rec_pretrained_ml-1m_8_1_2", weights_only=True)
+    saved = torch.load(checkpoint, weights_only=False)["model"]
+    # the pretrained files are the best epoch's model, and its embedding part alone
+    assert set(embedding) == {"items.weight", "positions.weight"}
+    assert torch.equal(embedding["items.weight"], saved["embedding.items.weight"])
+    assert all(torch.equal(whole[k], saved[k]) for k in saved)
+    args = parse_args([*TINY])
+    args.num_items = embedding["items.weight"].shape[0] - 1
+    model_factory(args).embedding.load_state_dict(embedding)  # fits the model main.py builds
+
+    metrics = run(ratings_file, tmp_path, "--test", f"--checkpoint_step={best_epoch}")
+    assert math.isfinite(metrics["rmse"]) and math.isfinite(metrics["mae"])
+    assert metrics["num_users"] == 8
+    assert sum(row["count"] for row in metrics["per_rating"].values()) == metrics["num_targets"]
+    assert 8 <= metrics["num_targets"] <= 16
+    record = json.loads((tmp_path / "state" / f"bert4rec_{best_epoch}_no_meta_best_test.json").read_text())
+    assert record["metrics"]["rmse"] == pytest.approx(metrics["rmse"])
+    assert record["config"]["pretrain_log_dir"] == str(tmp_path)
+
+
+def test_training_lowers_the_valid_error_from_the_untrained_model(ratings_file, tmp_path):
+    run(ratings_file, tmp_path, "--pretrain_epochs=4", "--pretraining_lr=0.01")
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "state").glob("*_no_meta_best"))
+    valid = [torch.load(tmp_path / "state" / f"bert4rec_{s}_no_meta_best", weights_only=False)["valid_rmse"]
+             for s in steps]
+    assert valid == sorted(valid, reverse=True) and len(valid) >= 2  # each save improves
+
+
+def test_learned_loss_baseline_trains(ratings_file, tmp_path):
+    best_epoch = run(ratings_file, tmp_path, "--pretrain_epochs=1", "--use_learned_loss_baseline=True")
+    assert (tmp_path / "state" / f"bert4rec_{best_epoch}_no_meta_best").is_file()
+
+
+def test_a_missing_epoch_lists_the_epochs_that_exist(ratings_file, tmp_path):
+    run(ratings_file, tmp_path, "--pretrain_epochs=1")
+    with pytest.raises(UserError, match=r"no checkpoint .* for step 22; steps with a checkpoint: 1$"):
+        run(ratings_file, tmp_path, "--test", "--checkpoint_step=22")
+
+
+def test_a_checkpoint_of_another_model_size_is_a_clear_error(ratings_file, tmp_path):
+    run(ratings_file, tmp_path, "--pretrain_epochs=1")
+    with pytest.raises(UserError, match="does not fit this model"):
+        run(ratings_file, tmp_path, "--test", "--checkpoint_step=1", "--bert_hidden_units=12")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_log_folder_is_a_clear_error(ratings_file, tmp_path):
+    tmp_path.chmod(0o500)
+    with pytest.raises(UserError, match="cannot write"):
+        run(ratings_file, tmp_path / "sub", "--pretrain_epochs=1")
+
+
+def test_a_log_folder_that_is_a_file_is_a_clear_error(ratings_file, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        run(ratings_file, blocker, "--pretrain_epochs=1")
+
+
+def test_bad_input_exits_with_one_line(ratings_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_original.run_cli(lambda: run(tmp_path / "missing.dat", tmp_path))
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "missing.dat" in error and "\n" not in error
