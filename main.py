@@ -108,20 +108,28 @@ class MetaTrainer:
         """One outer update of every meta-parameter on a batch of tasks."""
         self.iteration += 1
         self.learner.train()
-        loss, predictions = self.outer_loss(batch, self.iteration)
-        if not torch.isfinite(loss):
-            raise UserError(f"the meta-loss became {loss.item()} at iteration {self.iteration}; "
-                            f"the run stops here and its last checkpoint is kept: lower "
-                            f"--outer_lr / --inner_lr / --lstm_lr and resume with --checkpoint_step")
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # the batch mean of the outer loss, accumulated over passes of at most
+        # --tasks_per_pass tasks: the same gradient, a smaller graph at a time
+        predictions = []
+        tasks_per_pass = self.args.tasks_per_pass or len(batch)
+        for start in range(0, len(batch), tasks_per_pass):
+            tasks = batch[start:start + tasks_per_pass]
+            loss, task_predictions = self.outer_loss(tasks, self.iteration)
+            if not torch.isfinite(loss):
+                raise UserError(f"the meta-loss became {loss.item()} at iteration {self.iteration}; "
+                                f"the run stops here and its last checkpoint is kept: lower "
+                                f"--outer_lr / --inner_lr / --lstm_lr and resume with --checkpoint_step")
+            (loss * len(tasks) / len(batch)).backward()
+            predictions.append(task_predictions.detach())
+        predictions = torch.cat(predictions)
         torch.nn.utils.clip_grad_norm_(self.learner.model.parameters(), max_norm=GRADIENT_CLIP_NORM)
         for optimizer in self.optimizers.values():
             optimizer.step()
         for scheduler in self.schedulers.values():
             scheduler.step()
-        return evaluation.evaluate(predictions.detach(), batch.target_ratings, batch.query_row_mask)
+        return evaluation.evaluate(predictions, batch.target_ratings, batch.query_row_mask)
 
     # --- evaluation ----------------------------------------------------------------------
     def evaluate(self, batch):

@@ -64,6 +64,9 @@ def build_parser():
     add("--num_train_iterations", type=int, default=2000, help="outer iterations")
     add("--first_order", type=str2bool, default=False,
         help="(new) first-order meta-gradients: faster, not the paper's method")
+    add("--tasks_per_pass", type=int, default=None,
+        help="(new) adapt at most N tasks of a batch at once (default: all of them); the "
+        "passes' gradients add up to the batch's, so this trades speed for memory only")
     add("--use_vmap", type=str2bool, default=True,
         help="(new) adapt a task batch at once with torch.func.vmap; False loops over tasks")
     add("--device", type=str, default=None,
@@ -150,6 +153,8 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.tasks_per_pass is not None and args.tasks_per_pass < 1:
+        parser.error(f"--tasks_per_pass must be at least 1, got {args.tasks_per_pass}")
     if args.min_sub_window_size < 1:
         parser.error("--min_sub_window_size must be at least 1")
     if args.min_sub_window_size >= args.max_seq_len:

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from models.layers import GRU, ItemEmbedding, RatingHead
+from models.layers import GRU, Dropout, ItemEmbedding, RatingHead
 
 
 class GRU4Rec(nn.Module):
@@ -11,7 +11,7 @@ class GRU4Rec(nn.Module):
     def __init__(self, num_items, embedding_dim, hidden_size, num_layers, dropout):
         super().__init__()
         self.embedding = ItemEmbedding(num_items, embedding_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.gru = GRU(embedding_dim, hidden_size, num_layers, dropout)
         self.head = RatingHead(hidden_size)
 

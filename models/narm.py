@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from models.layers import GRU, ItemEmbedding, RatingHead
+from models.layers import GRU, Dropout, ItemEmbedding, RatingHead
 
 
 class NARM(nn.Module):
@@ -18,7 +18,7 @@ class NARM(nn.Module):
     def __init__(self, num_items, embedding_dim, hidden_size, num_layers, dropout):
         super().__init__()
         self.embedding = ItemEmbedding(num_items, embedding_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.gru = GRU(embedding_dim, hidden_size, num_layers, dropout)
         self.a1 = nn.Linear(hidden_size, hidden_size, bias=False)
         self.a2 = nn.Linear(hidden_size, hidden_size, bias=False)

@@ -6,7 +6,7 @@ baseline among the sequential models.
 """
 import torch.nn as nn
 
-from models.layers import ItemEmbedding, RatingHead
+from models.layers import Dropout, ItemEmbedding, RatingHead
 
 
 class NCF(nn.Module):
@@ -15,7 +15,7 @@ class NCF(nn.Module):
     def __init__(self, num_items, dim, dropout):
         super().__init__()
         self.embedding = ItemEmbedding(num_items, dim)
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(Dropout(dropout), nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout))
         self.head = RatingHead(dim)
 
     def forward(self, items):  # [B, L] -> [B, L]

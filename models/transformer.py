@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from models.layers import ItemEmbedding, RatingHead, TransformerBlock
+from models.layers import MASKED_SCORE, Dropout, ItemEmbedding, RatingHead, TransformerBlock
 
 
 class Transformer(nn.Module):
@@ -16,7 +16,7 @@ class Transformer(nn.Module):
     def __init__(self, num_items, max_seq_len, hidden, num_blocks, num_heads, dropout, causal):
         super().__init__()
         self.embedding = ItemEmbedding(num_items, hidden, max_seq_len)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(hidden, num_heads, dropout) for _ in range(num_blocks))
         self.head = RatingHead(hidden)
         order = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool)  # [query, key]
@@ -27,7 +27,8 @@ class Transformer(nn.Module):
         L = items.shape[-1]
         real_keys = (items > 0)[:, None, None, :]  # [B, 1, 1, L]
         visible = self.order[:L, :L] & (real_keys | self.itself[:L, :L])  # [B, 1, L, L]
+        mask = torch.where(visible, 0.0, MASKED_SCORE)  # added to the attention scores
         x = self.dropout(self.embedding(items))
         for block in self.blocks:
-            x = block(x, visible)
+            x = block(x, mask)
         return self.head(x)

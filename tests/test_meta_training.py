@@ -223,3 +223,20 @@ def test_test_without_a_step_takes_the_latest_best_checkpoint(ratings_file, tmp_
 def test_test_without_any_checkpoint_says_to_train_first(ratings_file, tmp_path):
     with pytest.raises(UserError, match="nothing to test"):
         run_main(ratings_file, tmp_path, "--test")
+
+
+def test_passes_of_fewer_tasks_give_the_same_outer_step(ratings_file, tmp_path):
+    states = []
+    for tasks_per_pass in ("4", "1"):
+        args = tiny_args(ratings_file, "--bert_dropout=0", f"--tasks_per_pass={tasks_per_pass}",
+                         f"--log_dir={tmp_path}")
+        data = load_data(args)
+        args.num_users, args.num_items = data.num_users, data.num_items
+        torch.manual_seed(0)  # the encoder's initialisation
+        trainer = main.MetaTrainer(args, data, torch.device("cpu"))
+        metrics = trainer.train_step(trainer.sampler.train_batch(4))
+        states.append((metrics, trainer.learner.state_dict()))
+    (metrics_whole, whole), (metrics_split, split) = states
+    assert metrics_whole["rmse"] == pytest.approx(metrics_split["rmse"], rel=1e-6)
+    for name in whole:
+        torch.testing.assert_close(whole[name], split[name], rtol=1e-5, atol=1e-7)
