@@ -62,10 +62,13 @@ def test_importance_vector_at_the_ends():
 
 # --- vmap and the per-task loop give the same meta-gradients --------------------------------
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp"])
+@pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp", "melo-variants"])
 def test_vmap_and_loop_agree_on_an_outer_step(ratings_file, model, method):
     extra = {"maml": ["--use_adaptive_loss=False"], "melo": [],
-             "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"]}[method]
+             "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"],
+             "melo-variants": ["--use_focal_loss=True", "--use_softmax=True", "--normalize_loss=False",
+                               "--use_mlp_mean=True", "--use_step_loss=False",
+                               "--normalize_weights=False"]}[method]
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
                                         "--inner_lr=0.1", *extra, dtype=torch.float64)
     learner.train()
@@ -240,3 +243,17 @@ def test_passes_of_fewer_tasks_give_the_same_outer_step(ratings_file, tmp_path):
     assert metrics_whole["rmse"] == pytest.approx(metrics_split["rmse"], rel=1e-6)
     for name in whole:
         torch.testing.assert_close(whole[name], split[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_normalized_weights_have_mean_one_per_task(ratings_file, normalize):
+    args, learner, batch = tiny_learner(ratings_file, f"--normalize_weights={normalize}")
+    with torch.no_grad():
+        weights = learner.prepare_tasks(batch)["support_weights"]            # [T, S, L]
+    mask = batch.support_mask
+    means = (weights * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+    if normalize:
+        torch.testing.assert_close(means, torch.ones_like(means))
+    else:
+        assert not torch.allclose(means, torch.ones_like(means), atol=1e-2)
+    assert (weights[mask == 0] == 0).all()
