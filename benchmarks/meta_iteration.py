@@ -36,7 +36,24 @@ def data_file(workdir):
     return write_ratings(Path(workdir) / "ratings.dat", "ml-1m", num_users=943, num_items=600, seed=0)
 
 
-def measure(model, method, path, data_path, flags, warmup, iterations):
+def profile_step(trainer, batch, device):
+    """torch.profiler's table of one train step: the ops with the most self time, and
+    on a GPU the number of kernels launched."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        trainer.train_step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = profiler.key_averages()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = sum(e.count for e in profiler.events() if e.device_type.name == "CUDA")
+    return f"kernels launched: {kernels}\n" + events.table(sort_by=sort_by, row_limit=15)
+
+
+def measure(model, method, path, data_path, flags, warmup, iterations, profile=False):
     """Time train steps of one configuration in this process; return a result dict."""
     import torch
 
@@ -63,13 +80,14 @@ def measure(model, method, path, data_path, flags, warmup, iterations):
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
+    table = profile_step(trainer, batch, device) if profile else None
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"model": model, "method": method, "path": path, "device": str(device),
             "seconds": median, "tasks_per_second": args.batch_size / median, "peak_mib": memory,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "profile": table}
 
 
 def main():
@@ -80,22 +98,25 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 iterations")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of one step")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="more main.py flags, e.g. --flags --first_order=True")
     parser.add_argument("--single", nargs=3, metavar=("MODEL", "METHOD", "PATH"), help=argparse.SUPPRESS)
-    parser.add_argument("--data_path", help=argparse.SUPPRESS)
+    parser.add_argument("--data_path", help="a ratings.dat in the ml-1m layout (default: "
+                        "../shared/data/ml-100k when present, else generated data of its shape)")
     options = parser.parse_args()
     flags = options.flags + (QUICK_FLAGS if options.quick else [])
     if options.quick:
         options.warmup, options.iterations = 1, 2
 
     if options.single:  # the child process: measure one configuration, print JSON
-        result = measure(*options.single, options.data_path, flags, options.warmup, options.iterations)
+        result = measure(*options.single, options.data_path, flags, options.warmup, options.iterations,
+                         options.profile)
         print("RESULT " + json.dumps(result))
         return
 
     with tempfile.TemporaryDirectory() as workdir:
-        data_path = data_file(workdir)
+        data_path = Path(options.data_path).resolve() if options.data_path else data_file(workdir)
         print(f"data: {data_path}; flags: {' '.join(flags) or '(defaults)'}")
         print(f"{'model':<9} {'method':<5} {'path':<5} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9}")
         for model in options.models:
@@ -106,6 +127,8 @@ def main():
                                f"--iterations={options.iterations}"]
                     if options.quick:
                         command.append("--quick")
+                    if options.profile:
+                        command.append("--profile")
                     if options.flags:
                         command += ["--flags", *options.flags]
                     run = subprocess.run(command, capture_output=True, text=True, cwd=workdir,
@@ -117,6 +140,8 @@ def main():
                     r = json.loads(lines[-1][len("RESULT "):])
                     print(f"{model:<9} {method:<5} {path:<5} {r['seconds']:>8.3f} "
                           f"{r['tasks_per_second']:>8.1f} {r['peak_mib']:>9.0f}", flush=True)
+                    if r["profile"]:
+                        print(r["profile"], flush=True)
         print(f"device: {r['device'] if lines else '?'}; torch threads: {r['threads'] if lines else '?'}")
 
 

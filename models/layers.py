@@ -128,13 +128,14 @@ class GRULayer(nn.Module):
     def forward(self, x, real):  # x [B, L, input], real bool [B, L] -> [B, L, hidden]
         h = self.initial_state.expand(x.shape[0], -1)  # [B, hidden]
         outputs = []
+        gate_sizes = [2 * h.shape[-1], h.shape[-1]]  # reset and update gates, candidate
         for x_gates, is_real in zip(self.input_proj(x).unbind(1), real.unsqueeze(-1).unbind(1)):
-            x_r, x_z, x_n = x_gates.chunk(3, dim=-1)
-            h_r, h_z, h_n = self.hidden_proj(h).chunk(3, dim=-1)
-            reset = torch.sigmoid(x_r + h_r)
-            update = torch.sigmoid(x_z + h_z)
+            x_rz, x_n = x_gates.split(gate_sizes, dim=-1)
+            h_rz, h_n = self.hidden_proj(h).split(gate_sizes, dim=-1)
+            reset, update = torch.sigmoid(x_rz + h_rz).chunk(2, dim=-1)
             candidate = torch.tanh(x_n + reset * h_n)
-            h = torch.where(is_real, (1 - update) * candidate + update * h, h)
+            # (1 - update) * candidate + update * h, in fewer ops (each is differentiated twice)
+            h = torch.where(is_real, candidate + update * (h - candidate), h)
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
