@@ -441,25 +441,38 @@ def per_rating_rmse(reports, rating):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def per_rating_panels(study, records):
+    """Per model: its per-rating reports by method (one per seed), the true ratings that
+    test targets have, in order, and their target counts summed over seeds."""
+    panels = []
+    for model in study.models:
+        reports = {method: [r["metrics"]["per_rating"] for r in records
+                            if r["model"] == model and r["method"] == method] for method in METHODS}
+        counts = {}
+        for report in reports["basic"]:
+            for rating, entry in report.items():
+                counts[rating] = counts.get(rating, 0) + entry["count"]
+        ratings = sorted((rating for rating, count in counts.items() if count), key=float)
+        panels.append((model, reports, ratings, counts))
+    return panels
+
+
 def plot_per_rating(study, records, path):
     """Grouped bars of the RMSE per true rating, Basic / MAML / MELO, one panel per model;
     the tick labels give the number of test targets with that rating (all seeds)."""
-    width_inches = max(6.0, 4.8 * len(study.models))
-    figure, axes = plt.subplots(1, len(study.models), figsize=(width_inches, 4.4), squeeze=False,
-                                sharey=True, layout="constrained")
+    panels = per_rating_panels(study, records)
+    most_ratings = max(len(ratings) for _, _, ratings, _ in panels)
+    panel_inches = max(4.8, 0.6 * most_ratings + 1.0)  # half stars need wider panels
+    figure, axes = plt.subplots(1, len(panels), figsize=(max(6.0, panel_inches * len(panels)), 4.4),
+                                squeeze=False, sharey=True, layout="constrained")
     width = 0.8 / len(METHODS)
-    for axis, model in zip(axes[0], study.models):
-        reports = {method: [r["metrics"]["per_rating"] for r in records
-                            if r["model"] == model and r["method"] == method] for method in METHODS}
-        ratings = sorted({rating for report in reports["basic"] for rating in report}, key=float)
+    for axis, (model, reports, ratings, counts) in zip(axes[0], panels):
         positions = np.arange(len(ratings))
         for offset, method in enumerate(METHODS):
             means, stds = zip(*(per_rating_rmse(reports[method], rating) for rating in ratings))
             axis.bar(positions + (offset - 1) * width, means, width, label=TITLES[method],
                      yerr=stds if len(study.seeds) > 1 else None, capsize=2)
-        counts = [sum(report.get(rating, {"count": 0})["count"] for report in reports["basic"])
-                  for rating in ratings]
-        axis.set_xticks(positions, [f"{rating}\nn={count}" for rating, count in zip(ratings, counts)])
+        axis.set_xticks(positions, [f"{rating}\nn={counts[rating]}" for rating in ratings])
         axis.set_title(TITLES[model])
         axis.set_xlabel("true rating")
     axes[0][0].set_ylabel("RMSE (stars)")

@@ -160,6 +160,21 @@ def test_per_rating_figure_is_a_png(study):
     assert figure.startswith(b"\x89PNG\r\n\x1a\n") and len(figure) > 10_000
 
 
+def test_per_rating_panels_sum_counts_over_seeds_and_leave_out_absent_ratings():
+    def record(seed, method, per_rating):
+        return {"seed": seed, "model": "narm", "method": method,
+                "metrics": {"per_rating": {rating: {"count": count, "rmse": None if not count else 1.0}
+                                           for rating, count in per_rating.items()}}}
+
+    records = [record(seed, method, {"0.5": 0, "1": 2, "4.5": seed, "10": 0})
+               for seed in (1, 2) for method in ("basic", "maml", "melo")]
+    options = SimpleNamespace(name="x", models=["narm"], seeds=[1, 2])
+    [(model, reports, ratings, counts)] = reproduce.per_rating_panels(options, records)
+    assert model == "narm" and len(reports["melo"]) == 2
+    assert ratings == ["1", "4.5"]                       # in numeric order, only ratings with targets
+    assert (counts["1"], counts["4.5"]) == (4, 3)
+
+
 # --- invoking it again ----------------------------------------------------------------------
 def test_a_second_invocation_reuses_every_run(study, capsys):
     before = file_times(study.dir / "runs")
