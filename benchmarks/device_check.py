@@ -48,6 +48,8 @@ def relative_error(value, reference):
 
 
 def check(model, method, data, data_path, device):
+    """Compare one model's and method's meta-gradients on ``device`` with the CPU float64
+    reference; print a line per dtype and path, return what failed."""
     args = parse_args([f"--model={model}", f"--data_path={data_path}", "--bert_dropout=0",
                        f"--use_adaptive_loss={method == 'melo'}", *SMALL])
     args.num_users, args.num_items = data.num_users, data.num_items
@@ -55,9 +57,10 @@ def check(model, method, data, data_path, device):
     learner = MetaLearner(model_factory(args), args)
     batch = TaskSampler(data, args).train_batch(args.batch_size)
     ref_losses, ref_gradient = outer_gradient(learner, batch, "cpu", torch.float64, use_vmap=True)
-    _, first_order = outer_gradient(learner, batch, "cpu", torch.float64, True, first_order=True)
+    _, first_order_gradient = outer_gradient(learner, batch, "cpu", torch.float64, use_vmap=True,
+                                             first_order=True)
     failures = []
-    if relative_error(first_order, ref_gradient) < 1e-6:
+    if relative_error(first_order_gradient, ref_gradient) < 1e-6:
         failures.append("second-order gradient equals the first-order one")
     for dtype in (torch.float64, torch.float32):
         for use_vmap in (True, False):
