@@ -67,6 +67,10 @@ def build_parser():
     add("--tasks_per_pass", type=int, default=None,
         help="(new) adapt at most N tasks of a batch at once (default: all of them); the "
         "passes' gradients add up to the batch's, so this trades speed for memory only")
+    add("--support_chunks", type=int, default=None,
+        help="(new) run the model on the support sequences in N groups of similar length, "
+             "each without its all-padding columns: exact, less work on padding, more calls "
+             "(default: 3 on the CPU, 1 on a GPU)")
     add("--use_vmap", type=str2bool, default=True,
         help="(new) adapt a task batch at once with torch.func.vmap; False loops over tasks")
     add("--device", type=str, default=None,
@@ -153,8 +157,9 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.tasks_per_pass is not None and args.tasks_per_pass < 1:
-        parser.error(f"--tasks_per_pass must be at least 1, got {args.tasks_per_pass}")
+    for name in ("tasks_per_pass", "support_chunks"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.min_sub_window_size < 1:
         parser.error("--min_sub_window_size must be at least 1")
     if args.min_sub_window_size >= args.max_seq_len:

@@ -17,6 +17,10 @@ class ItemEmbedding(nn.Module):
     """Item-id embedding (row 0 is padding), plus a learned position embedding when
     ``max_seq_len`` is given (the transformers).
 
+    Positions count back from the end of the sequence, where the left-padded items are:
+    the last item has the last position whatever the length, so cutting leading padding
+    columns off a batch leaves every real item's embedding as it was.
+
     Padded positions are zeroed by the mask as well as by ``padding_idx``: under vmap the
     second-order gradient ignores ``padding_idx`` (PyTorch 2.13), and would move row 0.
     Models keep it as ``model.embedding`` so it can be saved and loaded on its own.
@@ -30,7 +34,7 @@ class ItemEmbedding(nn.Module):
     def forward(self, items):  # [B, L] -> [B, L, dim]
         x = self.items(items) * (items > 0).unsqueeze(-1)
         if self.positions is not None:
-            x = x + self.positions.weight[: items.shape[-1]]
+            x = x + self.positions.weight[self.positions.num_embeddings - items.shape[-1]:]
         return x
 
 
