@@ -18,10 +18,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from inner_loop_optimizers import LSLRGradientDescentLearningRule
+from models import CPU_SUPPORT_CHUNKS
 from models.loss_weighting import LossNetwork, TaskInfoMLP, TaskStateEncoder
 
 MAX_RATING = 5.0
-CPU_SUPPORT_CHUNKS = 3  # default --support_chunks on the CPU (2-5 measured on MovieLens-100K)
 
 
 def importance_vector(iteration, num_steps, num_multi_step_iterations):
@@ -43,6 +43,7 @@ class MetaLearner(nn.Module):
         self.model = model
         self.num_inner_steps = args.num_inner_steps
         self.support_chunks = args.support_chunks
+        self.cpu_support_chunks = CPU_SUPPORT_CHUNKS[args.model]
         self.inner_optimizer = LSLRGradientDescentLearningRule(
             dict(model.named_parameters()), num_inner_steps=args.num_inner_steps,
             init_learning_rate=args.inner_lr,
@@ -173,7 +174,7 @@ class MetaLearner(nn.Module):
         num_rows, length = items.shape[1:]
         longest = (items > 0).sum(-1).amax(dim=0).tolist()  # [S] per row rank, non-increasing
         # a GPU step is bound by kernel launches, not arithmetic: one chunk there
-        chunks = min(self.support_chunks or (1 if items.is_cuda else CPU_SUPPORT_CHUNKS), num_rows)
+        chunks = min(self.support_chunks or (1 if items.is_cuda else self.cpu_support_chunks), num_rows)
         bounds = [num_rows * i // chunks for i in range(chunks + 1)]
         return tuple(items[:, start:stop, length - max(longest[start], 1):]
                      for start, stop in zip(bounds, bounds[1:]))

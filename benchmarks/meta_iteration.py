@@ -1,4 +1,5 @@
-"""Seconds per outer meta-training iteration, tasks per second and peak memory.
+"""Seconds per outer meta-training iteration, tasks per second, peak memory, and the
+seconds that testing 1,000 users takes.
 
     python benchmarks/meta_iteration.py                       # every model x MAML/MELO x vmap/loop
     python benchmarks/meta_iteration.py --models bert4rec --methods melo --paths vmap
@@ -53,6 +54,20 @@ def profile_step(trainer, batch, device):
     return f"kernels launched: {kernels}\n" + events.table(sort_by=sort_by, row_limit=15)
 
 
+def time_evaluation(trainer, device):
+    """Seconds to adapt to and score 1,000 test users (validation and testing: no outer
+    graph), from the time taken on this data's fixed test tasks."""
+    import torch
+
+    test_tasks = trainer.sampler.fixed_tasks("test")
+    trainer.evaluate(test_tasks[:8])  # warm-up
+    start = time.perf_counter()
+    trainer.evaluate(test_tasks)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000 / len(test_tasks)
+
+
 def measure(model, method, path, data_path, flags, warmup, iterations, profile=False):
     """Time train steps of one configuration in this process; return a result dict."""
     import torch
@@ -80,13 +95,15 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
-    table = profile_step(trainer, batch, device) if profile else None
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    evaluation = time_evaluation(trainer, device) if path == "vmap" else None
+    table = profile_step(trainer, batch, device) if profile else None
     return {"model": model, "method": method, "path": path, "device": str(device),
             "seconds": median, "tasks_per_second": args.batch_size / median, "peak_mib": memory,
+            "evaluation_seconds_per_1000_users": evaluation,
             "threads": torch.get_num_threads(), "profile": table}
 
 
@@ -118,7 +135,9 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         data_path = Path(options.data_path).resolve() if options.data_path else data_file(workdir)
         print(f"data: {data_path}; flags: {' '.join(flags) or '(defaults)'}")
-        print(f"{'model':<9} {'method':<5} {'path':<5} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9}")
+        print(f"{'model':<9} {'method':<5} {'path':<5} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9} "
+              f"{'test s/1k users':>16}")
+        results, failures = [], 0
         for model in options.models:
             for method in options.methods:
                 for path in options.paths:
@@ -136,13 +155,20 @@ def main():
                     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
                     if run.returncode or not lines:
                         print(f"{model:<9} {method:<5} {path:<5} failed:\n{run.stderr[-2000:]}")
+                        failures += 1
                         continue
                     r = json.loads(lines[-1][len("RESULT "):])
+                    results.append(r)
+                    evaluation = r["evaluation_seconds_per_1000_users"]
                     print(f"{model:<9} {method:<5} {path:<5} {r['seconds']:>8.3f} "
-                          f"{r['tasks_per_second']:>8.1f} {r['peak_mib']:>9.0f}", flush=True)
+                          f"{r['tasks_per_second']:>8.1f} {r['peak_mib']:>9.0f} "
+                          f"{'-' if evaluation is None else f'{evaluation:.1f}':>16}", flush=True)
                     if r["profile"]:
                         print(r["profile"], flush=True)
-        print(f"device: {r['device'] if lines else '?'}; torch threads: {r['threads'] if lines else '?'}")
+        if results:
+            print(f"device: {results[-1]['device']}; torch threads: {results[-1]['threads']}")
+    if failures:
+        sys.exit(f"{failures} configuration(s) failed")
 
 
 if __name__ == "__main__":

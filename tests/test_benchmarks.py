@@ -1,5 +1,8 @@
-"""benchmarks/device_check.py, which is run for real on a GPU, checked here on the CPU."""
+"""benchmarks/device_check.py, which is run for real on a GPU, checked here on the CPU, and
+the quick mode of benchmarks/meta_iteration.py."""
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,17 @@ def test_device_check_reports_an_error_over_its_tolerance(device_check, data, mo
     monkeypatch.setitem(device_check.TOLERANCE, device_check.torch.float32, 1e-12)
     failures = device_check.check("narm", "maml", ratings, path, "cpu")
     assert failures == ["torch.float32 vmap", "torch.float32 loop"]
+
+
+def test_meta_iteration_quick_prints_a_row_per_configuration(tmp_path):
+    path = write_ratings(tmp_path / "ratings.dat", "ml-1m", num_users=943, num_items=600, seed=0)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "meta_iteration.py"), "--quick",
+                          "--models", "ncf", "--methods", "maml", "melo", f"--data_path={path}"],
+                         capture_output=True, text=True, check=True)
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith("ncf")]
+    assert [row[:3] for row in rows] == [["ncf", "maml", "vmap"], ["ncf", "maml", "loop"],
+                                          ["ncf", "melo", "vmap"], ["ncf", "melo", "loop"]]
+    for model, method, path_name, seconds, tasks_per_second, peak_mib, evaluation in rows:
+        assert float(seconds) > 0 and float(peak_mib) > 100
+        assert float(tasks_per_second) == pytest.approx(4 / float(seconds), rel=0.05)  # --quick: 4 tasks
+        assert (evaluation == "-") == (path_name == "loop")
