@@ -95,7 +95,7 @@ class MetaLearner(nn.Module):
 
     def predict_support(self, params, task):
         """Predictions [S, L] of the support sequences, the model run on each chunk of
-        rows without its all-padding leading columns (see ``_support_item_chunks``); the
+        rows without its all-padding leading columns (``_support_item_chunks``); the
         columns cut off get 0, which the mask drops from the loss."""
         length = task["support_mask"].shape[-1]
         return torch.cat([F.pad(functional_call(self.model, params, (items,)), (length - items.shape[-1], 0))
@@ -136,10 +136,11 @@ class MetaLearner(nn.Module):
                 query_losses.append(loss)
         return torch.stack(query_losses), predictions
 
-    def prepare_tasks(self, batch):
+    def prepare_tasks(self, batch, support_chunks=1):
         """The batch as a dict of per-task tensors, with what is computed once for the
         whole batch outside the vmapped inner loop (masks, LSTM weights, statistics).
-        Each task's support rows are sorted longest first (the loss is a sum over them)."""
+        Each task's support rows are sorted longest first (the loss is a sum over them),
+        and their items are cut into ``support_chunks`` groups (``_support_item_chunks``)."""
         support_mask = batch.support_mask
         order = support_mask.sum(-1).argsort(dim=1, descending=True, stable=True)  # [T, S]
 
@@ -147,7 +148,7 @@ class MetaLearner(nn.Module):
             return rows.gather(1, order.unsqueeze(-1).expand_as(rows))
 
         task = {
-            "support_item_chunks": self._support_item_chunks(longest_first(batch.support_items)),
+            "support_item_chunks": _support_item_chunks(longest_first(batch.support_items), support_chunks),
             "support_ratings": longest_first(batch.support_ratings),
             "support_mask": longest_first(support_mask),
             "query_items": batch.query_items,
@@ -164,20 +165,12 @@ class MetaLearner(nn.Module):
             task["rating_stats"] = self._rating_stats(batch)
         return task
 
-    def _support_item_chunks(self, items):
-        """Support items [T, S, L], rows sorted longest first, as ``support_chunks`` groups
-        of rows [T, S_c, L_c], each cut to its last L_c columns, L_c the longest real
-        sequence of the group in any task (at least 1).  Padding in front of a sequence
-        changes no model's predictions at its real positions (tests/test_models.py), so
-        this is exact; it saves the work on padding, two thirds of the support positions
-        on MovieLens-100K."""
-        num_rows, length = items.shape[1:]
-        longest = (items > 0).sum(-1).amax(dim=0).tolist()  # [S] per row rank, non-increasing
-        # a GPU step is bound by kernel launches, not arithmetic: one chunk there
-        chunks = min(self.support_chunks or (1 if items.is_cuda else self.cpu_support_chunks), num_rows)
-        bounds = [num_rows * i // chunks for i in range(chunks + 1)]
-        return tuple(items[:, start:stop, length - max(longest[start], 1):]
-                     for start, stop in zip(bounds, bounds[1:]))
+    def default_support_chunks(self, batch, use_vmap):
+        """--support_chunks when it is not given: chunks pay where arithmetic is the cost,
+        a vmapped task batch on the CPU; a GPU step and the per-task loop are bound by
+        dispatching ops, which chunks multiply (README "Performance")."""
+        on_cpu = batch.support_items.device.type == "cpu"
+        return self.cpu_support_chunks if on_cpu and use_vmap else 1
 
     def _normalized(self, weights, mask):
         """With --normalize_weights, scale each task's weights [..., S, L] to mean 1 over its
@@ -205,7 +198,7 @@ class MetaLearner(nn.Module):
         """Adapt every task of ``batch``: query losses [T, len(query_steps)] and target
         predictions [T, Q] in stars."""
         params = dict(self.model.named_parameters())
-        task = self.prepare_tasks(batch)
+        task = self.prepare_tasks(batch, self.support_chunks or self.default_support_chunks(batch, use_vmap))
         query_steps = tuple(query_steps)
 
         def adapt(one_task):
@@ -235,3 +228,17 @@ def one_task(task, t):
     """Task ``t`` of a task batch dict, whose values are [T, ...] tensors or tuples of them."""
     return {name: tuple(chunk[t] for chunk in value) if isinstance(value, tuple) else value[t]
             for name, value in task.items()}
+
+
+def _support_item_chunks(items, chunks):
+    """Support items [T, S, L], rows sorted longest first, as ``chunks`` groups of rows
+    [T, S_c, L_c], each cut to its last L_c columns, L_c the longest real sequence of the
+    group in any task (at least 1).  Padding in front of a sequence changes no model's
+    predictions at its real positions (tests/test_models.py), so this is exact; it saves
+    the work on padding, two thirds of the support positions on MovieLens-100K."""
+    num_rows, length = items.shape[1:]
+    longest = (items > 0).sum(-1).amax(dim=0).tolist()  # [S] per row rank, non-increasing
+    chunks = min(chunks, num_rows)
+    bounds = [num_rows * i // chunks for i in range(chunks + 1)]
+    return tuple(items[:, start:stop, length - max(longest[start], 1):]
+                 for start, stop in zip(bounds, bounds[1:]))

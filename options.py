@@ -70,7 +70,8 @@ def build_parser():
     add("--support_chunks", type=int, default=None,
         help="(new) run the model on the support sequences in N groups of similar length, "
              "each without its all-padding columns: exact, less work on padding, more calls "
-             "(default: 3 on the CPU for the transformers and NCF, else 1)")
+             "(default: 3 for the transformers and NCF when a task batch is vmapped on the "
+             "CPU, else 1)")
     add("--use_vmap", type=str2bool, default=True,
         help="(new) adapt a task batch at once with torch.func.vmap; False loops over tasks")
     add("--device", type=str, default=None,

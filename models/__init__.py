@@ -19,10 +19,11 @@ BUILDERS = {
     "ncf": lambda a: NCF(a.num_items, a.bert_hidden_units, a.bert_dropout),  # the reference has no NCF sizes
 }
 
-# --support_chunks on the CPU when it is not given (meta_learner.py): a transformer's or
-# NCF's work grows with the positions it is run on, so 3 chunks without their padding save
-# a third of a step; a GRU loops over time steps, and more chunks mean more steps, which
-# costs more than it saves at these sizes (MovieLens-100K, README "Performance")
+# --support_chunks for a vmapped task batch on the CPU when it is not given (meta_learner.py):
+# a transformer's or NCF's work grows with the positions it is run on, so 3 chunks without
+# their padding save a third of a step; a GRU loops over time steps, and more chunks mean
+# more steps, which costs more than it saves at these sizes (MovieLens-100K, README
+# "Performance")
 CPU_SUPPORT_CHUNKS = {"sasrec": 3, "bert4rec": 3, "narm": 1, "gru4rec": 1, "ncf": 3}
 
 

@@ -91,8 +91,8 @@ def test_vmap_and_loop_agree_on_an_outer_step(ratings_file, model, method):
 
 @pytest.mark.parametrize("chunks", [1, 2, 4])
 def test_support_chunks_cut_only_padding(ratings_file, chunks):
-    args, learner, batch = tiny_learner(ratings_file, f"--support_chunks={chunks}")
-    task = learner.prepare_tasks(batch)
+    args, learner, batch = tiny_learner(ratings_file)
+    task = learner.prepare_tasks(batch, chunks)
     item_chunks = task["support_item_chunks"]
     num_tasks, num_rows, length = batch.support_items.shape
     assert len(item_chunks) == chunks
@@ -105,6 +105,14 @@ def test_support_chunks_cut_only_padding(ratings_file, chunks):
         assert sorted(map(tuple, rows[t].tolist())) == sorted(map(tuple, batch.support_items[t].tolist()))
     if chunks == 4:
         assert sum(c.shape[1] * c.shape[2] for c in item_chunks) < num_rows * length  # something was cut
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_support_chunks_by_default_only_for_a_vmapped_transformer_batch(ratings_file, model):
+    args, learner, batch = tiny_learner(ratings_file, f"--model={model}")
+    many = model in ("bert4rec", "sasrec", "ncf")
+    assert learner.default_support_chunks(batch, use_vmap=True) == (3 if many else 1)
+    assert learner.default_support_chunks(batch, use_vmap=False) == 1
 
 
 @pytest.mark.parametrize("model", MODELS)
