@@ -126,6 +126,7 @@ def test_support_chunks_change_no_outer_step(ratings_file, model, method):
         args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
                                             "--inner_lr=0.1", f"--support_chunks={chunks}", *extra,
                                             dtype=torch.float64)
+        batch.support_items[:, -1], batch.support_ratings[:, -1] = 0, 0  # an all-padding chunk
         learner.train()
         losses, predictions = learner(batch, range(args.num_inner_steps))
         gradients = torch.autograd.grad(losses.sum(dim=1).mean(),
