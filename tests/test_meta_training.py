@@ -108,6 +108,20 @@ def test_support_chunks_cut_only_padding(ratings_file, chunks):
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_support_loss_on_chunks_is_the_masked_loss_of_the_batch_as_sampled(ratings_file, model):
+    args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
+                                        "--use_adaptive_loss=False", dtype=torch.float64)
+    task = learner.prepare_tasks(batch, support_chunks=4)
+    params = dict(learner.model.named_parameters())
+    for t in range(len(batch)):
+        mask = batch.support_mask[t]
+        predictions = learner.model(batch.support_items[t])                      # [S, L], whole rows
+        expected = (((predictions - batch.support_ratings[t] / 5) ** 2) * mask).sum() / mask.sum()
+        loss = learner.support_loss(params, 0, one_task(task, t))
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_support_chunks_by_default_only_for_a_vmapped_transformer_batch(ratings_file, model):
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}")
     many = model in ("bert4rec", "sasrec", "ncf")
