@@ -6,15 +6,16 @@ the support set for J inner steps,
     θ_{j+1} = θ_j - α[p, j] · ∂/∂θ_j  Σ w·ℓ(f(support; θ_j), r) / #real positions,
 
 and judged on the query set after each step.  MAML uses w = 1; MELO gets one weight
-per support interaction from a task-state encoder that reads the user's ratings.  A
-whole task batch is adapted at once: ``torch.func.vmap`` over a function that runs the
-model with ``functional_call`` and takes inner gradients with ``torch.func.grad``.
-Outer gradients flow through the inner updates (second order) unless first order is
-asked for.
+per support interaction from a task-state encoder that reads the user's ratings.  Each
+inner step adapts a whole task batch at once: ``torch.func.vmap`` over a function that
+runs the model with ``functional_call`` and takes the inner gradient with
+``torch.func.grad``.  Outer gradients flow through the inner updates (second order)
+unless first order is asked for.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
 
 from inner_loop_optimizers import LSLRGradientDescentLearningRule
@@ -43,6 +44,7 @@ class MetaLearner(nn.Module):
         self.model = model
         self.num_inner_steps = args.num_inner_steps
         self.support_chunks = args.support_chunks
+        self.recompute_steps = args.recompute_inner_steps
         self.cpu_support_chunks = CPU_SUPPORT_CHUNKS[args.model]
         self.inner_optimizer = LSLRGradientDescentLearningRule(
             dict(model.named_parameters()), num_inner_steps=args.num_inner_steps,
@@ -121,20 +123,36 @@ class MetaLearner(nn.Module):
         return torch.stack([columns[name] for name in self.task_info_features], dim=-1)
 
     # --- adaptation -----------------------------------------------------------------
-    def adapt_task(self, params, task, query_steps, first_order):
-        """Adapt θ to one task; return the query losses after the steps in
-        ``query_steps`` ([len(query_steps)]) and the final query predictions [Q, L]."""
-        support_gradient = grad(self.support_loss)
-        query_losses = []
-        for step in range(self.num_inner_steps):
-            gradients = support_gradient(params, step, task)
-            if first_order:
-                gradients = {name: g.detach() for name, g in gradients.items()}
-            params = self.inner_optimizer.update_params(params, gradients, step)
-            if step in query_steps:
-                loss, predictions = self.query_loss(params, task)
-                query_losses.append(loss)
-        return torch.stack(query_losses), predictions
+    def inner_step(self, params, step, task, first_order):
+        """θ_{j+1} = θ_j - α[:, j] · ∂/∂θ_j support loss, for one task."""
+        gradients = grad(self.support_loss)(params, step, task)
+        if first_order:
+            gradients = {name: g.detach() for name, g in gradients.items()}
+        return self.inner_optimizer.update_params(params, gradients, step)
+
+    def adapt_step(self, params, step, task, first_order, use_vmap, recompute):
+        """Inner step ``step`` of every task: θ_j (shared by the tasks at step 0, else
+        [T, ...] per task) -> θ_{j+1} [T, ...].  With ``recompute`` the step's graph is
+        not kept: the outer backward builds it again (RecomputedInBackward)."""
+        shared = step == 0
+
+        def step_all_tasks(params, task):
+            return over_tasks(lambda p, t: self.inner_step(p, step, t, first_order), params, task,
+                              shared, use_vmap)
+
+        if not recompute:
+            return step_all_tasks(params, task)
+        # every tensor that needs a gradient goes in as an input: θ_j, the MELO weights,
+        # and the meta-parameters that the step reads (rates α, loss networks)
+        names = list(params)
+        weights = [task["support_weights"]] if "support_weights" in task else []
+        meta = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("model.")]
+
+        def step_from_tensors(*tensors):
+            step_task = dict(task, support_weights=tensors[len(names)]) if weights else task
+            return tuple(step_all_tasks(dict(zip(names, tensors)), step_task).values())
+
+        return dict(zip(names, RecomputedInBackward.apply(step_from_tensors, *params.values(), *weights, *meta)))
 
     def prepare_tasks(self, batch, support_chunks=1):
         """The batch as a dict of per-task tensors, with what is computed once for the
@@ -172,6 +190,12 @@ class MetaLearner(nn.Module):
         on_cpu = batch.support_items.device.type == "cpu"
         return self.cpu_support_chunks if on_cpu and use_vmap else 1
 
+    def default_recompute_steps(self, batch):
+        """--recompute_inner_steps when it is not given: the first step on the CPU, which
+        keeps BERT4Rec MELO's peak memory under 0.8 GB; none on a GPU, whose memory is
+        ample and whose time goes to launching kernels (README "Performance")."""
+        return 1 if batch.support_items.device.type == "cpu" else 0
+
     def _normalized(self, weights, mask):
         """With --normalize_weights, scale each task's weights [..., S, L] to mean 1 over its
         real positions: the encoder then shifts the loss between interactions, and the
@@ -195,22 +219,28 @@ class MetaLearner(nn.Module):
         return torch.stack([mean, variance.sqrt()], dim=1)
 
     def forward(self, batch, query_steps, first_order=False, use_vmap=True):
-        """Adapt every task of ``batch``: query losses [T, len(query_steps)] and target
-        predictions [T, Q] in stars."""
-        params = dict(self.model.named_parameters())
+        """Adapt every task of ``batch``: query losses [T, len(query_steps)] after the inner
+        steps in ``query_steps``, and the final target predictions [T, Q] in stars.
+
+        The graphs of the first --recompute_inner_steps inner steps are not kept for the
+        outer backward, which builds them again: less memory, a forward and backward pass
+        more per step.  The last step's graph is the first one the backward needs, so
+        rebuilding it would save nothing: at most num_inner_steps - 1 steps count."""
         task = self.prepare_tasks(batch, self.support_chunks or self.default_support_chunks(batch, use_vmap))
-        query_steps = tuple(query_steps)
-
-        def adapt(one_task):
-            return self.adapt_task(params, one_task, query_steps, first_order)
-
-        if use_vmap:
-            query_losses, predictions = vmap(adapt, randomness="different")(task)
-        else:
-            outputs = [adapt(one_task(task, t)) for t in range(len(batch))]
-            query_losses = torch.stack([losses for losses, _ in outputs])
-            predictions = torch.stack([prediction for _, prediction in outputs])
-        return query_losses, predictions[..., -1] * MAX_RATING
+        recompute_steps = self.recompute_steps
+        if recompute_steps is None:
+            recompute_steps = self.default_recompute_steps(batch)
+        if first_order or not torch.is_grad_enabled():
+            recompute_steps = 0  # no second-order graph to spare
+        params = dict(self.model.named_parameters())  # θ_0, shared by the tasks
+        query_losses = []
+        for step in range(self.num_inner_steps):
+            recompute = step < min(recompute_steps, self.num_inner_steps - 1)
+            params = self.adapt_step(params, step, task, first_order, use_vmap, recompute)
+            if step in query_steps:
+                losses, predictions = over_tasks(self.query_loss, params, task, False, use_vmap)
+                query_losses.append(losses)
+        return torch.stack(query_losses, dim=1), predictions[..., -1] * MAX_RATING
 
     def mean_weight_per_rating(self, batch):
         """Mean LSTM loss weight of the real support positions of each true rating."""
@@ -222,6 +252,57 @@ class MetaLearner(nn.Module):
         ratings, weights = task["support_ratings"][real], task["support_weights"][real]
         return {f"{value:g}": weights[ratings == value].mean().item()
                 for value in torch.unique(ratings).tolist()}
+
+
+def over_tasks(function, params, task, shared, use_vmap):
+    """``function(params, one task)`` for every task of ``task`` (a dict of [T, ...]), with
+    ``params`` shared by the tasks or [T, ...] per task; its outputs (a dict or a tuple of
+    tensors) stacked over the tasks.  vmap draws each task's own dropout."""
+    if use_vmap:
+        return vmap(function, in_dims=(None if shared else 0, 0), randomness="different")(params, task)
+    num_tasks = task["support_mask"].shape[0]
+    outputs = [function(params if shared else {name: p[t] for name, p in params.items()}, one_task(task, t))
+               for t in range(num_tasks)]
+    if isinstance(outputs[0], dict):
+        return {name: torch.stack([output[name] for output in outputs]) for name in outputs[0]}
+    return tuple(torch.stack(parts) for parts in zip(*outputs))
+
+
+class RecomputedInBackward(torch.autograd.Function):
+    """``function(*inputs)`` -> a tuple of tensors, run without keeping its graph; the
+    backward pass runs it again with the same random draws and differentiates that run
+    once (an inner step's own gradient is part of the run, so the meta-gradient keeps its
+    second-order terms; a third order is not available).
+
+    torch.utils.checkpoint does not fit the inner loop: its non-reentrant form uses
+    saved-tensor hooks, which torch.func.grad rejects, and its reentrant form does not
+    support torch.autograd.grad.  Every tensor that needs a gradient must be an input;
+    leaves (parameters) among them may also be read by ``function`` directly.
+    """
+
+    @staticmethod
+    def forward(ctx, function, *inputs):
+        ctx.function = function
+        ctx.cuda = any(x.is_cuda for x in inputs)
+        ctx.rng_states = (torch.get_rng_state(), torch.cuda.get_rng_state() if ctx.cuda else None)
+        ctx.save_for_backward(*inputs)
+        return function(*inputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *output_grads):
+        cpu_state, cuda_state = ctx.rng_states
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ctx.cuda else []):
+            torch.set_rng_state(cpu_state)
+            if ctx.cuda:
+                torch.cuda.set_rng_state(cuda_state)
+            with torch.enable_grad():
+                inputs = [x if x.is_leaf else x.detach().requires_grad_(x.requires_grad)
+                          for x in ctx.saved_tensors]
+                outputs = ctx.function(*inputs)
+        wanted = [x for x in inputs if x.requires_grad]
+        gradients = iter(torch.autograd.grad(outputs, wanted, output_grads, allow_unused=True))
+        return (None, *(next(gradients) if x.requires_grad else None for x in inputs))
 
 
 def one_task(task, t):

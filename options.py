@@ -67,6 +67,10 @@ def build_parser():
     add("--tasks_per_pass", type=int, default=None,
         help="(new) adapt at most N tasks of a batch at once (default: all of them); the "
         "passes' gradients add up to the batch's, so this trades speed for memory only")
+    add("--recompute_inner_steps", type=int, default=None,
+        help="(new) keep the graphs of the first N inner steps out of memory and build them "
+             "again in the outer backward: the same meta-gradient in less memory, for a "
+             "forward and backward pass more per step (default: 1 on the CPU, 0 on a GPU)")
     add("--support_chunks", type=int, default=None,
         help="(new) run the model on the support sequences in N groups of similar length, "
              "each without its all-padding columns: exact, less work on padding, more calls "
@@ -161,6 +165,8 @@ def parse_args(argv=None):
     for name in ("tasks_per_pass", "support_chunks"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.recompute_inner_steps is not None and args.recompute_inner_steps < 0:
+        parser.error(f"--recompute_inner_steps must be at least 0, got {args.recompute_inner_steps}")
     if args.min_sub_window_size < 1:
         parser.error("--min_sub_window_size must be at least 1")
     if args.min_sub_window_size >= args.max_seq_len:

@@ -153,6 +153,59 @@ def test_support_chunks_change_no_outer_step(ratings_file, model, method):
     torch.testing.assert_close(gradients_4, gradients_1, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp"])
+@pytest.mark.parametrize("use_vmap", [True, False])
+def test_recomputed_inner_steps_give_the_same_outer_step(ratings_file, model, method, use_vmap):
+    # dropout on: the backward must replay the forward's random draws
+    extra = {"maml": ["--use_adaptive_loss=False"], "melo": [],
+             "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"]}[method]
+    results = []
+    for recompute in (0, 2):
+        torch.manual_seed(0)  # the encoders' initialisation
+        args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0.3",
+                                            "--inner_lr=0.1", f"--recompute_inner_steps={recompute}",
+                                            *extra, dtype=torch.float64)
+        learner.train()
+        torch.manual_seed(1)
+        losses, predictions = learner(batch, range(args.num_inner_steps), use_vmap=use_vmap)
+        gradients = torch.autograd.grad(losses.sum(dim=1).mean(),
+                                        [p for p in learner.parameters() if p.requires_grad],
+                                        allow_unused=True)
+        results.append((losses, predictions, gradients, torch.rand(1)))
+    (losses_kept, predictions_kept, gradients_kept, next_draw_kept), \
+        (losses_re, predictions_re, gradients_re, next_draw_re) = results
+    torch.testing.assert_close(losses_re, losses_kept, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(predictions_re, predictions_kept, rtol=1e-12, atol=1e-12)
+    for g_re, g_kept in zip(gradients_re, gradients_kept):
+        assert (g_re is None) == (g_kept is None)
+        if g_re is not None:
+            torch.testing.assert_close(g_re, g_kept, rtol=1e-9, atol=1e-12)
+    assert next_draw_re == next_draw_kept  # the replay left the random stream where it was
+    assert sum(g.abs().sum() for g in gradients_re if g is not None) > 0
+
+
+def test_recomputed_steps_keep_no_graph_and_default_to_one_on_the_cpu(ratings_file):
+    args, learner, batch = tiny_learner(ratings_file)
+    assert args.recompute_inner_steps is None and learner.default_recompute_steps(batch) == 1
+    nodes = []
+    for recompute in (0, 1, 2):
+        learner.recompute_steps = recompute
+        losses, _ = learner(batch, range(args.num_inner_steps))
+        nodes.append(count_graph_nodes(losses))
+    assert nodes[0] > nodes[1] > nodes[2]
+
+
+def count_graph_nodes(tensor):
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
 def test_second_order_differs_from_first_order(ratings_file):
     args, learner, batch = tiny_learner(ratings_file, "--bert_dropout=0", "--inner_lr=0.5",
                                         dtype=torch.float64)
