@@ -8,7 +8,10 @@ CPU in float64 — the reference — and on the device in float64 and float32, t
 and through the per-task loop.  Prints the relative error ‖g - g_ref‖ / ‖g_ref‖ of the
 concatenated meta-gradient (recommender θ, inner rates α, task-state encoder) and of the
 query losses, and exits 1 when one is over its tolerance (1e-9 in float64, 1e-4 in
-float32), or when the second-order gradient equals the first-order one.
+float32), or when the second-order gradient equals the first-order one.  A last line
+per model and method checks, with dropout on, that inner steps recomputed in the
+backward (--recompute_inner_steps) replay the device's random draws: the same
+meta-gradient in float64 as with their graphs kept.
 """
 import argparse
 import copy
@@ -73,7 +76,26 @@ def check(model, method, data, data_path, device):
                   f"gradient {gradient_error:9.2e}  {'ok' if ok else 'FAILED'}", flush=True)
             if not ok:
                 failures.append(f"{dtype} {path}")
+    if not recomputed_steps_replay_dropout(args, data, batch, device):
+        failures.append("recomputed steps")
     return failures
+
+
+def recomputed_steps_replay_dropout(args, data, batch, device):
+    args = copy.copy(args)
+    args.bert_dropout = 0.3
+    torch.manual_seed(0)
+    learner = MetaLearner(model_factory(args), args)
+    gradients = []
+    for recompute_steps in (0, 2):
+        learner.recompute_steps = recompute_steps
+        torch.manual_seed(1)  # the same dropout draws in both runs
+        gradients.append(outer_gradient(learner, batch, device, torch.float64, use_vmap=True)[1])
+    error = relative_error(gradients[1], gradients[0])
+    ok = error <= TOLERANCE[torch.float64]
+    print(f"{args.model:<9} {'melo' if args.use_adaptive_loss else 'maml':<5} float64  recomputed steps, "
+          f"dropout 0.3: gradient {error:9.2e}  {'ok' if ok else 'FAILED'}", flush=True)
+    return ok
 
 
 def main():

@@ -33,7 +33,7 @@ def test_device_check_passes_on_the_cpu(device_check, data, capsys):
     path, ratings = data
     assert device_check.check("narm", "melo", ratings, path, "cpu") == []
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("narm")]
-    assert len(rows) == 4 and all(row.endswith(" ok") for row in rows)  # float64/32 x vmap/loop
+    assert len(rows) == 5 and all(row.endswith(" ok") for row in rows)  # float64/32 x vmap/loop, replay
 
 
 def test_device_check_reports_an_error_over_its_tolerance(device_check, data, monkeypatch):
