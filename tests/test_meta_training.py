@@ -44,6 +44,23 @@ def tiny_learner(ratings_file, *extra, dtype=torch.float32):
     return args, learner, batch
 
 
+METHOD_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
+                "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"],
+                "melo-variants": ["--use_focal_loss=True", "--use_softmax=True", "--normalize_loss=False",
+                                  "--use_mlp_mean=True", "--use_step_loss=False",
+                                  "--normalize_weights=False"]}
+
+
+def outer_step(learner, batch, num_inner_steps, use_vmap=True):
+    """Every step's query losses, the target predictions, and the meta-gradient of their
+    batch mean (None for a parameter that the step does not reach)."""
+    losses, predictions = learner(batch, range(num_inner_steps), use_vmap=use_vmap)
+    gradients = torch.autograd.grad(losses.sum(dim=1).mean(),
+                                    [p for p in learner.parameters() if p.requires_grad],
+                                    allow_unused=True)
+    return losses, predictions, gradients
+
+
 # --- the MAML++ multi-step importance vector ----------------------------------------------
 @pytest.mark.parametrize("iteration", [0, 250, 500, 1000, 5000])
 def test_importance_vector_follows_its_formula(iteration):
@@ -64,21 +81,10 @@ def test_importance_vector_at_the_ends():
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp", "melo-variants"])
 def test_vmap_and_loop_agree_on_an_outer_step(ratings_file, model, method):
-    extra = {"maml": ["--use_adaptive_loss=False"], "melo": [],
-             "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"],
-             "melo-variants": ["--use_focal_loss=True", "--use_softmax=True", "--normalize_loss=False",
-                               "--use_mlp_mean=True", "--use_step_loss=False",
-                               "--normalize_weights=False"]}[method]
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
-                                        "--inner_lr=0.1", *extra, dtype=torch.float64)
+                                        "--inner_lr=0.1", *METHOD_FLAGS[method], dtype=torch.float64)
     learner.train()
-    results = []
-    for use_vmap in (True, False):
-        losses, predictions = learner(batch, range(args.num_inner_steps), use_vmap=use_vmap)
-        loss = losses.sum(dim=1).mean()
-        gradients = torch.autograd.grad(loss, [p for p in learner.parameters() if p.requires_grad],
-                                        allow_unused=True)
-        results.append((losses, predictions, gradients))
+    results = [outer_step(learner, batch, args.num_inner_steps, use_vmap) for use_vmap in (True, False)]
     (losses_v, pred_v, grads_v), (losses_l, pred_l, grads_l) = results
     torch.testing.assert_close(losses_v, losses_l, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(pred_v, pred_l, rtol=1e-9, atol=1e-9)
@@ -132,20 +138,15 @@ def test_support_chunks_by_default_only_for_a_vmapped_transformer_batch(ratings_
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp"])
 def test_support_chunks_change_no_outer_step(ratings_file, model, method):
-    extra = {"maml": ["--use_adaptive_loss=False"], "melo": [],
-             "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"]}[method]
     results = []
     for chunks in (1, 4):
         torch.manual_seed(0)  # the encoders' initialisation
         args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
-                                            "--inner_lr=0.1", f"--support_chunks={chunks}", *extra,
-                                            dtype=torch.float64)
+                                            "--inner_lr=0.1", f"--support_chunks={chunks}",
+                                            *METHOD_FLAGS[method], dtype=torch.float64)
         batch.support_items[:, -1], batch.support_ratings[:, -1] = 0, 0  # an all-padding chunk
         learner.train()
-        losses, predictions = learner(batch, range(args.num_inner_steps))
-        gradients = torch.autograd.grad(losses.sum(dim=1).mean(),
-                                        [p for p in learner.parameters() if p.requires_grad],
-                                        allow_unused=True)
+        losses, predictions, gradients = outer_step(learner, batch, args.num_inner_steps)
         results.append((losses, predictions, [g for g in gradients if g is not None]))
     (losses_1, predictions_1, gradients_1), (losses_4, predictions_4, gradients_4) = results
     torch.testing.assert_close(losses_4, losses_1, rtol=1e-10, atol=1e-12)
@@ -158,21 +159,15 @@ def test_support_chunks_change_no_outer_step(ratings_file, model, method):
 @pytest.mark.parametrize("use_vmap", [True, False])
 def test_recomputed_inner_steps_give_the_same_outer_step(ratings_file, model, method, use_vmap):
     # dropout on: the backward must replay the forward's random draws
-    extra = {"maml": ["--use_adaptive_loss=False"], "melo": [],
-             "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"]}[method]
     results = []
     for recompute in (0, 2):
         torch.manual_seed(0)  # the encoders' initialisation
         args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0.3",
                                             "--inner_lr=0.1", f"--recompute_inner_steps={recompute}",
-                                            *extra, dtype=torch.float64)
+                                            *METHOD_FLAGS[method], dtype=torch.float64)
         learner.train()
         torch.manual_seed(1)
-        losses, predictions = learner(batch, range(args.num_inner_steps), use_vmap=use_vmap)
-        gradients = torch.autograd.grad(losses.sum(dim=1).mean(),
-                                        [p for p in learner.parameters() if p.requires_grad],
-                                        allow_unused=True)
-        results.append((losses, predictions, gradients, torch.rand(1)))
+        results.append((*outer_step(learner, batch, args.num_inner_steps, use_vmap), torch.rand(1)))
     (losses_kept, predictions_kept, gradients_kept, next_draw_kept), \
         (losses_re, predictions_re, gradients_re, next_draw_re) = results
     torch.testing.assert_close(losses_re, losses_kept, rtol=1e-12, atol=1e-12)
