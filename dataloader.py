@@ -9,8 +9,10 @@ Pipeline of ``load_data(args)``:
    ``min_sequence``;
 4. densify with SORTED ids (users 0..U-1, items 1..I, 0 = padding): the same mapping in
    every process, whatever PYTHONHASHSEED is;
-5. sequence each user's interactions by date (stable sort: ties keep file order);
-6. split users: ``num_test_data`` test users drawn with ``random_seed``, the rest 85/15 into
+5. sequence each user's interactions by date, sorted as the reference sorts them (numpy's
+   quicksort over the rows in file order; ``stable_date_sort`` keeps ties in file order);
+6. split users: ``num_test_data`` test users drawn as the reference draws them
+   (``RandomState(random_seed).choice`` over the users in id order), the rest 85/15 into
    train/valid with a generator derived from the same seed.
 
 ``TaskSampler`` turns users into task batches (one task = one user) with numpy index
@@ -463,12 +465,28 @@ def _densify(codes: np.ndarray, names: np.ndarray, first: int) -> tuple[np.ndarr
     return lookup[codes], ids[order]
 
 
+def _date_order(dates: np.ndarray, stable: bool) -> np.ndarray:
+    """Order of the rows by date. The reference sorts its frame (rows in file order, integer
+    timestamps) with pandas' default quicksort, which leaves ties in an order that depends on
+    the algorithm, and numpy picks it by the CPU's vector instructions; the same call on
+    the same integers repeats it on the same machine. ``stable`` keeps ties in file order."""
+    if stable:
+        return np.argsort(dates, kind="stable")
+    whole = np.all(dates == np.round(dates))
+    return np.argsort(dates.astype(np.int64) if whole else dates, kind="quicksort")
+
+
 def split_users(num_users: int, num_test_data: int, val_size: int, seed: int):
-    """Sorted (train, valid, test) user indices: test drawn with ``seed``, the rest 85/15."""
+    """Sorted (train, valid, test) user indices: test drawn with ``seed``, the rest 85/15.
+
+    The test users are the reference's for the same seed: it seeds numpy's global
+    generator and draws ``choice(num_users, num_test_data, replace=False)`` over its users
+    in id order, which ``RandomState(seed)`` repeats without touching the global state.
+    """
     if num_test_data >= num_users:
         raise DataError(f"--num_test_data={num_test_data} leaves no training users: there are "
                         f"{num_users} users after filtering; lower --num_test_data")
-    test = np.random.default_rng(seed).choice(num_users, num_test_data, replace=False)
+    test = np.random.RandomState(seed).choice(num_users, num_test_data, replace=False)
     rest = np.setdiff1d(np.arange(num_users), test)
     shuffled = np.random.default_rng((seed, _SPLIT_STREAM)).permutation(rest)
     num_train = round(TRAIN_FRACTION * len(rest))
@@ -485,8 +503,8 @@ def check_task_settings(args) -> None:
     if args.mode not in MODES:
         raise DataError(f"unknown --mode={args.mode}; choose one of {', '.join(MODES)}")
     if args.max_seq_len < 3:
-        raise DataError(f"--max_seq_len={args.max_seq_len} is too short: a query sequence needs "
-                        "3 interactions; raise it")
+        raise DataError(f"--max_seq_len={args.max_seq_len} is too short: a task needs a window "
+                        "of 3 interactions for one query; raise it")
     if not 1 <= args.min_sub_window_size < args.max_seq_len:
         raise DataError(f"--min_sub_window_size={args.min_sub_window_size} must be in "
                         f"1..{args.max_seq_len - 1} (below --max_seq_len)")
@@ -495,12 +513,12 @@ def check_task_settings(args) -> None:
         raise DataError(
             f"--min_sequence={args.min_sequence} is too small: a task needs at least {needed} "
             f"interactions (a support sequence of --min_sub_window_size="
-            f"{args.min_sub_window_size} before the target, and queries of 3); raise "
+            f"{args.min_sub_window_size} before the target, and a window of 3 for a query); raise "
             f"--min_sequence to {needed} or lower --min_sub_window_size")
 
 
 def min_window_length(min_sub_window_size: int) -> int:
-    """Shortest task window: one support sequence before the target, and queries of >= 3."""
+    """Shortest task window: one support sequence before the target, and |W| - 2 >= 1 queries."""
     return max(3, min_sub_window_size + 1)
 
 
@@ -584,8 +602,8 @@ def load_data(args) -> RatingData:
     items, item_ids = _densify(raw.item_codes[keep], raw.item_names, first=1)
     ratings, dates = raw.ratings[keep], raw.dates[keep]
 
-    by_date = np.argsort(dates, kind="stable")
-    order = by_date[np.argsort(users[by_date], kind="stable")]   # by user, then date, then file
+    by_date = _date_order(dates, stable=args.stable_date_sort)
+    order = by_date[np.argsort(users[by_date], kind="stable")]   # by user, then date
     lengths = np.bincount(users, minlength=len(user_ids))
     item_seqs = np.split(items[order], np.cumsum(lengths)[:-1])
     rating_seqs = np.split(ratings[order], np.cumsum(lengths)[:-1])
@@ -707,14 +725,16 @@ class _Sequences:
 
 
 class TaskSampler:
-    """Meta-learning tasks (one per user) as TaskBatches of fixed shape [T, S|Q, L].
+    """Meta-learning tasks (one per user) as TaskBatches of fixed shape [T, S|Q, L], drawn as
+    the reference draws them.
 
     Window W of a task: at most L = max_seq_len consecutive interactions, at a random position
-    for train tasks (with ``use_random_sequence_length``: also a random length in
-    [max(3, min_sub_window_size + 1), min(L, n)]), the user's last L for valid/test tasks.
-    Query: min(num_query_set, |W| - 2) distinct suffixes of W (lengths 3..|W|), all ending
-    with W's last interaction, the target. Support: up to num_samples distinct contiguous
-    sub-windows of W[:-1] of length >= min_sub_window_size, uniformly without replacement.
+    for train tasks, the user's last L for valid/test tasks. With ``use_random_sequence_length``
+    a train window is then cut to a random length in [min_sequence, |W|] at a random offset.
+    Query: min(num_query_set, |W| - 2) suffixes of W whose lengths are drawn uniformly from
+    [min_sub_window_size, |W|] with replacement, all ending with W's last interaction, the
+    target. Support: up to num_samples distinct contiguous sub-windows of W[:-1] of length
+    >= min_sub_window_size, uniformly without replacement.
     """
 
     def __init__(self, data: RatingData, args):
@@ -724,6 +744,7 @@ class TaskSampler:
         self.num_samples = args.num_samples
         self.num_query_set = args.num_query_set
         self.min_sub_window_size = args.min_sub_window_size
+        self.min_sequence = args.min_sequence
         self.use_random_sequence_length = args.use_random_sequence_length
         self.random_seed = args.random_seed
         self.val_size = args.val_size
@@ -801,18 +822,21 @@ class TaskSampler:
         window_lengths = np.minimum(lengths, self.max_seq_len)
         if last_window:
             return self.sequences.offsets[users] + lengths - window_lengths, window_lengths
-        if self.use_random_sequence_length:
-            shortest = min_window_length(self.min_sub_window_size)
-            window_lengths = rng.integers(shortest, window_lengths + 1)
         starts = self.sequences.offsets[users] + rng.integers(0, lengths - window_lengths + 1)
+        if self.use_random_sequence_length:
+            cut_lengths = rng.integers(np.minimum(self.min_sequence, window_lengths), window_lengths + 1)
+            starts = starts + rng.integers(0, window_lengths - cut_lengths + 1)
+            window_lengths = cut_lengths
         return starts, window_lengths
 
     def _query_rows(self, window_starts, window_lengths, rng):
-        """Suffixes of W starting at distinct offsets in range(|W| - 2): starts, lengths [T, Q]."""
-        offsets, real = _random_subsets(rng, window_lengths - 2, self.max_seq_len - 2,
-                                        self.num_query_set)
-        lengths = np.where(real, window_lengths[:, None] - offsets, 0)
-        return window_starts[:, None] + offsets, lengths
+        """Suffixes of W of lengths in [min_sub_window_size, |W|], drawn with replacement:
+        starts, lengths [T, Q] (length 0 for the rows past min(num_query_set, |W| - 2))."""
+        size = (len(window_lengths), self.num_query_set)
+        lengths = rng.integers(self.min_sub_window_size, window_lengths[:, None] + 1, size=size)
+        num_queries = np.minimum(self.num_query_set, window_lengths - 2)
+        lengths = np.where(np.arange(self.num_query_set) < num_queries[:, None], lengths, 0)
+        return (window_starts + window_lengths)[:, None] - lengths, lengths
 
     def _support_rows(self, window_starts, window_lengths, rng):
         """Distinct sub-windows of W[:-1] of length >= min_sub_window_size: starts, lengths [T, S]."""

@@ -1,4 +1,4 @@
-"""MAML++ meta-learning with MELO's adaptive weighted loss (DESIGN §4).
+"""MAML++ meta-learning with MELO's adaptive weighted loss.
 
 For every task (one user) the recommender's shared initial parameters θ are adapted on
 the support set for J inner steps,
@@ -45,7 +45,7 @@ class MetaLearner(nn.Module):
         self.num_inner_steps = args.num_inner_steps
         self.support_chunks = args.support_chunks
         self.recompute_steps = args.recompute_inner_steps
-        self.cpu_support_chunks = CPU_SUPPORT_CHUNKS[args.model]
+        self.cpu_support_chunks = CPU_SUPPORT_CHUNKS.get(args.model, 1)
         self.inner_optimizer = LSLRGradientDescentLearningRule(
             dict(model.named_parameters()), num_inner_steps=args.num_inner_steps,
             init_learning_rate=args.inner_lr,
@@ -63,7 +63,6 @@ class MetaLearner(nn.Module):
         self.task_info_features = [name for name in ("rating_mean", "rating_std", "labels",
                                                      "predictions", "loss")
                                    if getattr(args, f"task_info_{name}")]
-        self.use_label = args.use_label
         self.normalize_weights = args.normalize_weights
         self.task_info_mlp = (TaskInfoMLP(len(self.task_info_features), use_softmax=args.use_softmax)
                               if adaptive and not args.use_lstm and args.use_mlp else None)
@@ -80,7 +79,7 @@ class MetaLearner(nn.Module):
         return difference.abs() ** 3 if focal else difference ** 2
 
     def support_loss(self, params, step, task):
-        """The inner-loop loss of one task: Σ w·ℓ / #real positions (DESIGN §4)."""
+        """The inner-loop loss of one task: Σ w·ℓ / #real positions."""
         ratings, mask = task["support_ratings"], task["support_mask"]
         predictions = self.predict_support(params, task)                 # [S, L]
         losses = self._errors(predictions, ratings, focal=self.use_focal_loss) * mask
@@ -111,13 +110,14 @@ class MetaLearner(nn.Module):
         return loss, predictions
 
     def _task_features(self, task, predictions, losses):
-        """Per-position inputs of the MLP encoder: the task's rating mean and std, the
-        label, the prediction and the loss (each switched by a task_info_* flag)."""
+        """Per-position inputs of the MLP encoder, as the reference builds them: the task's
+        rating mean and std (on the loss scale), the label / 5, the prediction (rating / 5)
+        and the loss (each switched by a task_info_* flag)."""
         columns = {
             "rating_mean": task["rating_stats"][0].expand_as(predictions),
             "rating_std": task["rating_stats"][1].expand_as(predictions),
-            "labels": task["support_ratings"] / MAX_RATING * self.loss_scale,
-            "predictions": predictions * self.loss_scale,
+            "labels": task["support_ratings"] / MAX_RATING,
+            "predictions": predictions,
             "loss": losses,
         }
         return torch.stack([columns[name] for name in self.task_info_features], dim=-1)
@@ -206,12 +206,9 @@ class MetaLearner(nn.Module):
         return weights / (mean + 1e-8)
 
     def _rating_stats(self, batch):
-        """Per task mean and std of the support ratings ([T, 2], on the loss scale): of
-        the support targets with use_label, else of every real support rating."""
+        """Per task mean and (unbiased) std of every real support rating, each counted once
+        per support sequence it is in, on the loss scale ([T, 2]), as the reference's."""
         mask = batch.support_mask
-        if self.use_label:
-            mask = torch.zeros_like(mask)
-            mask[..., -1] = batch.support_mask[..., -1]
         ratings = batch.support_ratings / MAX_RATING * self.loss_scale
         count = mask.sum(dim=(1, 2))
         mean = (ratings * mask).sum(dim=(1, 2)) / count

@@ -7,6 +7,8 @@ project are marked "(new)".
 import argparse
 
 MODELS = ("sasrec", "bert4rec", "narm", "gru4rec", "ncf")
+# the models whose predictions at real positions ignore leading padding (--support_chunks)
+PADDING_FREE_MODELS = ("bert4rec", "ncf")
 MODES = ("ml-1m", "ml-10m", "amazon", "yelp")
 
 
@@ -45,6 +47,9 @@ def build_parser():
     add("--use_random_sequence_length", type=str2bool, default=False,
         help="train on windows of random length instead of max_seq_len")
     add("--min_item", type=int, default=50, help="drop items with fewer ratings")
+    add("--stable_date_sort", type=str2bool, default=False,
+        help="(new) keep ratings of the same date in file order; False sorts them as the "
+             "reference does (numpy's quicksort, whose order of ties depends on the CPU)")
     add("--random_seed", type=int, default=222, help="seed of the data split and the test tasks")
     add("--download_url", type=str, default=None,
         help="(new) URL of the MovieLens zip, for a mirror; GroupLens by default")
@@ -73,9 +78,9 @@ def build_parser():
              "forward and backward pass more per step (default: 1 on the CPU, 0 on a GPU)")
     add("--support_chunks", type=int, default=None,
         help="(new) run the model on the support sequences in N groups of similar length, "
-             "each without its all-padding columns: exact, less work on padding, more calls "
-             "(default: 3 for the transformers and NCF when a task batch is vmapped on the "
-             "CPU, else 1)")
+             "each without its all-padding columns: exact for bert4rec and ncf, whose "
+             "predictions ignore padding; less work on padding, more calls (default: 3 for "
+             "those two when a task batch is vmapped on the CPU, else 1)")
     add("--use_vmap", type=str2bool, default=True,
         help="(new) adapt a task batch at once with torch.func.vmap; False loops over tasks")
     add("--device", type=str, default=None,
@@ -112,7 +117,7 @@ def build_parser():
     add("--default_rating", type=int, default=0, help="rating value of padded positions")
     add("--min_sub_window_size", type=int, default=2, help="shortest support sequence")
     add("--use_label", type=str2bool, default=True,
-        help="MLP encoder statistics from the support labels")
+        help="no effect, as in the reference (its two branches compute the same statistics)")
 
     # loss
     add("--multi_step_loss_num_epochs", type=int, default=1000,
@@ -165,6 +170,10 @@ def parse_args(argv=None):
     for name in ("tasks_per_pass", "support_chunks"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if (args.support_chunks or 1) > 1 and args.model not in PADDING_FREE_MODELS:
+        parser.error(f"--support_chunks={args.support_chunks} cuts padding columns, which changes "
+                     f"{args.model}'s predictions (it reads the padding, as the reference's does); "
+                     f"use it with {' or '.join(PADDING_FREE_MODELS)}, or leave it out")
     if args.recompute_inner_steps is not None and args.recompute_inner_steps < 0:
         parser.error(f"--recompute_inner_steps must be at least 0, got {args.recompute_inner_steps}")
     if args.min_sub_window_size < 1:

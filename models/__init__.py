@@ -6,6 +6,7 @@ from models.loss_weighting import LossNetwork, TaskInfoMLP, TaskStateEncoder
 from models.narm import NARM
 from models.ncf import NCF
 from models.transformer import Transformer
+from options import PADDING_FREE_MODELS
 
 BUILDERS = {
     "sasrec": lambda a: Transformer(a.num_items, a.max_seq_len, a.bert_hidden_units, a.bert_num_blocks,
@@ -16,15 +17,16 @@ BUILDERS = {
                            a.bert_dropout),
     "gru4rec": lambda a: GRU4Rec(a.num_items, a.gru4rec_embedding_dim, a.gru4rec_hidden_size,
                                  a.gru4rec_n_layers, a.bert_dropout),
-    "ncf": lambda a: NCF(a.num_items, a.bert_hidden_units, a.bert_dropout),  # the reference has no NCF sizes
+    "ncf": lambda a: NCF(a.num_items, a.bert_hidden_units, a.max_seq_len, a.bert_dropout),  # the reference has no NCF sizes
 }
 
-# --support_chunks for a vmapped task batch on the CPU when it is not given (meta_learner.py):
-# a transformer's or NCF's work grows with the positions it is run on, so 3 chunks without
-# their padding save a third of a step; a GRU loops over time steps, and more chunks mean
-# more steps, which costs more than it saves at these sizes (MovieLens-100K, README
-# "Performance")
-CPU_SUPPORT_CHUNKS = {"sasrec": 3, "bert4rec": 3, "narm": 1, "gru4rec": 1, "ncf": 3}
+# --support_chunks for a vmapped task batch on the CPU when it is not given (meta_learner.py).
+# Cutting padding columns is exact only for the models whose predictions at real positions
+# ignore the padding (options.PADDING_FREE_MODELS): BERT4Rec (padded keys are masked) and
+# NCF (each position on its own).
+# SASRec attends to padded keys and the GRUs run over padding, as in the reference, so they
+# take no chunks. Where exact, 3 chunks save a third of a step (README "Performance").
+CPU_SUPPORT_CHUNKS = {name: 3 for name in PADDING_FREE_MODELS}
 
 
 def model_factory(args):

@@ -2,8 +2,10 @@
 
 Everything here is written from plain tensor ops so that the models run under
 ``torch.func.functional_call`` and ``torch.func.vmap`` with exact second-order
-gradients (DESIGN.md §3): no nn.LayerNorm, no fused attention, no nn.GRU.
-Sequences are left-padded with item id 0.
+gradients: no nn.LayerNorm (its affine form gives wrong second-order gradients under
+vmap), no fused attention and no nn.GRU (no double backward, or no vmap).
+Sequences are left-padded with item id 0. Layers start as the reference's do
+(``Linear``, ``Embedding``), since how far one inner step moves a prediction depends on it.
 """
 import math
 
@@ -13,26 +15,49 @@ import torch.nn as nn
 MASKED_SCORE = -1e9  # finite, so that no mask can turn the softmax into NaN
 
 
+class Linear(nn.Linear):
+    """nn.Linear started as the reference starts every layer of its recommenders:
+    xavier_uniform_ weight, zero bias. A weight that stacks ``blocks`` layers (the fused
+    query/key/value projection) gets xavier_uniform_ per block, as separate layers would."""
+
+    def __init__(self, in_features, out_features, bias=True, blocks=1):
+        self.blocks = blocks
+        super().__init__(in_features, out_features, bias)
+
+    def reset_parameters(self):
+        for block in self.weight.chunk(self.blocks):
+            nn.init.xavier_uniform_(block)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding started with xavier_uniform_, as the reference's embeddings are."""
+
+    def reset_parameters(self):
+        nn.init.xavier_uniform_(self.weight)
+
+
 class ItemEmbedding(nn.Module):
-    """Item-id embedding (row 0 is padding), plus a learned position embedding when
-    ``max_seq_len`` is given (the transformers).
+    """Item-id embedding, plus a learned position embedding when ``max_seq_len`` is given
+    (the transformers and NCF).
 
-    Positions count back from the end of the sequence, where the left-padded items are:
-    the last item has the last position whatever the length, so cutting leading padding
-    columns off a batch leaves every real item's embedding as it was.
-
-    Padded positions are zeroed by the mask as well as by ``padding_idx``: under vmap the
-    second-order gradient ignores ``padding_idx`` (PyTorch 2.13), and would move row 0.
+    Row 0, the padding id, is an ordinary learned row as in the reference: padded positions
+    carry it into every model, and the GRU models read it as a context that the inner loop
+    adapts. Positions count back from the end of the sequence, where the left-padded items
+    are (at the full length this is the reference's numbering from the left): the last item
+    has the last position whatever the length, so a model that ignores padded positions
+    predicts the same with leading padding columns cut off.
     Models keep it as ``model.embedding`` so it can be saved and loaded on its own.
     """
 
     def __init__(self, num_items, dim, max_seq_len=None):
         super().__init__()
-        self.items = nn.Embedding(num_items + 1, dim, padding_idx=0)
-        self.positions = nn.Embedding(max_seq_len, dim) if max_seq_len else None
+        self.items = Embedding(num_items + 1, dim)
+        self.positions = Embedding(max_seq_len, dim) if max_seq_len else None
 
     def forward(self, items):  # [B, L] -> [B, L, dim]
-        x = self.items(items) * (items > 0).unsqueeze(-1)
+        x = self.items(items)
         if self.positions is not None:
             x = x + self.positions.weight[self.positions.num_embeddings - items.shape[-1]:]
         return x
@@ -53,7 +78,7 @@ class Dropout(nn.Module):
         return x * (torch.rand_like(x) >= self.p) * (1 / (1 - self.p))
 
 
-class RatingHead(nn.Linear):
+class RatingHead(Linear):
     """Linear(dim, 1) per position -> predicted rating / 5 as 0.1 + sigmoid, in (0.1, 1.1)."""
 
     def __init__(self, dim):
@@ -81,79 +106,74 @@ class LayerNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention, softmax(QK^T / sqrt(d) + mask) V with plain ops."""
+    """Multi-head self-attention, dropout(softmax(QK^T / sqrt(d) + mask)) V with plain ops."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, dropout):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, blocks=3)
+        self.out = Linear(dim, dim)
+        self.dropout = Dropout(dropout)
 
-    def forward(self, x, mask):  # x [B, L, D], mask [B, 1, L, L] (query, key): 0 or MASKED_SCORE -> [B, L, D]
+    def forward(self, x, mask):  # x [B, L, D], mask [B|1, 1, L, L] (query, key): 0 or MASKED_SCORE -> [B, L, D]
         B, L, D = x.shape
         heads = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d]
         scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1) + mask  # [B, heads, L, L]
-        y = torch.softmax(scores, dim=-1) @ v  # [B, heads, L, d]
+        y = self.dropout(torch.softmax(scores, dim=-1)) @ v  # [B, heads, L, d]
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + drop(attn(norm(x))), x + drop(ffn(norm(x))), then dropout."""
+    """Pre-norm block: x + drop(attn(norm(x))), x + drop(ffn(norm(x))), then dropout; the
+    feed-forward layer is Linear, GELU (tanh form), dropout, Linear."""
 
     def __init__(self, dim, num_heads, dropout):
         super().__init__()
         self.attn_norm = LayerNorm(dim)
-        self.attn = SelfAttention(dim, num_heads)
+        self.attn = SelfAttention(dim, num_heads, dropout)
         self.ffn_norm = LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ffn = nn.Sequential(Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), Dropout(dropout),
+                                 Linear(4 * dim, dim))
         self.dropout = Dropout(dropout)
 
-    def forward(self, x, mask):  # x [B, L, D], mask [B, 1, L, L]: 0 where visible, else MASKED_SCORE
+    def forward(self, x, mask):  # x [B, L, D], mask [B|1, 1, L, L]: 0 where visible, else MASKED_SCORE
         x = x + self.dropout(self.attn(self.attn_norm(x), mask))
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return self.dropout(x)
 
 
 class GRULayer(nn.Module):
-    """One GRU layer (nn.GRU's equations) with a learned initial state.
+    """One GRU layer (nn.GRU's equations) from a learned initial state, started N(0, 1).
 
-    The input projections of all time steps are one matmul; only the hidden
-    recurrence is looped. At padded steps the state is carried over unchanged, so
-    the first real item starts from the learned initial state whatever the padding.
+    The input projections of all time steps are one matmul; only the hidden recurrence is
+    looped. It runs over every position, padding included, as the reference's GRU does.
     """
 
     def __init__(self, input_size, hidden_size):
         super().__init__()
-        self.input_proj = nn.Linear(input_size, 3 * hidden_size)
-        self.hidden_proj = nn.Linear(hidden_size, 3 * hidden_size)
-        self.initial_state = nn.Parameter(torch.zeros(hidden_size))
+        self.input_proj = Linear(input_size, 3 * hidden_size)
+        self.hidden_proj = Linear(hidden_size, 3 * hidden_size)
+        self.initial_state = nn.Parameter(torch.randn(hidden_size))
 
-    def forward(self, x, real):  # x [B, L, input], real bool [B, L] -> [B, L, hidden]
+    def forward(self, x):  # x [B, L, input] -> [B, L, hidden]
         h = self.initial_state.expand(x.shape[0], -1)  # [B, hidden]
         outputs = []
         gate_sizes = [2 * h.shape[-1], h.shape[-1]]  # reset and update gates, candidate
-        for x_gates, is_real in zip(self.input_proj(x).unbind(1), real.unsqueeze(-1).unbind(1)):
+        for x_gates in self.input_proj(x).unbind(1):
             x_rz, x_n = x_gates.split(gate_sizes, dim=-1)
             h_rz, h_n = self.hidden_proj(h).split(gate_sizes, dim=-1)
             reset, update = torch.sigmoid(x_rz + h_rz).chunk(2, dim=-1)
             candidate = torch.tanh(x_n + reset * h_n)
             # (1 - update) * candidate + update * h, in fewer ops (each is differentiated twice)
-            h = torch.where(is_real, candidate + update * (h - candidate), h)
+            h = candidate + update * (h - candidate)
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
 
-class GRU(nn.Module):
-    """Stacked GRU layers with dropout between layers (like nn.GRU's ``dropout``)."""
+class GRU(nn.Sequential):
+    """Stacked GRU layers, no dropout between them (as in the reference)."""
 
-    def __init__(self, input_size, hidden_size, num_layers, dropout):
-        super().__init__()
+    def __init__(self, input_size, hidden_size, num_layers):
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
-        self.layers = nn.ModuleList(GRULayer(size, hidden_size) for size in sizes)
-        self.dropout = Dropout(dropout)
-
-    def forward(self, x, real):  # x [B, L, input], real bool [B, L] -> [B, L, hidden]
-        for i, layer in enumerate(self.layers):
-            x = layer(self.dropout(x) if i > 0 else x, real)
-        return x
+        super().__init__(*(GRULayer(size, hidden_size) for size in sizes))

@@ -15,7 +15,9 @@ NUM_RATING_IDS = 11  # 0 = padding, 1..10 = 0.5, 1, ..., 5 stars
 
 
 def rating_ids(ratings):
-    """Star ratings -> embedding ids round(2 * rating): half stars get their own ids, 0 stays padding."""
+    """Star ratings -> embedding ids round(2 * rating): half stars get their own ids, 0 stays
+    padding. (The reference embeds int(rating) in 7 rows, which merges each half star with
+    the whole star below it; on whole stars ids 2k here are its rows k.)"""
     return torch.round(2 * ratings).long()
 
 
@@ -28,21 +30,25 @@ def masked_weights(weights, mask, use_softmax):
 
 
 class TaskStateEncoder(nn.Module):
-    """Rating embedding, LSTM with learned initial states, |Linear(hidden, 1)| per position."""
+    """Rating embedding, LSTM from learned initial states, |Linear(hidden, 1)| per position.
+
+    Started as the reference's: PyTorch's default initialisation, the padding rating an
+    ordinary learned embedding row that the LSTM reads, initial states drawn N(0, 1).
+    """
 
     def __init__(self, input_size, hidden, num_layers, use_softmax=False):
         super().__init__()
         self.use_softmax = use_softmax
-        self.rating_embedding = nn.Embedding(NUM_RATING_IDS, input_size, padding_idx=0)
+        self.rating_embedding = nn.Embedding(NUM_RATING_IDS, input_size)
         self.lstm = nn.LSTM(input_size, hidden, num_layers, batch_first=True)
-        self.initial_hidden = nn.Parameter(torch.zeros(num_layers, 1, hidden))
-        self.initial_cell = nn.Parameter(torch.zeros(num_layers, 1, hidden))
+        self.initial_hidden = nn.Parameter(torch.randn(num_layers, hidden))
+        self.initial_cell = nn.Parameter(torch.randn(num_layers, hidden))
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, ratings, mask):  # ratings [N, L] stars (0 = padding), mask [N, L] -> weights [N, L]
         n = ratings.shape[0]
-        initial = (self.initial_hidden.expand(-1, n, -1).contiguous(),
-                   self.initial_cell.expand(-1, n, -1).contiguous())  # each [layers, N, hidden]
+        initial = (self.initial_hidden[:, None].expand(-1, n, -1).contiguous(),
+                   self.initial_cell[:, None].expand(-1, n, -1).contiguous())  # each [layers, N, hidden]
         out, _ = self.lstm(self.rating_embedding(rating_ids(ratings)), initial)  # [N, L, hidden]
         return masked_weights(self.head(out).squeeze(-1).abs(), mask, self.use_softmax)
 

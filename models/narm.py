@@ -2,33 +2,34 @@
 import torch
 import torch.nn as nn
 
-from models.layers import GRU, Dropout, ItemEmbedding, RatingHead
+from models.layers import GRU, Dropout, ItemEmbedding, Linear, RatingHead
 
 
 class NARM(nn.Module):
-    """Item embedding, GRU, and NARM's attention read out at every position t:
+    """Item embedding, dropout, GRU over every position (padding included), and NARM's
+    attention read out at every position t, with o_t = W h_t (the reference's GRU output
+    layer) and h_T the last hidden state:
 
-        alpha_t = v . sigmoid(A1 h_t + A2 h_T)      (zero at padded positions)
-        c_t     = h_T * (alpha_t h_t)               -> dropout -> Linear(hidden, 1)
-
-    h_T is the hidden state at the last position, always a real item since sequences
-    are left-padded.
+        alpha_t = v . sigmoid(A1 o_t + [t real] A2 h_T)
+        c_t     = h_T * (alpha_t o_t)               -> dropout -> Linear(hidden, 1)
     """
 
     def __init__(self, num_items, embedding_dim, hidden_size, num_layers, dropout):
         super().__init__()
         self.embedding = ItemEmbedding(num_items, embedding_dim)
         self.dropout = Dropout(dropout)
-        self.gru = GRU(embedding_dim, hidden_size, num_layers, dropout)
-        self.a1 = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.a2 = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.v = nn.Linear(hidden_size, 1, bias=False)
+        self.gru = GRU(embedding_dim, hidden_size, num_layers)
+        self.project = Linear(hidden_size, hidden_size)
+        self.a1 = Linear(hidden_size, hidden_size, bias=False)
+        self.a2 = Linear(hidden_size, hidden_size, bias=False)
+        self.v = Linear(hidden_size, 1, bias=False)
         self.head = RatingHead(hidden_size)
 
     def forward(self, items):  # [B, L] -> [B, L]
-        real = items > 0
-        h = self.gru(self.dropout(self.embedding(items)), real)  # [B, L, hidden]
-        h_last = h[:, -1:]  # [B, 1, hidden]
-        alpha = self.v(torch.sigmoid(self.a1(h) + self.a2(h_last))) * real.unsqueeze(-1)  # [B, L, 1]
-        context = h_last * (alpha * h)  # [B, L, hidden]
+        h = self.gru(self.dropout(self.embedding(items)))  # [B, L, hidden]
+        h_last = h[:, -1:]  # [B, 1, hidden]; the last position is always a real item
+        outputs = self.project(h)  # [B, L, hidden]
+        query = self.a2(h_last) * (items > 0).unsqueeze(-1)  # [B, L, hidden], zero at padding
+        alpha = self.v(torch.sigmoid(self.a1(outputs) + query))  # [B, L, 1]
+        context = h_last * (alpha * outputs)  # [B, L, hidden]
         return self.head(self.dropout(context))

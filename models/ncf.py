@@ -1,22 +1,26 @@
-"""NCF without users: every task is a cold-start user, so there are no user ids to embed.
+"""NCF as the reference has it: every task is a cold-start user, so there are no user ids.
 
-What is left of NCF's MLP tower is an item-embedding MLP applied at each position on
-its own; it ignores the order and the rest of the sequence and is a context-free
-baseline among the sequential models.
+What is left is a tower of linear layers on the item and position embedding of each
+position, halving the width down to 1, with no activation between them and no output
+squashing: a linear function of each position's embedding, a context-free baseline among
+the sequential models.
 """
+import math
+
 import torch.nn as nn
 
-from models.layers import Dropout, ItemEmbedding, RatingHead
+from models.layers import Dropout, ItemEmbedding, Linear
 
 
 class NCF(nn.Module):
-    """Item embedding, dropout, Linear(dim, dim), ReLU, dropout, Linear(dim, 1) per position."""
+    """Item + position embedding, dropout, floor(log2(dim)) Linear layers dim -> dim // 2 -> ... -> 1."""
 
-    def __init__(self, num_items, dim, dropout):
+    def __init__(self, num_items, dim, max_seq_len, dropout):
         super().__init__()
-        self.embedding = ItemEmbedding(num_items, dim)
-        self.mlp = nn.Sequential(Dropout(dropout), nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout))
-        self.head = RatingHead(dim)
+        self.embedding = ItemEmbedding(num_items, dim, max_seq_len)
+        self.dropout = Dropout(dropout)
+        widths = [dim // 2 ** i for i in range(int(math.log2(dim)) + 1)]
+        self.tower = nn.Sequential(*(Linear(wide, narrow) for wide, narrow in zip(widths, widths[1:])))
 
     def forward(self, items):  # [B, L] -> [B, L]
-        return self.head(self.mlp(self.embedding(items)))
+        return self.tower(self.dropout(self.embedding(items))).squeeze(-1)

@@ -30,11 +30,12 @@ def make_args(data_path, mode="ml-1m", *flags):
                        "--min_sequence=5", "--num_test_data=5", "--val_size=3", *flags])
 
 
-def expected_sequences(frame, min_item, min_sequence):
-    """{original user: (items, ratings)} by the rules of DESIGN §2, computed with pandas."""
+def expected_sequences(frame, min_item, min_sequence, kind="stable"):
+    """{original user: (items, ratings)}: filter items, then users, sort by date with pandas
+    (``kind="quicksort"`` is the reference's ``sort_values``; "stable" keeps ties in file order)."""
     frame = frame[frame.item.map(frame.item.value_counts()) >= min_item]
     frame = frame[frame.user.map(frame.user.value_counts()) >= min_sequence]
-    frame = frame.sort_values("timestamp", kind="stable")          # ties keep file order
+    frame = frame.sort_values("timestamp", kind=kind)
     return {user: (list(group.item), list(group.rating)) for user, group in frame.groupby("user")}
 
 
@@ -67,7 +68,7 @@ def test_reads_every_format(tmp_path, fmt):
                                half_stars=fmt in HALF_STAR_FORMATS,
                                string_ids=fmt in STRING_ID_FORMATS)
     path = write_ratings(tmp_path / file_name(fmt), fmt, frame)
-    data = load_data(make_args(path, FORMAT_MODES[fmt], "--min_item=3"))
+    data = load_data(make_args(path, FORMAT_MODES[fmt], "--min_item=3", "--stable_date_sort=True"))
 
     expected = expected_sequences(frame, min_item=3, min_sequence=5)
     assert sum(len(items) for items, _ in expected.values()) < len(frame), "rare items dropped"
@@ -76,6 +77,17 @@ def test_reads_every_format(tmp_path, fmt):
     assert data.num_items == len({i for items, _ in expected.values() for i in items})
     assert data.stats["num_ratings"] == sum(len(items) for items, _ in expected.values())
     assert data.rating_values.tolist() == sorted({r for _, rs in expected.values() for r in rs})
+
+
+def test_default_date_sort_orders_ties_as_the_reference(tmp_path):
+    """The reference sorts the filtered rows with pandas' sort_values("date") (quicksort):
+    same-second ratings come out in that order, not in file order, by default."""
+    frame = make_ratings_frame(num_users=40, num_items=150, seed=3)
+    path = write_ratings(tmp_path / "ratings.dat", "ml-1m", frame)
+    reference_order = expected_sequences(frame, min_item=3, min_sequence=5, kind="quicksort")
+    file_order = expected_sequences(frame, min_item=3, min_sequence=5, kind="stable")
+    assert reference_order != file_order, "the fixture must have ties that the two sorts order differently"
+    assert loaded_sequences(load_data(make_args(path, "ml-1m", "--min_item=3"))) == reference_order
 
 
 def test_string_ids_keep_leading_zeros_and_are_sorted(tmp_path):
@@ -205,8 +217,8 @@ def check_task(batch, t, data, args, last_window, full_window=True):
     target = targets.pop()
     if last_window:
         assert target == n - 1
-    lengths = [length for _, length in real_queries]
-    assert len(set(lengths)) == len(lengths) and min(lengths) >= 3
+    lengths = [length for _, length in real_queries]   # drawn with replacement
+    assert min(lengths) >= args.min_sub_window_size
     assert len(set(real_supports)) == len(real_supports), "support sequences are distinct"
     for start, length in real_supports:
         assert start + length - 1 < target, "no support sequence contains the target"
@@ -268,18 +280,23 @@ def test_counts_follow_num_samples_and_num_query_set(tmp_path):
 
 
 def test_random_sequence_length_windows(ml_data):
+    """The reference's cut: a window of min(n, L), then a random length in [min_sequence,
+    min(n, L)] at a random offset inside it; every task still follows the design."""
     data, _ = ml_data
     args = make_args(ml_data[1].data_path, "ml-1m", "--use_random_sequence_length=True",
                      "--max_seq_len=12")
     sampler = TaskSampler(data, args)
-    longest_queries = []
     for _ in range(10):
         batch = sampler.train_batch(16)
         for t in range(16):
             check_task(batch, t, data, args, last_window=False, full_window=False)
-        longest_queries += (batch.query_items != 0).sum(-1).max(-1).values.tolist()
-    assert min(longest_queries) >= 3 and max(longest_queries) <= 12
-    assert len(set(longest_queries)) > 3, "window lengths vary"
+    users = np.repeat(data.train_users, 50)
+    starts, lengths = sampler._windows(users, np.random.default_rng(0), last_window=False)
+    full = np.minimum(sampler.sequences.lengths[users], 12)
+    assert (lengths >= args.min_sequence).all() and (lengths <= full).all()
+    assert set(lengths.tolist()) == set(range(args.min_sequence, 13)), "every length is drawn"
+    offsets = starts - sampler.sequences.offsets[users]
+    assert (offsets >= 0).all() and (offsets + lengths <= sampler.sequences.lengths[users]).all()
 
 
 def test_subwindow_numbering_covers_each_window_once():
@@ -304,10 +321,14 @@ def test_support_and_query_sampling_is_uniform(tmp_path):
     assert len(windows) == 21                    # all sub-windows of length >= 2 in 7 positions
     expected = len(support_lengths) / 21
     assert windows.min() > 0.9 * expected and windows.max() < 1.1 * expected
-    query_lengths = torch.cat([(b.query_items != 0).sum(-1) for b in batches]).flatten()
-    lengths = pd.Series(query_lengths.tolist()).value_counts()
-    assert sorted(lengths.index) == [3, 4, 5, 6, 7, 8]
-    assert lengths.min() > 0.9 * len(query_lengths) / 6
+    # query lengths as the reference draws them: uniform on [min_sub_window_size, |W|] = [2, 8],
+    # with replacement (3 draws from 7 lengths repeat one in 39 % of the tasks)
+    query_lengths = torch.cat([(b.query_items != 0).sum(-1) for b in batches])  # [tasks, 3]
+    lengths = pd.Series(query_lengths.flatten().tolist()).value_counts()
+    assert sorted(lengths.index) == [2, 3, 4, 5, 6, 7, 8]
+    assert lengths.min() > 0.9 * query_lengths.numel() / 7 and lengths.max() < 1.1 * query_lengths.numel() / 7
+    repeats = (query_lengths.sort(-1).values.diff(dim=-1) == 0).any(-1).float().mean()
+    assert 0.35 < repeats < 0.43
 
 
 def test_train_epochs_visit_every_user_once(ml_data):
@@ -437,7 +458,7 @@ def test_bad_ratings_are_dropped_and_counted(tmp_path, capsys):
     assert f"dropped 5 of {len(frame):,} rows" in out
     assert "1 with a non-numeric rating" in out and "3 with a rating outside 0.5..5" in out
     assert "1 with a missing user or item id" in out
-    expected = expected_sequences(frame.drop(index=[0, 1, 2, 3, 4]), 1, 5)
+    expected = expected_sequences(frame.drop(index=[0, 1, 2, 3, 4]), 1, 5, kind="quicksort")
     assert loaded_sequences(data) == expected
 
 
@@ -447,7 +468,7 @@ def test_broken_json_lines_are_dropped_and_counted(tmp_path, capsys):
     path.write_text(path.read_text() + '{"user_id": "cut off\n')
     data = load_data(make_args(path, "yelp"))
     assert f"dropped 1 of {len(frame) + 1:,} rows" in capsys.readouterr().out
-    assert loaded_sequences(data) == expected_sequences(frame, 1, 5)
+    assert loaded_sequences(data) == expected_sequences(frame, 1, 5, kind="quicksort")
 
 
 def test_no_usable_rating_is_an_error(tmp_path):
@@ -502,7 +523,7 @@ def test_download_unpacks_into_data(workdir, mode, folder):
     (workdir / "Data" / mode / "movies.dat").write_text("left over\n")  # lacks ratings.dat
     with loopback_server({"/m.zip": movielens_zip(frame, folder)}) as base:
         data = load_data(download_args(mode, f"{base}/m.zip"))
-    assert loaded_sequences(data) == expected_sequences(frame, 1, 5)
+    assert loaded_sequences(data) == expected_sequences(frame, 1, 5, kind="quicksort")
     assert sorted(os.listdir(workdir / "Data")) == [mode]             # no temporary leftovers
     assert sorted(os.listdir(workdir / "Data" / mode)) == ["README", "movies.dat", "ratings.dat"]
     with loopback_server({}) as base:                                  # present now: no download

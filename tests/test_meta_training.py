@@ -12,7 +12,7 @@ from experiment import UserError
 from fixtures import write_ratings
 from meta_learner import MetaLearner, importance_vector, one_task
 from models import model_factory
-from options import parse_args
+from options import PADDING_FREE_MODELS, parse_args
 
 MODELS = ("bert4rec", "sasrec", "gru4rec", "narm", "ncf")
 TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8",
@@ -81,11 +81,14 @@ def test_importance_vector_at_the_ends():
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp", "melo-variants"])
 def test_vmap_and_loop_agree_on_an_outer_step(ratings_file, model, method):
+    # the reference's NCF is linear and unbounded: a cubic loss in stars diverges at lr >= 0.01
+    inner_lr = 0.001 if (model, method) == ("ncf", "melo-variants") else 0.1
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
-                                        "--inner_lr=0.1", *METHOD_FLAGS[method], dtype=torch.float64)
+                                        f"--inner_lr={inner_lr}", *METHOD_FLAGS[method], dtype=torch.float64)
     learner.train()
     results = [outer_step(learner, batch, args.num_inner_steps, use_vmap) for use_vmap in (True, False)]
     (losses_v, pred_v, grads_v), (losses_l, pred_l, grads_l) = results
+    assert torch.isfinite(losses_v).all()
     torch.testing.assert_close(losses_v, losses_l, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(pred_v, pred_l, rtol=1e-9, atol=1e-9)
     for g_v, g_l in zip(grads_v, grads_l):
@@ -113,7 +116,7 @@ def test_support_chunks_cut_only_padding(ratings_file, chunks):
         assert sum(c.shape[1] * c.shape[2] for c in item_chunks) < num_rows * length  # something was cut
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", PADDING_FREE_MODELS)
 def test_support_loss_on_chunks_is_the_masked_loss_of_the_batch_as_sampled(ratings_file, model):
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
                                         "--use_adaptive_loss=False", dtype=torch.float64)
@@ -130,12 +133,20 @@ def test_support_loss_on_chunks_is_the_masked_loss_of_the_batch_as_sampled(ratin
 @pytest.mark.parametrize("model", MODELS)
 def test_support_chunks_by_default_only_for_a_vmapped_transformer_batch(ratings_file, model):
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}")
-    many = model in ("bert4rec", "sasrec", "ncf")
+    many = model in PADDING_FREE_MODELS
     assert learner.default_support_chunks(batch, use_vmap=True) == (3 if many else 1)
     assert learner.default_support_chunks(batch, use_vmap=False) == 1
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [m for m in MODELS if m not in PADDING_FREE_MODELS])
+def test_support_chunks_are_refused_for_models_that_read_the_padding(model, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([f"--model={model}", "--support_chunks=2"])
+    assert "reads the padding" in capsys.readouterr().err
+    assert parse_args([f"--model={model}", "--support_chunks=1"]).support_chunks == 1
+
+
+@pytest.mark.parametrize("model", PADDING_FREE_MODELS)
 @pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp"])
 def test_support_chunks_change_no_outer_step(ratings_file, model, method):
     results = []
@@ -353,8 +364,10 @@ def test_passes_of_fewer_tasks_give_the_same_outer_step(ratings_file, tmp_path):
         states.append((metrics, trainer.learner.state_dict()))
     (metrics_whole, whole), (metrics_split, split) = states
     assert metrics_whole["rmse"] == pytest.approx(metrics_split["rmse"], rel=1e-6)
-    for name in whole:  # float32: the passes sum the tasks in another order
-        torch.testing.assert_close(whole[name], split[name], rtol=1e-5, atol=1e-6)
+    # float32: the passes sum the tasks in another order, and Adam's first step scales a
+    # gradient near 0 (the key bias's is 0 in exact arithmetic) to about lr, noise included
+    for name in whole:
+        torch.testing.assert_close(whole[name], split[name], rtol=1e-5, atol=5e-6)
 
 
 @pytest.mark.parametrize("normalize", [True, False])

@@ -1,13 +1,18 @@
-"""Recommenders and loss-weighting networks: shapes, masking, functional_call, vmap, second order."""
+"""Recommenders and loss-weighting networks: parametrisation, shapes, masking, functional_call,
+vmap, second order."""
 import inspect
+import math
 
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
 from models import LossNetwork, TaskInfoMLP, TaskStateEncoder, model_factory
+from models.layers import Dropout
 from models.loss_weighting import rating_ids
-from options import MODELS, parse_args
+from options import MODELS, PADDING_FREE_MODELS, parse_args
+
+PADDING_READING_MODELS = [name for name in MODELS if name not in PADDING_FREE_MODELS]
 
 TINY = ["--num_items=6", "--max_seq_len=4", "--bert_hidden_units=4", "--bert_num_heads=2",
         "--bert_num_blocks=1", "--narm_hidden_size=3", "--narm_embedding_dim=3",
@@ -56,9 +61,66 @@ def test_output_shape_range_and_no_nan(name, train):
     out = model(items)
     assert out.shape == (8, 6) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
-    assert ((out > 0.1) & (out < 1.1)).all()
+    if name != "ncf":  # the reference's NCF is linear, its output not squashed
+        assert ((out > 0.1) & (out < 1.1)).all()
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --- parametrisation: as the reference starts its models ------------------------------
+
+def xavier_std(weight):
+    """Standard deviation of xavier_uniform_ on a [fan_out, fan_in] tensor."""
+    fan_out, fan_in = weight.shape
+    return math.sqrt(2.0 / (fan_in + fan_out))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameters_start_as_the_references(name):
+    """xavier_uniform_ on every linear weight and embedding (per block of the fused q/k/v
+    weight), zero biases, N(0, 1) initial GRU states, LayerNorm at the identity."""
+    model = build(name, flags=["--num_items=600"], dtype=torch.float32)  # ML-100K's scale
+    items = model.embedding.items.weight
+    assert abs(items.std().item() / xavier_std(items) - 1) < 0.1
+    assert abs(items.std().item() - 0.056) < 0.003  # 601 ids x 32: PyTorch's default would be 1
+    for key, p in model.named_parameters():
+        if key.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), key
+        elif key.endswith("initial_state"):
+            assert 0.6 < p.std().item() < 1.5 and p.abs().max() > 1.0, key  # N(0, 1), 32 draws
+        elif key.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), key
+        else:
+            blocks = p.chunk(3) if ".qkv." in key else (p,)
+            for block in blocks:
+                bound = math.sqrt(3) * xavier_std(block)
+                assert block.abs().max() <= bound, key
+                if block.numel() >= 30:
+                    assert block.abs().max() > 0.8 * bound, key
+                if block.numel() >= 500:
+                    assert abs(block.std().item() / xavier_std(block) - 1) < 0.1, key
+
+
+def test_dropout_sites_and_layers_are_the_references():
+    block = build("bert4rec").blocks[0]
+    assert isinstance(block.attn.dropout, Dropout)  # on the attention probabilities
+    assert [type(m).__name__ for m in block.ffn] == ["Linear", "GELU", "Dropout", "Linear"]
+    assert block.ffn[1].approximate == "tanh"
+    for name in ("gru4rec", "narm"):
+        model = build(name)
+        assert not any(isinstance(m, Dropout) for m in model.gru.modules()), "no dropout between GRU layers"
+        assert model.project.weight.shape == (6, 6)  # the reference's Linear(hidden, hidden) after the GRU
+    ncf = build("ncf", bert_hidden_units=32)
+    assert [layer.out_features for layer in ncf.tower] == [16, 8, 4, 2, 1]
+
+
+def test_encoder_starts_as_the_references():
+    torch.manual_seed(0)
+    encoder = TaskStateEncoder(input_size=16, hidden=32, num_layers=1)
+    assert abs(encoder.rating_embedding.weight.std().item() - 1) < 0.15  # nn.Embedding: N(0, 1)
+    assert encoder.rating_embedding.weight[0].abs().min() > 0  # padding is a learned row
+    for state in (encoder.initial_hidden, encoder.initial_cell):
+        assert state.shape == (1, 32) and 0.6 < state.std().item() < 1.5
 
 
 def test_factory_rejects_unknown_model_and_missing_items():
@@ -82,19 +144,20 @@ def test_factory_is_seeded_leaves_rng_and_args_alone(name):
         assert torch.equal(a, b), key
     args.model_init_seed += 1
     other = model_factory(args)
-    assert not torch.equal(first.head.weight, other.head.weight)
+    last = [key for key in first.state_dict() if key.endswith("weight")][-1]  # biases start at 0
+    assert not torch.equal(first.state_dict()[last], other.state_dict()[last])
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_embedding_saves_and_loads_on_its_own(name):
     source, target = build(name), build(name, model_init_seed=7)
     assert source.embedding.items.weight.shape[0] == 21  # ids 0..20
-    assert torch.equal(source.embedding.items.weight[0], torch.zeros_like(source.embedding.items.weight[0]))
     target.embedding.load_state_dict(source.embedding.state_dict())
     for key, value in source.embedding.state_dict().items():
         assert torch.equal(target.embedding.state_dict()[key], value)
-    assert not torch.equal(source.head.weight, target.head.weight)
-    expected = {"items.weight", "positions.weight"} if name in ("sasrec", "bert4rec") else {"items.weight"}
+    last = [key for key in source.state_dict() if key.endswith("weight")][-1]  # biases start at 0
+    assert not torch.equal(source.state_dict()[last], target.state_dict()[last])
+    expected = {"items.weight", "positions.weight"} if name in ("sasrec", "bert4rec", "ncf") else {"items.weight"}
     assert set(source.embedding.state_dict()) == expected
 
 
@@ -109,32 +172,37 @@ def test_sasrec_is_causal():
         assert (after[:, t] - before[:, t]).abs().min() > 1e-6
 
 
-@pytest.mark.parametrize("name", ["bert4rec", "sasrec"])
-def test_transformers_ignore_what_sits_at_padded_positions(name):
+def perturbed_padding(model, items):
+    """Predictions with the padding row of the item embedding and the positions of the
+    first two columns moved, next to the predictions as the model is."""
+    params = dict(model.named_parameters())
+    table = params["embedding.items.weight"]
+    perturbed = {**params, "embedding.items.weight": torch.cat([table[:1] + 1.0, table[1:]])}
+    if "embedding.positions.weight" in params:
+        positions = params["embedding.positions.weight"]
+        noise = torch.randn(2, positions.shape[1], dtype=positions.dtype, generator=torch.Generator().manual_seed(0))
+        perturbed["embedding.positions.weight"] = torch.cat([positions[:2] + noise, positions[2:]])
+    return functional_call(model, perturbed, (items,)), model(items)
+
+
+@pytest.mark.parametrize("name", PADDING_FREE_MODELS)
+def test_bert4rec_and_ncf_ignore_what_sits_at_padded_positions(name):
     model = build(name).eval()
     items = torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 7, 8, 9, 10], [0, 0, 0, 0, 0, 0]])
-    params = dict(model.named_parameters())
-    positions, table = params["embedding.positions.weight"], params["embedding.items.weight"]
-    noise = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    perturbed = {**params,
-                 "embedding.positions.weight": torch.cat([positions[:2] + noise, positions[2:]]),
-                 "embedding.items.weight": torch.cat([table[:1] + 1.0, table[1:]])}  # the padding row
-    moved = functional_call(model, perturbed, (items,))
-    before = model(items)
+    moved, before = perturbed_padding(model, items)
     torch.testing.assert_close(moved[:2, 2:], before[:2, 2:], rtol=0, atol=1e-12)
     assert (moved[:, :2] - before[:, :2]).abs().max() > 1e-4  # the padded positions themselves did move
     assert torch.isfinite(moved).all()
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_cutting_leading_padding_columns_changes_no_prediction(name):
-    # the meta-learner runs support sequences without the columns that are padding in all of them
+@pytest.mark.parametrize("name", PADDING_READING_MODELS)
+def test_sasrec_and_the_grus_read_the_padding_row(name):
+    """As in the reference: SASRec attends to padded keys, the GRUs run over padding, so the
+    learned padding row changes the predictions at the real positions after it."""
     model = build(name).eval()
-    items = sequences(8, 6, 20, torch.Generator().manual_seed(4))
-    items[:, :2] = 0
-    full = model(items)
-    for cut in (1, 2):
-        torch.testing.assert_close(model(items[:, cut:]), full[:, cut:], rtol=0, atol=1e-12)
+    items = torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 7, 8, 9, 10]])
+    moved, before = perturbed_padding(model, items)
+    assert (moved[:, 2:] - before[:, 2:]).abs().min() > 1e-8
 
 
 def test_bert4rec_is_bidirectional():

@@ -8,7 +8,7 @@ import torch
 
 import train_original
 from experiment import UserError, setup
-from fixtures import write_ratings
+from fixtures import make_ratings_frame, write_ratings
 from models import model_factory
 from options import parse_args
 
@@ -55,14 +55,19 @@ def test_train_save_pretrained_and_test_from_the_checkpoint(ratings_file, tmp_pa
     assert record["config"]["pretrain_log_dir"] == str(tmp_path)
 
 
-def test_training_lowers_the_valid_error_from_the_untrained_model(ratings_file, tmp_path):
+def test_training_lowers_the_valid_error_from_the_untrained_model(tmp_path):
+    # every item has its own rating, which Basic can learn; an untrained model predicts
+    # about 3 stars for everything
+    frame = make_ratings_frame(num_users=60, num_items=30, seed=5)
+    frame["rating"] = (frame["item"] % 5 + 1).astype(float)
+    ratings_file = write_ratings(tmp_path / "ratings.dat", "ml-1m", frame)
     args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path}",
                                 "--pretrain_epochs=20", "--pretraining_lr=0.01"])
     trainer = train_original.BasicTrainer(args, data, device)
     untrained = trainer.evaluate(trainer.sampler.fixed_tasks("valid"))["rmse"]
     best_epoch = trainer.train()
     best = torch.load(tmp_path / "state" / f"bert4rec_{best_epoch}_no_meta_best", weights_only=False)
-    assert best["valid_rmse"] < untrained - 0.03  # fixture ratings have no structure beyond their mean
+    assert untrained > 1.2 and best["valid_rmse"] < 0.6
 
 
 def test_learned_loss_baseline_trains(ratings_file, tmp_path):
