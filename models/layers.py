@@ -17,16 +17,10 @@ MASKED_SCORE = -1e9  # finite, so that no mask can turn the softmax into NaN
 
 class Linear(nn.Linear):
     """nn.Linear started as the reference starts every layer of its recommenders:
-    xavier_uniform_ weight, zero bias. A weight that stacks ``blocks`` layers (the fused
-    query/key/value projection) gets xavier_uniform_ per block, as separate layers would."""
-
-    def __init__(self, in_features, out_features, bias=True, blocks=1):
-        self.blocks = blocks
-        super().__init__(in_features, out_features, bias)
+    xavier_uniform_ weight, zero bias."""
 
     def reset_parameters(self):
-        for block in self.weight.chunk(self.blocks):
-            nn.init.xavier_uniform_(block)
+        nn.init.xavier_uniform_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -106,19 +100,27 @@ class LayerNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention, dropout(softmax(QK^T / sqrt(d) + mask)) V with plain ops."""
+    """Multi-head self-attention, dropout(softmax(QK^T / sqrt(d) + mask)) V with plain ops.
+
+    Query, key and value are separate layers, as in the reference: every parameter tensor
+    gets its own learnable inner learning rates (MAML++ LSLR), so fusing them would tie
+    three rates into one.
+    """
 
     def __init__(self, dim, num_heads, dropout):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = Linear(dim, 3 * dim, blocks=3)
+        self.query, self.key, self.value = Linear(dim, dim), Linear(dim, dim), Linear(dim, dim)
         self.out = Linear(dim, dim)
         self.dropout = Dropout(dropout)
 
     def forward(self, x, mask):  # x [B, L, D], mask [B|1, 1, L, L] (query, key): 0 or MASKED_SCORE -> [B, L, D]
         B, L, D = x.shape
-        heads = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
-        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d]
+
+        def heads(projection):  # [B, L, D] -> [B, heads, L, d]
+            return projection(x).reshape(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)
+
+        q, k, v = heads(self.query), heads(self.key), heads(self.value)
         scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1) + mask  # [B, heads, L, L]
         y = self.dropout(torch.softmax(scores, dim=-1)) @ v  # [B, heads, L, d]
         return self.out(y.transpose(1, 2).reshape(B, L, D))
@@ -144,20 +146,20 @@ class TransformerBlock(nn.Module):
 
 
 class GRULayer(nn.Module):
-    """One GRU layer (nn.GRU's equations) from a learned initial state, started N(0, 1).
+    """One GRU layer (nn.GRU's equations), run from a given initial state over every
+    position, padding included, as the reference's GRU is.
 
     The input projections of all time steps are one matmul; only the hidden recurrence is
-    looped. It runs over every position, padding included, as the reference's GRU does.
+    looped.
     """
 
     def __init__(self, input_size, hidden_size):
         super().__init__()
         self.input_proj = Linear(input_size, 3 * hidden_size)
         self.hidden_proj = Linear(hidden_size, 3 * hidden_size)
-        self.initial_state = nn.Parameter(torch.randn(hidden_size))
 
-    def forward(self, x):  # x [B, L, input] -> [B, L, hidden]
-        h = self.initial_state.expand(x.shape[0], -1)  # [B, hidden]
+    def forward(self, x, initial_state):  # x [B, L, input], initial_state [hidden] -> [B, L, hidden]
+        h = initial_state.expand(x.shape[0], -1)  # [B, hidden]
         outputs = []
         gate_sizes = [2 * h.shape[-1], h.shape[-1]]  # reset and update gates, candidate
         for x_gates in self.input_proj(x).unbind(1):
@@ -171,9 +173,17 @@ class GRULayer(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
-class GRU(nn.Sequential):
-    """Stacked GRU layers, no dropout between them (as in the reference)."""
+class GRU(nn.Module):
+    """Stacked GRU layers from learned initial states (one [num_layers, hidden] tensor,
+    started N(0, 1)), no dropout between the layers: the reference's GRU."""
 
     def __init__(self, input_size, hidden_size, num_layers):
+        super().__init__()
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
-        super().__init__(*(GRULayer(size, hidden_size) for size in sizes))
+        self.layers = nn.ModuleList(GRULayer(size, hidden_size) for size in sizes)
+        self.initial_states = nn.Parameter(torch.randn(num_layers, hidden_size))
+
+    def forward(self, x):  # x [B, L, input] -> [B, L, hidden], the last layer's states
+        for layer, initial_state in zip(self.layers, self.initial_states):
+            x = layer(x, initial_state)
+        return x

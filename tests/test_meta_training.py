@@ -352,7 +352,7 @@ def test_test_without_any_checkpoint_says_to_train_first(ratings_file, tmp_path)
 
 
 def test_passes_of_fewer_tasks_give_the_same_outer_step(ratings_file, tmp_path):
-    states = []
+    runs = []
     for tasks_per_pass in ("4", "1"):
         args = tiny_args(ratings_file, "--bert_dropout=0", f"--tasks_per_pass={tasks_per_pass}",
                          f"--log_dir={tmp_path}")
@@ -361,13 +361,13 @@ def test_passes_of_fewer_tasks_give_the_same_outer_step(ratings_file, tmp_path):
         torch.manual_seed(0)  # the encoder's initialisation
         trainer = main.MetaTrainer(args, data, torch.device("cpu"))
         metrics = trainer.train_step(trainer.sampler.train_batch(4))
-        states.append((metrics, trainer.learner.state_dict()))
-    (metrics_whole, whole), (metrics_split, split) = states
+        runs.append((metrics, {name: p.grad for name, p in trainer.learner.named_parameters()
+                               if p.grad is not None}))
+    (metrics_whole, whole), (metrics_split, split) = runs
     assert metrics_whole["rmse"] == pytest.approx(metrics_split["rmse"], rel=1e-6)
-    # float32: the passes sum the tasks in another order, and Adam's first step scales a
-    # gradient near 0 (the key bias's is 0 in exact arithmetic) to about lr, noise included
-    for name in whole:
-        torch.testing.assert_close(whole[name], split[name], rtol=1e-5, atol=5e-6)
+    assert whole.keys() == split.keys() and len(whole) > 10
+    for name in whole:  # the meta-gradients (float32: the passes sum the tasks in another order)
+        torch.testing.assert_close(whole[name], split[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
