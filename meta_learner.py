@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, vmap
 
 from inner_loop_optimizers import LSLRGradientDescentLearningRule
 from models import CPU_SUPPORT_CHUNKS
+from options import PADDING_FREE_MODELS
 from models.loss_weighting import LossNetwork, TaskInfoMLP, TaskStateEncoder
 
 MAX_RATING = 5.0
@@ -46,6 +47,8 @@ class MetaLearner(nn.Module):
         self.support_chunks = args.support_chunks
         self.recompute_steps = args.recompute_inner_steps
         self.cpu_support_chunks = CPU_SUPPORT_CHUNKS.get(args.model, 1)
+        # only a model that ignores padding may run on support rows without their padding
+        self.cuts_padding = args.model in PADDING_FREE_MODELS
         self.inner_optimizer = LSLRGradientDescentLearningRule(
             dict(model.named_parameters()), num_inner_steps=args.num_inner_steps,
             init_learning_rate=args.inner_lr,
@@ -157,16 +160,19 @@ class MetaLearner(nn.Module):
     def prepare_tasks(self, batch, support_chunks=1):
         """The batch as a dict of per-task tensors, with what is computed once for the
         whole batch outside the vmapped inner loop (masks, LSTM weights, statistics).
-        Each task's support rows are sorted longest first (the loss is a sum over them),
-        and their items are cut into ``support_chunks`` groups (``_support_item_chunks``)."""
+        Each task's support rows are sorted longest first (the loss is a sum over them); for
+        a model that ignores padding their items are cut into ``support_chunks`` groups
+        without their all-padding columns (``_support_item_chunks``), else kept whole."""
         support_mask = batch.support_mask
         order = support_mask.sum(-1).argsort(dim=1, descending=True, stable=True)  # [T, S]
 
         def longest_first(rows):  # [T, S, L] -> the same rows in ``order``
             return rows.gather(1, order.unsqueeze(-1).expand_as(rows))
 
+        support_items = longest_first(batch.support_items)
         task = {
-            "support_item_chunks": _support_item_chunks(longest_first(batch.support_items), support_chunks),
+            "support_item_chunks": (_support_item_chunks(support_items, support_chunks) if self.cuts_padding
+                                    else (support_items,)),
             "support_ratings": longest_first(batch.support_ratings),
             "support_mask": longest_first(support_mask),
             "query_items": batch.query_items,
