@@ -55,3 +55,62 @@ def test_meta_iteration_quick_prints_a_row_per_configuration(tmp_path):
         assert float(seconds) > 0 and float(peak_mib) > 100
         assert float(tasks_per_second) == pytest.approx(4 / float(seconds), rel=0.05)  # --quick: 4 tasks
         assert (evaluation == "-") == (path_name == "loop")
+
+
+# --- benchmarks/reference_parity.py (the reference itself is not in CI) -------------------
+@pytest.fixture(scope="module")
+def reference_parity():
+    spec = importlib.util.spec_from_file_location("reference_parity", ROOT / "benchmarks" / "reference_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parity_refuses_a_folder_that_is_not_the_reference(reference_parity, tmp_path):
+    with pytest.raises(SystemExit, match="not a checkout of the reference"):
+        reference_parity.import_reference(tmp_path, [])
+
+
+def test_the_reference_is_imported_with_its_argv_and_ours_keep_their_names(reference_parity, tmp_path):
+    """A stand-in with the reference's module names: its options parse the argv the harness
+    sets, its main sees its own options, and afterwards `options` and `models` are ours."""
+    import models
+    import options
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("WHO = 'reference'\n")
+    (tmp_path / "models" / "meta_bert_model.py").write_text("")
+    (tmp_path / "options.py").write_text("import sys\nargs = sys.argv[1:]\n")
+    (tmp_path / "main.py").write_text("import wandb, wget\nfrom options import args\nimport models\n"
+                                      "WHO = models.WHO\n")
+    reference = reference_parity.import_reference(tmp_path, ["--model=gru4rec"])
+    assert reference.args == ["--model=gru4rec"] and reference.main.WHO == "reference"
+    assert reference.models.WHO == "reference"
+    assert sys.modules["options"] is options and sys.modules["models"] is models
+    assert str(tmp_path) not in sys.path
+
+
+def test_reference_names_map_onto_every_parameter(reference_parity):
+    """The name map of the GRU models: the reference's names (as its modules spell them)
+    land on all of ours, with the stacked initial states and the extra vocabulary row."""
+    import torch
+    from models import model_factory
+    args = parse_args(["--model=narm"])
+    args.num_items = 10
+    ours = dict(model_factory(args).named_parameters())
+    hidden = args.narm_hidden_size
+    reference = {"embedding.embedding.weights": torch.zeros(12, 32), "gru.h0": torch.ones(1, hidden),
+                 "gru.layer_dict.gru0.x2h.weights": torch.zeros(3 * hidden, 32),
+                 "gru.layer_dict.gru0.x2h.bias": torch.zeros(3 * hidden),
+                 "gru.layer_dict.gru0.h2h.weights": torch.zeros(3 * hidden, hidden),
+                 "gru.layer_dict.gru0.h2h.bias": torch.zeros(3 * hidden),
+                 "gru.layer_dict.fc.weights": torch.zeros(hidden, hidden), "gru.layer_dict.fc.bias": torch.zeros(hidden),
+                 "a_1.weights": torch.zeros(hidden, hidden), "a_2.weights": torch.zeros(hidden, hidden),
+                 "v_t.weights": torch.zeros(1, hidden), "out_layer.weights": torch.zeros(1, hidden),
+                 "out_layer.bias": torch.zeros(1)}
+    mapped = reference_parity.mapped(reference, reference_parity.NAMES["narm"], ours, fill=lambda p: p)
+    assert mapped.keys() == ours.keys()
+    assert all(mapped[name].shape == p.shape for name, p in ours.items())
+    assert torch.equal(mapped["gru.initial_states"], torch.ones(1, hidden))
+    with pytest.raises(KeyError, match="no reference tensor maps to"):
+        reference_parity.mapped({k: v for k, v in reference.items() if k != "gru.h0"},
+                                reference_parity.NAMES["narm"], ours, fill=lambda p: p)
