@@ -17,8 +17,10 @@ whose ``Data/ml-1m`` holds a link to the rating file, so the reference downloads
    and both run in float64 with dropout off on the same task batch: the predictions for
    the same item sequences, the LSTM weights, the support loss, the query loss after each
    inner step and the meta-gradient of one outer step (every step's query loss, second
-   order). Each is reported as the relative error ||ours - reference|| / ||reference||;
-   the script exits 1 when one exceeds ``--tolerance``.
+   order), and every parameter after one whole training iteration (the MAML++ step
+   weights, gradient clipping, the Adam steps and schedulers). Each is reported as the
+   relative error ||ours - reference|| / ||reference||; the script exits 1 when one
+   exceeds ``--tolerance``. ``--flags`` adds settings to both (e.g. the ablations).
 3. **Initialisation.** Each codebase's own initialisation (5 seeds): the standard deviation
    of every parameter tensor, and how far one plain gradient step at ``--inner_lr`` on a
    user's support set moves the predictions (mean |change| in stars at real positions).
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dataloader import TaskSampler, load_data  # noqa: E402
 from inner_loop_optimizers import _key  # noqa: E402
+from main import MetaTrainer  # noqa: E402
 from meta_learner import MetaLearner, one_task  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import MODELS, parse_args  # noqa: E402
@@ -257,9 +260,10 @@ def relative_error(ours, reference):
     return ((ours - reference).norm() / reference.norm().clamp(min=1e-300)).item()
 
 
-def our_learner(args, maml, model_name):
-    """Our learner in float64 with the reference learner's initial parameters."""
-    learner = MetaLearner(model_factory(args), args).double()
+def our_learner(args, maml, model_name, learner=None):
+    """Our learner (a new one, or ``learner``) in float64 with the reference learner's
+    initial parameters."""
+    learner = (learner or MetaLearner(model_factory(args), args)).double()
     renames = NAMES[model_name]
     model_params = dict(learner.model.named_parameters())
     state = mapped(dict(maml.model.named_parameters()), renames, model_params, fill=lambda p: p)
@@ -278,28 +282,56 @@ def our_learner(args, maml, model_name):
     return learner
 
 
-def reference_gradients(maml, learner, model_name, num_inner_steps):
-    """The reference's meta-gradients in our names and shapes, one flat vector in the order
-    of ``learner.parameters()`` (zeros where the reference has nothing)."""
+def gradient_of(p):
+    return torch.zeros_like(p) if p.grad is None else p.grad
+
+
+def in_our_layout(maml, learner, model_name, num_inner_steps, value, fill):
+    """``value(p)`` of each of the reference learner's meta-parameters, in our names and
+    shapes, as one flat vector in the order of ``learner.parameters()``; ``fill(ours)``
+    where the reference has nothing."""
     renames = NAMES[model_name]
-    grad = lambda p: torch.zeros_like(p) if p.grad is None else p.grad
-    gradients = mapped({n: grad(p) for n, p in maml.model.named_parameters()}, renames,
-                       dict(learner.model.named_parameters()), fill=torch.zeros_like)
-    flat = {f"model.{n}": g for n, g in gradients.items()}
+    model = mapped({n: value(p) for n, p in maml.model.named_parameters()}, renames,
+                   dict(learner.model.named_parameters()), fill=fill)
+    flat = {f"model.{n}": v for n, v in model.items()}
     if learner.encoder is not None:
-        encoder = mapped({n: grad(p) for n, p in maml.task_lstm_network.named_parameters()}, ENCODER_NAMES,
-                         dict(learner.encoder.named_parameters()), fill=torch.zeros_like)
-        flat.update({f"encoder.{n}": g for n, g in encoder.items()})
+        encoder = mapped({n: value(p) for n, p in maml.task_lstm_network.named_parameters()}, ENCODER_NAMES,
+                         dict(learner.encoder.named_parameters()), fill=fill)
+        flat.update({f"encoder.{n}": v for n, v in encoder.items()})
     if learner.task_info_mlp is not None:
-        flat.update({f"task_info_mlp.{n}": grad(p) for n, p in maml.task_info_network.named_parameters()})
+        flat.update({f"task_info_mlp.{n}": value(p) for n, p in maml.task_info_network.named_parameters()})
     for name, rate in maml.inner_loop_optimizer.names_learning_rates_dict.items():
         ours = _key(our_name(name.replace("-", "."), renames))
-        flat[f"inner_optimizer.rates.{ours}"] = grad(rate)[:num_inner_steps]
+        flat[f"inner_optimizer.rates.{ours}"] = value(rate)[:num_inner_steps]
     return torch.cat([flat[name].flatten() for name, p in learner.named_parameters() if p.requires_grad])
 
 
-def compare_learners(reference, model_name, method, data_flags, num_tasks):
-    flags = [f"--model={model_name}", *data_flags, *SHARED_FLAGS, *METHODS[method]]
+def our_parameters(learner):
+    """Every meta-parameter of our learner, one flat vector."""
+    return torch.cat([p.detach().flatten() for p in learner.parameters() if p.requires_grad])
+
+
+def compare_training_iteration(reference, flags, model_name, data, num_tasks):
+    """How every meta-parameter moves in one whole training iteration of each codebase."""
+    maml = reference_learner(reference, flags)
+    args = parse_args([*flags, *OUR_FLAGS])
+    args.num_users, args.num_items = data.num_users, data.num_items
+    trainer = MetaTrainer(args, data, torch.device("cpu"))
+    our_learner(args, maml, model_name, trainer.learner)
+    batch = TaskSampler(data, args).fixed_tasks("test")[:num_tasks]
+    batch.support_ratings, batch.query_ratings = batch.support_ratings.double(), batch.query_ratings.double()
+    tasks = [reference_task(maml, batch, t) for t in range(num_tasks)]
+    initial = our_parameters(trainer.learner).clone()
+    maml._train_step += 1  # what its train() does before each outer loop
+    quietly(maml._outer_loop, tasks, train=True)
+    trainer.train_step(batch)
+    theirs = in_our_layout(maml, trainer.learner, model_name, args.num_inner_steps,
+                           value=lambda p: p.detach(), fill=lambda p: p.detach())
+    return relative_error(our_parameters(trainer.learner) - initial, theirs - initial)
+
+
+def compare_learners(reference, model_name, method, data_flags, num_tasks, extra_flags=()):
+    flags = [f"--model={model_name}", *data_flags, *SHARED_FLAGS, *METHODS[method], *extra_flags]
     maml = reference_learner(reference, flags)
     args = parse_args([*flags, *OUR_FLAGS])
     data = quietly(load_data, args)
@@ -337,7 +369,9 @@ def compare_learners(reference, model_name, method, data_flags, num_tasks):
         errors[f"query loss {step + 1}"] = relative_error(query_losses[:, step].detach(), reference_query[:, step])
     our_gradient = torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
                               for p in learner.parameters() if p.requires_grad])
-    errors["meta-gradient"] = relative_error(our_gradient, reference_gradients(maml, learner, model_name, J))
+    theirs = in_our_layout(maml, learner, model_name, J, value=gradient_of, fill=torch.zeros_like)
+    errors["meta-gradient"] = relative_error(our_gradient, theirs)
+    errors["update"] = compare_training_iteration(reference, flags, model_name, data, num_tasks)
     return errors
 
 
@@ -401,6 +435,8 @@ def main(argv=None):
     parser.add_argument("--num_tasks", type=int, default=4, help="tasks in the compared outer step")
     parser.add_argument("--seeds", type=int, default=5, help="initialisations for the statistics")
     parser.add_argument("--tolerance", type=float, default=1e-6)
+    parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
+                        help="more flags for both codebases, e.g. --flags --use_focal_loss=True")
     options = parser.parse_args(argv)
     data_path = Path(options.data_path).resolve()
     if not data_path.is_file():
@@ -427,7 +463,8 @@ def main(argv=None):
             worst = 0.0
             for model_name in options.models:
                 for method in options.methods:
-                    errors = compare_learners(reference, model_name, method, data_flags, options.num_tasks)
+                    errors = compare_learners(reference, model_name, method, data_flags, options.num_tasks,
+                                              options.flags)
                     worst = max(worst, *errors.values())
                     print(f"   {model_name:8s} {method:8s} " + " | ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
