@@ -55,10 +55,12 @@ def per_rating_report(predictions, targets, rating_values=None):
     return report
 
 
-def format_metrics(prefix, metrics):
-    """The reference's console line: 'prefix MSE loss: … | RMSE loss: … | MAE loss: …'."""
-    return (f"{prefix}MSE loss: {metrics['mse']:.4f} | RMSE loss: {metrics['rmse']:.4f} | "
-            f"MAE loss: {metrics['mae']:.4f}")
+def format_metrics(prefix, metrics, label="", keys=("mse", "rmse", "mae")):
+    """The reference's console lines, which scripts written for it read:
+    'Iteration 5: MSE loss: … | RMSE loss: … | MAE loss: … | ' (no label),
+    '\tValidation: Val MSE loss: … | Val RMSE loss: … | Val MAE loss: … | ' (label 'Val '),
+    '\tTest: Test RMSE loss: … | Test MAE loss: … | ' (label 'Test ', keys rmse and mae)."""
+    return prefix + "".join(f"{label}{key.upper()} loss: {metrics[key]:.4f} | " for key in keys)
 
 
 def format_per_rating(report):
@@ -77,7 +79,7 @@ def format_per_rating(report):
 def report_test(metrics, title, path, args, **extra):
     """Print the test metrics and the per-rating report; write them as JSON to ``path``."""
     print(f"{title}: {metrics['num_users']} users, {metrics['num_targets']} targets")
-    print(format_metrics("\tTest: Test ", metrics))
+    print(format_metrics("\tTest: ", metrics, label="Test ", keys=("rmse", "mae")))
     print(" -------- Rating ---- ")
     print(format_per_rating(metrics["per_rating"]))
     write_results(path, metrics, args, **extra)

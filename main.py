@@ -215,7 +215,7 @@ class MetaTrainer:
 
     def _validate(self, writer, valid_tasks, train_batch):
         metrics = self.evaluate(valid_tasks)
-        tqdm.write(evaluation.format_metrics("\tValidation: Val ", metrics))
+        tqdm.write(evaluation.format_metrics("\tValidation: ", metrics, label="Val "))
         self._log(writer, "valid", metrics)
         mean_rates = self.learner.inner_optimizer.rates_tensor().mean(dim=0)   # [J]
         for step, rate in enumerate(mean_rates.tolist()):

@@ -105,7 +105,7 @@ class BasicTrainer:
             train_metrics = self.train_epoch()
             tqdm.write(evaluation.format_metrics(f"Epoch {epoch}: ", train_metrics))
             valid_metrics = self.evaluate(valid_tasks)
-            tqdm.write(evaluation.format_metrics("\tValidation: Val ", valid_metrics))
+            tqdm.write(evaluation.format_metrics("\tValidation: ", valid_metrics, label="Val "))
             for split, metrics in (("train", train_metrics), ("valid", valid_metrics)):
                 for key in ("mse", "rmse", "mae"):
                     writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], epoch)

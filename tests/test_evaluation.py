@@ -53,5 +53,10 @@ def test_results_are_written_with_the_configuration(tmp_path):
     record = json.loads(path.read_text())
     assert record["metrics"]["rmse"] == pytest.approx(1.0)
     assert record["config"]["model"] == "bert4rec" and record["method"] == "melo"
-    assert evaluation.format_metrics("\tTest: Test ", metrics) == \
-        "\tTest: Test MSE loss: 1.0000 | RMSE loss: 1.0000 | MAE loss: 1.0000"
+    # the reference's lines, character for character
+    assert evaluation.format_metrics("\tTest: ", metrics, label="Test ", keys=("rmse", "mae")) == \
+        "\tTest: Test RMSE loss: 1.0000 | Test MAE loss: 1.0000 | "
+    assert evaluation.format_metrics("\tValidation: ", metrics, label="Val ") == \
+        "\tValidation: Val MSE loss: 1.0000 | Val RMSE loss: 1.0000 | Val MAE loss: 1.0000 | "
+    assert evaluation.format_metrics("Iteration 3: ", metrics) == \
+        "Iteration 3: MSE loss: 1.0000 | RMSE loss: 1.0000 | MAE loss: 1.0000 | "
