@@ -4,7 +4,8 @@ Pipeline of ``load_data(args)``:
 
 1. find the file (MovieLens is downloaded into ``Data/ml-1m`` / ``Data/ml-10m`` when missing),
    detect its layout from its content, read it in chunks into integer-coded columns;
-2. drop rows with an unusable rating, id or date (counted in a printed warning);
+2. drop rows with an unusable rating, id or date (counted in a printed warning); count the
+   rows that repeat an earlier one exactly, and drop them with ``drop_duplicates``;
 3. filter once: items with fewer than ``min_item`` ratings, then users with fewer than
    ``min_sequence``;
 4. densify with SORTED ids (users 0..U-1, items 1..I, 0 = padding): the same mapping in
@@ -35,7 +36,7 @@ import urllib.request
 import zipfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -432,6 +433,17 @@ def _missing_file_hint(mode: str) -> str:
 # --------------------------------------------------------------------------------------
 # Filter, densify, sequence, split
 # --------------------------------------------------------------------------------------
+def _duplicate_rows(raw: RawRatings) -> np.ndarray:
+    """Rows that repeat an earlier row exactly: the same user, item, rating and date (bool[N])."""
+    columns = {"user": raw.user_codes, "item": raw.item_codes, "rating": raw.ratings, "date": raw.dates}
+    return pd.DataFrame(columns).duplicated().to_numpy()
+
+
+def _select_rows(raw: RawRatings, rows: np.ndarray) -> RawRatings:
+    return replace(raw, user_codes=raw.user_codes[rows], item_codes=raw.item_codes[rows],
+                               ratings=raw.ratings[rows], dates=raw.dates[rows])
+
+
 def _filter_rows(raw: RawRatings, min_item: int, min_sequence: int) -> np.ndarray:
     """Rows kept after dropping rare items, then short users (bool[N])."""
     item_counts = np.bincount(raw.item_codes)
@@ -558,6 +570,15 @@ def compute_stats(lengths: np.ndarray, ratings: np.ndarray, num_items: int,
     }
 
 
+def _format_duplicates(stats: dict) -> str:
+    count = stats.get("duplicate_rows", 0)
+    if not count:
+        return ""
+    what = ("dropped (--drop_duplicates=True)" if stats["duplicates_dropped"] else
+            "kept, as the reference keeps them; --drop_duplicates=True drops them")
+    return f"  {count:,} rows repeat an earlier row exactly (user, item, rating, date): {what}\n"
+
+
 def format_stats(stats: dict) -> str:
     total = stats["num_ratings"]
     distribution = " | ".join(f"{value:g}: {count / total:.1%}"
@@ -568,6 +589,7 @@ def format_stats(stats: dict) -> str:
             f"{stats['max_seq_len']}; {stats['avg_full_seq_len']:.1f} untruncated)\n"
             f"  ratings {distribution}\n"
             f"  balance score {stats['balance_score']:.3f} (normalised entropy of the ratings)\n"
+            f"{_format_duplicates(stats)}"
             f"  users: {stats['num_train_users']:,} train, {stats['num_valid_users']:,} valid, "
             f"{stats['num_test_users']:,} test")
 
@@ -597,6 +619,9 @@ def load_data(args) -> RatingData:
     check_task_settings(args)
     path = _ensure_data_file(args.data_path, args.mode, getattr(args, "download_url", None))
     raw = read_ratings(path, args.mode)
+    duplicates = _duplicate_rows(raw)
+    if args.drop_duplicates:
+        raw = _select_rows(raw, ~duplicates)
     keep = _filter_rows(raw, args.min_item, args.min_sequence)
     users, user_ids = _densify(raw.user_codes[keep], raw.user_names, first=0)
     items, item_ids = _densify(raw.item_codes[keep], raw.item_names, first=1)
@@ -612,6 +637,7 @@ def load_data(args) -> RatingData:
                                      args.random_seed)
     stats = compute_stats(lengths, ratings, len(item_ids), args.max_seq_len)
     stats.update(layout=raw.layout, path=str(path), max_seq_len=args.max_seq_len,
+                 duplicate_rows=int(duplicates.sum()), duplicates_dropped=args.drop_duplicates,
                  num_train_users=len(train), num_valid_users=len(valid), num_test_users=len(test))
     print(format_stats(stats))
     return RatingData(

@@ -47,6 +47,9 @@ def build_parser():
     add("--use_random_sequence_length", type=str2bool, default=False,
         help="train on windows of random length instead of max_seq_len")
     add("--min_item", type=int, default=50, help="drop items with fewer ratings")
+    add("--drop_duplicates", type=str2bool, default=False,
+        help="(new) drop rows that repeat an earlier row exactly (user, item, rating, date); "
+             "False keeps them, as the reference does (their number is printed)")
     add("--stable_date_sort", type=str2bool, default=False,
         help="(new) keep ratings of the same date in file order; False sorts them as the "
              "reference does (numpy's quicksort, whose order of ties depends on the CPU)")
@@ -131,9 +134,9 @@ def build_parser():
     add("--use_mlp_mean", type=str2bool, default=False,
         help="aggregate position losses with the loss network")
     add("--use_softmax", type=str2bool, default=False, help="softmax loss weights")
-    add("--normalize_weights", type=str2bool, default=True,
-        help="(new) scale each task's loss weights to mean 1, so that the encoder cannot "
-        "inflate the inner step; False is the reference")
+    add("--normalize_weights", type=str2bool, default=False,
+        help="(new) scale each task's loss weights to mean 1, so that the encoder can shift "
+        "the loss between interactions but not scale the inner step; False is the reference")
     add("--normalize_loss", type=str2bool, default=True, help="ratings / 5 in the loss")
     add("--task_info_loss", type=str2bool, default=True)
     add("--task_info_rating_mean", type=str2bool, default=True)

@@ -630,3 +630,17 @@ def test_real_string_ids_keep_leading_zeros():
                                  "--num_test_data=50", "--val_size=30"]))
     assert "0700026657" in data.item_ids
     assert data.item_ids.tolist() == sorted(data.item_ids.tolist())
+
+
+def test_duplicate_rows_are_counted_kept_by_default_and_dropped_on_request(tmp_path, capsys):
+    frame = make_ratings_frame(num_users=40, num_items=60, seed=1)
+    doubled = pd.concat([frame, frame.iloc[:25]], ignore_index=True)
+    path = write_ratings(tmp_path / "ratings.dat", "ml-1m", doubled)
+    kept = load_data(make_args(path, "ml-1m", "--stable_date_sort=True"))
+    assert "25 rows repeat an earlier row exactly" in capsys.readouterr().out
+    assert kept.stats["duplicate_rows"] == 25
+    assert kept.stats["num_ratings"] == len(doubled)
+    dropped = load_data(make_args(path, "ml-1m", "--stable_date_sort=True", "--drop_duplicates=True"))
+    assert "dropped (--drop_duplicates=True)" in capsys.readouterr().out
+    assert dropped.stats["num_ratings"] == len(frame)
+    assert loaded_sequences(dropped) == expected_sequences(frame, min_item=1, min_sequence=5)
