@@ -3,6 +3,7 @@ atomic checkpoints and the list of checkpoints a folder holds."""
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -19,21 +20,25 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run ``main()``; report user errors in one line (exit 2), interruption as 130."""
+    """Run ``main()``; report user errors in one line (exit 2), interruption as 130. Scripts
+    exit quietly on Ctrl-C while they import (their first lines); from here on it raises."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main()
     except (UserError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint written is kept", file=sys.stderr)
+        print("\ninterrupted: the checkpoints already written are kept", file=sys.stderr)
         sys.exit(130)
 
 
-def setup(argv=None):
-    """Parse the command line, choose the device, seed everything and load the data
-    (telling ``args`` how many users and items there are)."""
+def setup(argv=None, output_dir=lambda args: args.log_dir):
+    """Parse the command line, check that ``output_dir(args)`` can be written, choose the
+    device, seed everything and load the data (telling ``args`` how many users and items
+    there are)."""
     args = parse_args(argv)
+    make_dirs(output_dir(args))  # before the data: a bad folder should not cost a load
     device = select_device(args.device)
     seed_everything(args.random_seed)
     data = load_data(args)

@@ -5,6 +5,7 @@ that take a boolean parse the strings ``True`` and ``False``.  Flags added by th
 project are marked "(new)".
 """
 import argparse
+import math
 
 MODELS = ("sasrec", "bert4rec", "narm", "gru4rec", "ncf")
 # the models whose predictions at real positions ignore leading padding (--support_chunks)
@@ -24,8 +25,30 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+# the smallest value of each integer flag (None, where a flag may be left out, is not checked)
+AT_LEAST = {
+    **dict.fromkeys(("batch_size", "num_samples", "num_query_set", "num_inner_steps",
+                     "val_size", "num_test_data", "pretraining_batch_size", "log_interval",
+                     "num_train_iterations", "pretrain_epochs", "min_item", "min_sequence",
+                     "min_sub_window_size", "lstm_hidden", "lstm_num_layers", "lstm_input_size",
+                     "loss_num_layers", "bert_num_blocks", "bert_num_heads", "bert_hidden_units",
+                     "narm_hidden_size", "narm_n_layers", "narm_embedding_dim", "gru4rec_hidden_size",
+                     "gru4rec_n_layers", "gru4rec_embedding_dim", "tasks_per_pass", "support_chunks"), 1),
+    "recompute_inner_steps": 0, "multi_step_loss_num_epochs": 0, "checkpoint_step": -1,
+}
+LEARNING_RATES = ("inner_lr", "outer_lr", "loss_lr", "task_info_lr", "lstm_lr", "learn_lr", "pretraining_lr")
+NON_NEGATIVE = ("min_outer_lr", "loss_weight_decay")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``--help`` still shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="MELO: meta-learning with adaptive weighted loss for imbalanced "
         "cold-start sequential recommendation")
     add = parser.add_argument
@@ -165,22 +188,25 @@ def parse_args(argv=None):
         parser.error(f"--model={args.model} is not a model here; choose one of {', '.join(MODELS)}")
     if args.mode not in MODES:
         parser.error(f"--mode={args.mode} is not a dataset reader here; choose one of {', '.join(MODES)}")
-    positive = ("max_seq_len", "batch_size", "num_samples", "num_query_set", "num_inner_steps",
-                "val_size", "num_test_data", "pretraining_batch_size", "log_interval")
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("tasks_per_pass", "support_chunks"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name, minimum in AT_LEAST.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be at least {minimum}, got {value}")
+    for name in LEARNING_RATES:
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            parser.error(f"--{name} must be a positive finite number, got {getattr(args, name)}")
+    for name in NON_NEGATIVE:
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            parser.error(f"--{name} must be a finite number of at least 0, got {getattr(args, name)}")
+    if not 0 <= args.bert_dropout < 1:
+        parser.error(f"--bert_dropout is a dropout probability, in [0, 1); got {args.bert_dropout}")
+    if args.max_seq_len < 3:
+        parser.error(f"--max_seq_len={args.max_seq_len} is too short: a task needs a window of 3 "
+                     "interactions for one query; raise it")
     if (args.support_chunks or 1) > 1 and args.model not in PADDING_FREE_MODELS:
         parser.error(f"--support_chunks={args.support_chunks} cuts padding columns, which changes "
                      f"{args.model}'s predictions (it reads the padding, as the reference's does); "
                      f"use it with {' or '.join(PADDING_FREE_MODELS)}, or leave it out")
-    if args.recompute_inner_steps is not None and args.recompute_inner_steps < 0:
-        parser.error(f"--recompute_inner_steps must be at least 0, got {args.recompute_inner_steps}")
-    if args.min_sub_window_size < 1:
-        parser.error("--min_sub_window_size must be at least 1")
     if args.min_sub_window_size >= args.max_seq_len:
         parser.error(f"--min_sub_window_size={args.min_sub_window_size} leaves no support sequence "
                      f"in windows of --max_seq_len={args.max_seq_len}; lower it")

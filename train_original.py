@@ -8,6 +8,12 @@
 Basic is tested on the same fixed test tasks as MAML and MELO (DESIGN §5): it predicts
 the targets of their query sequences without adapting.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit 130 (run_cli takes over)
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
 import math
 from pathlib import Path
 
@@ -147,7 +153,7 @@ class BasicTrainer:
 
 
 def main(argv=None):
-    args, device, data = setup(argv)
+    args, device, data = setup(argv, output_dir=lambda args: args.pretrain_log_dir)
     trainer = BasicTrainer(args, data, device)
     if args.test:
         step = args.checkpoint_step

@@ -1,0 +1,87 @@
+"""The command line: every flag is checked when it is parsed, a bad one is a one-line error,
+an unwritable output folder is found before the data is read, and Ctrl-C never prints a
+traceback."""
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import main
+import train_original
+from experiment import UserError
+from options import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD_FLAGS = [
+    ("--inner_lr=-1", "--inner_lr must be a positive finite number"),
+    ("--outer_lr=nan", "--outer_lr must be a positive finite number"),
+    ("--lstm_lr=inf", "--lstm_lr must be a positive finite number"),
+    ("--pretraining_lr=0", "--pretraining_lr must be a positive finite number"),
+    ("--learn_lr=-0.001", "--learn_lr must be a positive finite number"),
+    ("--min_outer_lr=-1", "--min_outer_lr must be a finite number of at least 0"),
+    ("--loss_weight_decay=nan", "--loss_weight_decay must be a finite number of at least 0"),
+    ("--bert_dropout=1.5", "--bert_dropout is a dropout probability"),
+    ("--bert_dropout=-0.1", "--bert_dropout is a dropout probability"),
+    ("--max_seq_len=1", "--max_seq_len=1 is too short"),
+    ("--num_train_iterations=0", "--num_train_iterations must be at least 1"),
+    ("--pretrain_epochs=0", "--pretrain_epochs must be at least 1"),
+    ("--batch_size=0", "--batch_size must be at least 1"),
+    ("--lstm_hidden=0", "--lstm_hidden must be at least 1"),
+    ("--gru4rec_n_layers=0", "--gru4rec_n_layers must be at least 1"),
+    ("--min_sub_window_size=0", "--min_sub_window_size must be at least 1"),
+    ("--recompute_inner_steps=-1", "--recompute_inner_steps must be at least 0"),
+    ("--checkpoint_step=-2", "--checkpoint_step must be at least -1"),
+    ("--inner_lr=abc", "invalid float value"),
+    ("--use_vmap=maybe", "expected True or False"),
+]
+
+
+@pytest.mark.parametrize("flag, message", BAD_FLAGS)
+def test_a_bad_flag_is_a_one_line_error(flag, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([flag])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert error.count("\n") == 1 and "usage:" not in error, "one line, without the usage"
+
+
+def test_good_flags_pass():
+    args = parse_args(["--inner_lr=0.01", "--bert_dropout=0", "--max_seq_len=3", "--min_sub_window_size=2",
+                       "--checkpoint_step=-1", "--min_outer_lr=0"])
+    assert args.inner_lr == 0.01 and args.bert_dropout == 0 and args.max_seq_len == 3
+
+
+def test_help_still_shows_the_usage(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--help"])
+    assert stopped.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, folder_flag", [(main, "--log_dir"), (train_original, "--pretrain_log_dir")])
+def test_an_unwritable_folder_is_reported_before_the_data_is_read(script, folder_flag, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the folder should be
+    with pytest.raises(UserError, match="cannot write to"):
+        script.main([f"{folder_flag}={blocked / 'log'}", f"--data_path={tmp_path / 'missing.dat'}"])
+
+
+@pytest.mark.parametrize("delay", [0.4, 1.5])
+def test_ctrl_c_at_start_up_exits_130_without_a_traceback(delay, tmp_path):
+    """Early (during the imports) and later (reading a file that is not there yet)."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), f"--log_dir={tmp_path}",
+                                f"--data_path={tmp_path / 'ratings.dat'}"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=60)
+    if process.returncode == 2:  # it got to the missing file before the signal came
+        assert "error:" in errors
+        return
+    assert process.returncode == 130, errors
+    assert "Traceback" not in errors
