@@ -55,6 +55,11 @@ def per_rating_report(predictions, targets, rating_values=None):
     return report
 
 
+def is_finite(metrics):
+    """Whether the RMSE, MSE and MAE of ``metrics`` are all finite numbers."""
+    return all(math.isfinite(metrics[key]) for key in ("mse", "rmse", "mae"))
+
+
 def format_metrics(prefix, metrics, label="", keys=("mse", "rmse", "mae")):
     """The reference's console lines, which scripts written for it read:
     'Iteration 5: MSE loss: … | RMSE loss: … | MAE loss: … | ' (no label),
@@ -91,7 +96,7 @@ def write_results(path, metrics, args, **extra):
     record = {"metrics": metrics, "config": {k: _jsonable(v) for k, v in vars(args).items()}}
     record.update(extra)
     with open(path, "w") as handle:
-        json.dump(record, handle, indent=2)
+        json.dump(record, handle, indent=2, allow_nan=False)  # a NaN result is an error, never a file
 
 
 def _rating_key(value):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import evaluation
 from dataloader import TaskSampler
-from experiment import (UserError, atomic_save, latest_step, load_checkpoint, load_matching_state,
+from experiment import (UserError, atomic_save, checkpoint_steps, latest_step, load_checkpoint, load_matching_state,
                         make_dirs, pretrained_embedding_path, pretrained_model_path,
                         pretraining_command, run_cli, setup)
 from meta_learner import MetaLearner, importance_vector
@@ -124,9 +124,7 @@ class MetaTrainer:
             tasks = batch[start:start + tasks_per_pass]
             loss, task_predictions = self.outer_loss(tasks, self.iteration)
             if not torch.isfinite(loss):
-                raise UserError(f"the meta-loss became {loss.item()} at iteration {self.iteration}; "
-                                f"the run stops here and its last checkpoint is kept: lower "
-                                f"--outer_lr / --inner_lr / --lstm_lr and resume with --checkpoint_step")
+                self._stop_diverged(f"the meta-loss became {loss.item()}")
             (loss * len(tasks) / len(batch)).backward()
             predictions.append(task_predictions.detach())
         predictions = torch.cat(predictions)
@@ -222,6 +220,8 @@ class MetaTrainer:
     def _validate(self, writer, valid_tasks, train_batch):
         metrics = self.evaluate(valid_tasks)
         tqdm.write(evaluation.format_metrics("\tValidation: ", metrics, label="Val "))
+        if not evaluation.is_finite(metrics):
+            self._stop_diverged(f"the validation RMSE became {metrics['rmse']}")
         self._log(writer, "valid", metrics)
         mean_rates = self.learner.inner_optimizer.rates_tensor().mean(dim=0)   # [J]
         for step, rate in enumerate(mean_rates.tolist()):
@@ -235,12 +235,23 @@ class MetaTrainer:
             tqdm.write(f"........Model saved (step: {self.best_step} | RMSE loss: {metrics['rmse']:.4f})")
         self.save(best=False)
 
+    def _stop_diverged(self, what):
+        """Stop the run on a non-finite number; nothing of this iteration is checkpointed."""
+        steps = checkpoint_steps(self.save_dir, self.every_pattern)
+        kept = (f"the last checkpoint (iteration {steps[-1]}) is kept and can be resumed with "
+                f"--checkpoint_step={steps[-1]}" if steps else "no checkpoint was written")
+        raise UserError(f"{what} at iteration {self.iteration}: the run stops, {kept}; lower "
+                        "--outer_lr / --inner_lr / --lstm_lr")
+
     def _log(self, writer, split, metrics):
         for key in ("mse", "rmse", "mae"):
             writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], self.iteration)
 
     def test(self, step):
         metrics = self.evaluate(self.sampler.fixed_tasks("test"))
+        if not evaluation.is_finite(metrics):
+            raise UserError(f"the test RMSE of the checkpoint of iteration {step} is {metrics['rmse']}: "
+                            "its parameters do not give finite predictions; no result is written")
         pattern = self.best_pattern if self.args.test_best else self.every_pattern
         path = self.save_dir / pattern.format(step=step).replace(".pt", "_test.json")
         evaluation.report_test(metrics, f"{self.method.upper()} test (step {step})", path, self.args,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import evaluation
 from dataloader import PretrainDataset, TaskSampler
-from experiment import (atomic_save, latest_step, load_checkpoint, load_matching_state, make_dirs,
+from experiment import (UserError, atomic_save, latest_step, load_checkpoint, load_matching_state, make_dirs,
                         pretrained_embedding_path, pretrained_model_path, run_cli, setup)
 from meta_learner import MAX_RATING
 from models import model_factory
@@ -112,6 +112,10 @@ class BasicTrainer:
             tqdm.write(evaluation.format_metrics(f"Epoch {epoch}: ", train_metrics))
             valid_metrics = self.evaluate(valid_tasks)
             tqdm.write(evaluation.format_metrics("\tValidation: ", valid_metrics, label="Val "))
+            if not (evaluation.is_finite(train_metrics) and evaluation.is_finite(valid_metrics)):
+                kept = f"the checkpoint of epoch {best_epoch} is kept" if best_epoch else "nothing was saved"
+                raise UserError(f"Basic training diverged at epoch {epoch} (train RMSE {train_metrics['rmse']}, "
+                                f"valid RMSE {valid_metrics['rmse']}); {kept}; lower --pretraining_lr")
             for split, metrics in (("train", train_metrics), ("valid", valid_metrics)):
                 for key in ("mse", "rmse", "mae"):
                     writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], epoch)
@@ -146,6 +150,9 @@ class BasicTrainer:
 
     def test(self, step):
         metrics = self.evaluate(self.sampler.fixed_tasks("test"))
+        if not evaluation.is_finite(metrics):
+            raise UserError(f"the test RMSE of the checkpoint of epoch {step} is {metrics['rmse']}: "
+                            "its parameters do not give finite predictions; no result is written")
         path = self.save_dir / f"{self.pattern.format(step=step)}_test.json"
         evaluation.report_test(metrics, f"Basic test (epoch {step})", path, self.args,
                                method="basic", checkpoint_step=step)

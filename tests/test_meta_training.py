@@ -339,6 +339,32 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(ratings_file, 
     assert (tmp_path / "log" / "state" / "bert4rec_2_ml-1m_melo.pt").is_file()
 
 
+def test_a_nan_at_validation_writes_no_checkpoint_and_the_last_one_resumes(ratings_file, tmp_path, monkeypatch):
+    original = main.MetaTrainer.evaluate
+
+    def poisoned(self, batch):
+        metrics = original(self, batch)
+        return {**metrics, "rmse": math.nan} if self.iteration == 4 else metrics
+
+    monkeypatch.setattr(main.MetaTrainer, "evaluate", poisoned)
+    with pytest.raises(UserError, match=r"validation RMSE became nan at iteration 4: .*iteration 2\) is kept"):
+        run_main(ratings_file, tmp_path, "--num_train_iterations=6", "--log_interval=2")
+    state = tmp_path / "log" / "state"
+    assert sorted(p.name for p in state.glob("*.pt")) == ["bert4rec_2_best_ml-1m_melo.pt", "bert4rec_2_ml-1m_melo.pt"]
+    monkeypatch.setattr(main.MetaTrainer, "evaluate", original)
+    trainer = run_main(ratings_file, tmp_path, "--num_train_iterations=6", "--log_interval=2", "--checkpoint_step=2")
+    assert trainer.iteration == 6 and (state / "bert4rec_6_ml-1m_melo.pt").is_file()
+
+
+def test_a_nan_test_result_is_an_error_and_writes_no_json(ratings_file, tmp_path, monkeypatch):
+    run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=2")
+    original = main.MetaTrainer.evaluate
+    monkeypatch.setattr(main.MetaTrainer, "evaluate", lambda self, batch: {**original(self, batch), "mae": math.inf})
+    with pytest.raises(UserError, match="no result is written"):
+        run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
+    assert not list((tmp_path / "log" / "state").glob("*.json"))
+
+
 def test_test_without_a_step_takes_the_latest_best_checkpoint(ratings_file, tmp_path, capsys):
     run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
     best_steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "log" / "state").glob("*_best_*.pt"))

@@ -107,3 +107,10 @@ def test_bad_input_exits_with_one_line(ratings_file, tmp_path, capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "missing.dat" in error and "\n" not in error
+
+
+def test_diverging_basic_training_is_an_error_and_saves_nothing(ratings_file, tmp_path):
+    with pytest.raises(UserError, match="Basic training diverged at epoch 1 .* nothing was saved; lower --pretraining_lr"):
+        run(ratings_file, tmp_path, "--pretrain_epochs=3", "--pretraining_lr=1e30", "--save_pretrained=True")
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").iterdir())
+    assert not (tmp_path / "embedding").exists() or not list((tmp_path / "embedding").iterdir())
