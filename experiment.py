@@ -15,6 +15,10 @@ from dataloader import DataError, load_data
 from options import parse_args
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class UserError(Exception):
     """A problem the user can fix; reported as one line, never a traceback."""
 
@@ -85,6 +89,7 @@ def atomic_save(obj, path):
     os.close(handle)
     try:
         torch.save(obj, temporary)
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would give
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -120,6 +125,7 @@ def load_checkpoint(directory, pattern, step, device, made_by):
         available = (f"steps with a checkpoint: {', '.join(map(str, steps))}" if steps
                      else f"no checkpoint of this kind in {directory}; {made_by} writes them")
         raise UserError(f"no checkpoint {path} for step {step}; {available}")
+    print(f"Loading checkpoint from {path}")  # the reference's line: which file, --test_best or not
     try:
         return torch.load(path, map_location=device, weights_only=False)
     except Exception as error:  # a corrupt or foreign file: say which and why

@@ -43,7 +43,9 @@ class MetaTrainer:
         self.device = device
         self.sampler = TaskSampler(data, args)
         model = model_factory(args)
-        if args.load_pretrained_embedding:
+        if args.test:
+            pass  # the checkpoint holds every parameter: nothing pretrained is needed
+        elif args.load_pretrained_embedding:
             self._load_pretrained(model.embedding, pretrained_embedding_path(args), "embedding")
         elif args.load_pretrained:
             self._load_pretrained(model, pretrained_model_path(args), "model")
@@ -215,6 +217,8 @@ class MetaTrainer:
         print("Model with the best validation RMSE loss is saved.")
         print(f"Best step: {self.best_step}")
         print(f"Best RMSE loss: {self.best_valid_rmse:.4f}")
+        print(f"Checkpoints are in {self.save_dir}; test the best one with the same flags and "
+              f"--test --checkpoint_step={self.best_step}")
         print("Done.")
 
     def _validate(self, writer, valid_tasks, train_batch):

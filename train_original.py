@@ -128,6 +128,8 @@ class BasicTrainer:
         print("Model with the best validation RMSE loss is saved.")
         print(f"Best step: {best_epoch}")
         print(f"Best RMSE loss: {best_rmse:.4f}")
+        print(f"Checkpoints are in {self.save_dir}; test the best one with the same flags and "
+              f"--test --checkpoint_step={best_epoch}")
         if args.save_pretrained:
             print(f"Pretrained embedding: {pretrained_embedding_path(args)}")
         print("Done.")

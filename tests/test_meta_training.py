@@ -1,6 +1,7 @@
 """MAML / MELO meta-training (main.py, meta_learner.py) on small fixture data."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -363,6 +364,21 @@ def test_a_nan_test_result_is_an_error_and_writes_no_json(ratings_file, tmp_path
     with pytest.raises(UserError, match="no result is written"):
         run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
     assert not list((tmp_path / "log" / "state").glob("*.json"))
+
+
+def test_testing_needs_only_the_checkpoint(ratings_file, tmp_path, capsys):
+    """The reference README's test command names --load_pretrained_embedding=True: the
+    checkpoint holds every parameter, so no Basic embedding has to exist."""
+    run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=2")
+    out = capsys.readouterr().out
+    assert "test the best one with the same flags and --test --checkpoint_step=2" in out
+    metrics = run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True", "--test", "--checkpoint_step=2")
+    assert math.isfinite(metrics["rmse"])
+    checkpoint = tmp_path / "log" / "state" / "bert4rec_2_best_ml-1m_melo.pt"
+    assert f"Loading checkpoint from {checkpoint}" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask  # like any other file, not 0600
 
 
 def test_test_without_a_step_takes_the_latest_best_checkpoint(ratings_file, tmp_path, capsys):
