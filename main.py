@@ -31,6 +31,18 @@ from models import model_factory
 GRADIENT_CLIP_NORM = 5.0
 MIN_LSTM_LR = 1e-2
 EVALUATION_CHUNK = 64  # tasks adapted at once when there is no outer graph
+# The flags that a resumed run may change: learning rates and the length of the run go to
+# the optimisers and schedulers; the rest change how the same computation runs, or where
+# things go. Every other setting must be the checkpoint's.
+RATE_OF_OPTIMIZER = {"meta": "outer_lr", "encoder": "lstm_lr", "inner_lr": "learn_lr",
+                     "task_info": "task_info_lr", "loss_network": "loss_lr"}
+MAY_CHANGE_ON_RESUME = {
+    *RATE_OF_OPTIMIZER.values(), "min_outer_lr", "loss_weight_decay", "num_train_iterations",
+    "log_interval", "batch_size", "checkpoint_step", "test", "test_best", "test_baseline", "log_dir",
+    "device", "use_vmap", "tasks_per_pass", "support_chunks", "recompute_inner_steps", "download_url",
+    "load_pretrained_embedding", "load_pretrained", "save_pretrained", "pretrain_log_dir",
+    "pretrain_epochs", "pretraining_lr", "pretraining_batch_size", "use_learned_loss_baseline",
+}
 
 
 class MetaTrainer:
@@ -177,6 +189,7 @@ class MetaTrainer:
         pattern = self.best_pattern if best else self.every_pattern
         made_by = f"main.py with --log_dir={self.args.log_dir} and the same --model/--mode/method"
         state = load_checkpoint(self.save_dir, pattern, step, self.device, made_by)
+        changed = self._changed_settings(state["args"], step) if resume else []
         load_matching_state(self.learner, state["learner"], f"checkpoint of step {step}", made_by)
         if not resume:
             return
@@ -184,6 +197,8 @@ class MetaTrainer:
             optimizer.load_state_dict(state["optimizers"][name])
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
+        if changed:
+            self._apply_rates(state["iteration"])
         self.iteration = state["iteration"]
         self.best_valid_rmse = state["best_valid_rmse"]
         self.best_step = state["best_step"]
@@ -194,6 +209,41 @@ class MetaTrainer:
         random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _changed_settings(self, saved, step):
+        """The flags that differ from the checkpoint's: an error for one that may not change,
+        printed for the others (returned)."""
+        ours = vars(self.args)
+        differs = [name for name in saved if name in ours and saved[name] != ours[name]]
+        fixed = [name for name in differs if name not in MAY_CHANGE_ON_RESUME]
+        if fixed:
+            listed = ", ".join(f"--{name}={saved[name]} (now {ours[name]})" for name in fixed)
+            raise UserError(f"--checkpoint_step={step} resumes a run made with other settings: {listed}; "
+                            "these cannot change in a resumed run: give them as they were, or start a "
+                            "new run in another --log_dir")
+        changed = [name for name in differs if name not in ("checkpoint_step", "test")]
+        if changed:
+            print("Resuming with changed settings: " +
+                  ", ".join(f"--{name} {saved[name]} -> {ours[name]}" for name in changed))
+        return changed
+
+    def _apply_rates(self, iteration):
+        """Give the optimisers the learning rates of the command line, and the cosine
+        schedules its length, at ``iteration``."""
+        args = self.args
+        ends = {"meta": args.min_outer_lr, "encoder": MIN_LSTM_LR}
+        for name, optimizer in self.optimizers.items():
+            rate = getattr(args, RATE_OF_OPTIMIZER[name])
+            scheduler = self.schedulers.get(name)
+            if scheduler is not None:
+                scheduler.base_lrs = [rate] * len(optimizer.param_groups)
+                scheduler.T_max, scheduler.eta_min = args.num_train_iterations, ends[name]
+                # CosineAnnealingLR's closed form at this iteration
+                rate = ends[name] + (rate - ends[name]) * (1 + math.cos(math.pi * iteration / scheduler.T_max)) / 2
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+                if name == "loss_network":
+                    group["weight_decay"] = args.loss_weight_decay
 
     # --- the run -----------------------------------------------------------------------------
     def train(self):

@@ -9,7 +9,7 @@ import torch
 import main
 import train_original
 from dataloader import TaskSampler, load_data
-from experiment import UserError
+from experiment import UserError, setup
 from fixtures import write_ratings
 from meta_learner import MetaLearner, importance_vector, one_task
 from models import model_factory
@@ -284,6 +284,29 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_pa
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_a_resume_applies_a_changed_learning_rate_and_refuses_a_changed_shape(ratings_file, tmp_path, capsys):
+    flags = ["--num_train_iterations=4", "--log_interval=2"]
+    run_main(ratings_file, tmp_path, *flags)
+    trainer = run_main(ratings_file, tmp_path, *flags, "--num_train_iterations=6", "--outer_lr=0.5",
+                       "--lstm_lr=0.05", "--checkpoint_step=2")
+    assert "Resuming with changed settings: --outer_lr 0.001 -> 0.5, --lstm_lr 0.1 -> 0.05, " \
+           "--num_train_iterations 4 -> 6" in capsys.readouterr().out
+    # after 4 more of 6 iterations on cosine schedules that start from the new rates
+    meta, encoder = trainer.optimizers["meta"], trainer.optimizers["encoder"]
+    expected = 1e-4 + (0.5 - 1e-4) * (1 + math.cos(math.pi * 6 / 6)) / 2
+    assert meta.param_groups[0]["lr"] == pytest.approx(expected)
+    assert trainer.schedulers["meta"].base_lrs == [0.5] and trainer.schedulers["encoder"].base_lrs == [0.05]
+    with pytest.raises(UserError, match=r"--bert_hidden_units=8 \(now 12\); these cannot change"):
+        run_main(ratings_file, tmp_path, *flags, "--bert_hidden_units=12", "--checkpoint_step=2")
+    # a MAML run looks for MAML's checkpoints: point one at MELO's to see it refused
+    args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}",
+                                *flags, "--use_adaptive_loss=False"])
+    maml = main.MetaTrainer(args, data, device)
+    maml.every_pattern = maml.every_pattern.replace("maml", "melo")
+    with pytest.raises(UserError, match=r"--use_adaptive_loss=True \(now False\)"):
+        maml.load(2, best=False, resume=True)
 
 
 def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
