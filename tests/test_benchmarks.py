@@ -14,12 +14,17 @@ from options import parse_args
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def device_check():
-    spec = importlib.util.spec_from_file_location("device_check", ROOT / "benchmarks" / "device_check.py")
+def benchmark_module(name):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def device_check():
+    return benchmark_module("device_check")
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +65,7 @@ def test_meta_iteration_quick_prints_a_row_per_configuration(tmp_path):
 # --- benchmarks/reference_parity.py (the reference itself is not in CI) -------------------
 @pytest.fixture(scope="module")
 def reference_parity():
-    spec = importlib.util.spec_from_file_location("reference_parity", ROOT / "benchmarks" / "reference_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("reference_parity")
 
 
 def test_parity_refuses_a_folder_that_is_not_the_reference(reference_parity, tmp_path):
