@@ -1,5 +1,7 @@
 """What main.py and train_original.py share: errors for the user, devices, seeds,
 atomic checkpoints and the list of checkpoints a folder holds."""
+import hashlib
+import json
 import os
 import random
 import re
@@ -124,6 +126,12 @@ def load_checkpoint(directory, pattern, step, device, made_by):
         steps = checkpoint_steps(directory, pattern)
         available = (f"steps with a checkpoint: {', '.join(map(str, steps))}" if steps
                      else f"no checkpoint of this kind in {directory}; {made_by} writes them")
+        run = Path(directory).parent
+        others = sorted(folder.parent.name for folder in run.parent.glob("*/state")
+                        if folder.parent != run and checkpoint_steps(folder, pattern))
+        if others:
+            available += (f" (the same folder holds runs of other data or settings, whose flags differ "
+                          f"from these: {', '.join(others)})")
         raise UserError(f"no checkpoint {path} for step {step}; {available}")
     print(f"Loading checkpoint from {path}")  # the reference's line: which file, --test_best or not
     try:
@@ -143,19 +151,80 @@ def load_matching_state(module, state, what, made_by):
                         f"flags or data: {made_by}") from None
 
 
+# What makes one run's files differ from another's, apart from the method (which main.py's
+# file names carry): the data and how it is read and split, the seed, the model and its shape.
+DATA_SETTINGS = ("mode", "min_item", "min_sequence", "num_test_data", "val_size", "random_seed",
+                 "drop_duplicates", "stable_date_sort", "max_seq_len")
+MODEL_SHAPES = {"bert4rec": ("bert_hidden_units", "bert_num_blocks", "bert_num_heads"),
+                "sasrec": ("bert_hidden_units", "bert_num_blocks", "bert_num_heads"),
+                "ncf": ("bert_hidden_units",),
+                "gru4rec": ("gru4rec_embedding_dim", "gru4rec_hidden_size", "gru4rec_n_layers"),
+                "narm": ("narm_embedding_dim", "narm_hidden_size", "narm_n_layers")}
+
+
+def run_identity(args):
+    """The settings that make a run's files its own; stored in each of them and compared when
+    one is loaded. The data file counts by its folder, name and size, so a moved copy of
+    the same file is the same data."""
+    data = Path(args.data_path)
+    identity = {"data": f"{data.parent.name}/{data.name}",
+                "data_bytes": data.stat().st_size if data.is_file() else None, "model": args.model}
+    identity.update({name: getattr(args, name) for name in (*DATA_SETTINGS, *MODEL_SHAPES[args.model])})
+    return identity
+
+
+def run_folder(args, root):
+    """The folder of this run's files under ``root`` (--log_dir or --pretrain_log_dir):
+    ``<data folder>-<file>_seed<seed>_<model>_<digest of the identity>``. Basic and MAML/MELO
+    of the same data and model share it, so main.py finds Basic's embedding there."""
+    identity = run_identity(args)
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    data = Path(args.data_path)
+    return Path(root) / f"{data.parent.name}-{data.stem}_seed{args.random_seed}_{args.model}_{digest}"
+
+
+def check_identity(saved, args, what, made_by):
+    """A clear error when a file was made for other data or settings than this run's."""
+    ours = run_identity(args)
+    differs = [f"{key} {saved.get(key)!r} (now {value!r})" for key, value in ours.items() if saved.get(key) != value]
+    if differs:
+        raise UserError(f"{what} was made for other data or settings: {', '.join(differs)}; {made_by}")
+
+
 def pretrained_embedding_path(args):
     """Where train_original.py --save_pretrained=True puts the embedding part."""
     name = f"{args.model}_embedding_{args.mode}"
     if args.model in ("bert4rec", "sasrec"):
         name += f"_{args.bert_hidden_units}_{args.bert_num_blocks}_{args.bert_num_heads}"
-    return Path(args.pretrain_log_dir) / "embedding" / name
+    return run_folder(args, args.pretrain_log_dir) / "embedding" / name
 
 
 def pretrained_model_path(args):
     """Where train_original.py --save_pretrained=True puts the whole model."""
     name = (f"{args.model}_pretrained_{args.mode}_{args.bert_hidden_units}_"
             f"{args.bert_num_blocks}_{args.bert_num_heads}")
-    return Path(args.pretrain_log_dir) / "pretrained" / name
+    return run_folder(args, args.pretrain_log_dir) / "pretrained" / name
+
+
+def refuse_earlier_run(directory, patterns, args, what):
+    """Before a new run writes into ``directory``: an error when checkpoints of an earlier
+    run with these settings are there (``patterns`` with ``{step}``), or, with --overwrite,
+    delete them and their test results."""
+    directory = Path(directory)
+    found = sorted({step for pattern in patterns for step in checkpoint_steps(directory, pattern)})
+    if not found:
+        return
+    if not args.overwrite:
+        raise UserError(f"{directory} holds checkpoints of an earlier {what} run with these settings "
+                        f"(steps {', '.join(map(str, found))}): resume it with --checkpoint_step={found[-1]}, "
+                        "test it with --test, or start it again with --overwrite=True, which deletes them")
+    for pattern in patterns:
+        for step in checkpoint_steps(directory, pattern):
+            for path in (directory / pattern.format(step=step),
+                         directory / f"{Path(pattern.format(step=step)).stem}_test.json",
+                         directory / f"{pattern.format(step=step)}_test.json"):
+                path.unlink(missing_ok=True)
+    print(f"--overwrite=True: deleted the earlier {what} run's checkpoints in {directory}")
 
 
 def pretraining_command(args):

@@ -13,7 +13,6 @@ if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +21,9 @@ from tqdm import tqdm
 
 import evaluation
 from dataloader import TaskSampler
-from experiment import (UserError, atomic_save, checkpoint_steps, latest_step, load_checkpoint, load_matching_state,
-                        make_dirs, pretrained_embedding_path, pretrained_model_path,
-                        pretraining_command, run_cli, setup)
+from experiment import (UserError, atomic_save, check_identity, checkpoint_steps, latest_step, load_checkpoint,
+                        load_matching_state, make_dirs, pretrained_embedding_path, pretrained_model_path,
+                        pretraining_command, refuse_earlier_run, run_cli, run_folder, run_identity, setup)
 from meta_learner import MetaLearner, importance_vector
 from models import model_factory
 
@@ -41,7 +40,7 @@ MAY_CHANGE_ON_RESUME = {
     "log_interval", "batch_size", "checkpoint_step", "test", "test_best", "test_baseline", "log_dir",
     "device", "use_vmap", "tasks_per_pass", "support_chunks", "recompute_inner_steps", "download_url",
     "load_pretrained_embedding", "load_pretrained", "save_pretrained", "pretrain_log_dir",
-    "pretrain_epochs", "pretraining_lr", "pretraining_batch_size", "use_learned_loss_baseline",
+    "pretrain_epochs", "pretraining_lr", "pretraining_batch_size", "use_learned_loss_baseline", "overwrite",
 }
 
 
@@ -68,7 +67,8 @@ class MetaTrainer:
         self.iteration = 0
         self.best_valid_rmse = math.inf
         self.best_step = 0
-        self.save_dir = Path(args.log_dir) / "state"
+        self.run_dir = run_folder(args, args.log_dir)
+        self.save_dir = self.run_dir / "state"
         self.best_pattern = f"{args.model}_{{step}}_best_{args.mode}_{self.method}.pt"
         self.every_pattern = f"{args.model}_{{step}}_{args.mode}_{self.method}.pt"
 
@@ -77,9 +77,12 @@ class MetaTrainer:
             raise UserError(f"no pretrained {what} at {path}; make it first with: "
                             f"{pretraining_command(self.args)}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            identity, state = saved["identity"], saved["state"]
         except Exception as error:
-            raise UserError(f"cannot read pretrained {what} {path}: {error}") from None
+            raise UserError(f"cannot read pretrained {what} {path}: {error}; make it again with: "
+                            f"{pretraining_command(self.args)}") from None
+        check_identity(identity, self.args, f"pretrained {what} {path}", pretraining_command(self.args))
         load_matching_state(module, state, f"pretrained {what} {path}", pretraining_command(self.args))
         print(f"Loaded pretrained {what} from {path}")
 
@@ -178,6 +181,7 @@ class MetaTrainer:
                     "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "args": vars(self.args),
+            "identity": run_identity(self.args),
         }
 
     def save(self, best):
@@ -189,6 +193,8 @@ class MetaTrainer:
         pattern = self.best_pattern if best else self.every_pattern
         made_by = f"main.py with --log_dir={self.args.log_dir} and the same --model/--mode/method"
         state = load_checkpoint(self.save_dir, pattern, step, self.device, made_by)
+        check_identity(state.get("identity", {}), self.args, f"checkpoint of step {step}",
+                       "it belongs to another run: give that run's flags, or another --log_dir")
         changed = self._changed_settings(state["args"], step) if resume else []
         load_matching_state(self.learner, state["learner"], f"checkpoint of step {step}", made_by)
         if not resume:
@@ -249,8 +255,10 @@ class MetaTrainer:
     def train(self):
         args = self.args
         make_dirs(self.save_dir)
+        if self.iteration == 0:
+            refuse_earlier_run(self.save_dir, [self.every_pattern, self.best_pattern], args, self.method.upper())
         valid_tasks = self.sampler.fixed_tasks("valid")
-        writer = SummaryWriter(str(Path(args.log_dir) / "runs" / f"{args.model}_{args.mode}_{self.method}"))
+        writer = SummaryWriter(str(self.run_dir / "runs" / f"{args.model}_{args.mode}_{self.method}"))
         print(f"Starting {self.method.upper()} training at iteration {self.iteration}")
         progress = tqdm(range(self.iteration + 1, args.num_train_iterations + 1),
                         initial=self.iteration, total=args.num_train_iterations, desc=self.method.upper())
@@ -309,7 +317,7 @@ class MetaTrainer:
         pattern = self.best_pattern if self.args.test_best else self.every_pattern
         path = self.save_dir / pattern.format(step=step).replace(".pt", "_test.json")
         evaluation.report_test(metrics, f"{self.method.upper()} test (step {step})", path, self.args,
-                               method=self.method, checkpoint_step=step)
+                               method=self.method, checkpoint_step=step, identity=run_identity(self.args))
         return metrics
 
 
@@ -320,10 +328,11 @@ def test_mean_rating(args, data):
     targets = test_tasks.target_ratings
     metrics = evaluation.evaluate(torch.full_like(targets, data.train_mean_rating), targets,
                                   test_tasks.query_row_mask, rating_values=data.rating_values)
-    make_dirs(args.log_dir)
-    path = Path(args.log_dir) / f"mean_rating_{args.mode}_test.json"
+    folder = run_folder(args, args.log_dir)
+    make_dirs(folder)
+    path = folder / f"mean_rating_{args.mode}_test.json"
     evaluation.report_test(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})", path, args,
-                           method="mean_rating")
+                           method="mean_rating", identity=run_identity(args))
     return metrics
 
 

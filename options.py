@@ -77,6 +77,9 @@ def build_parser():
         help="(new) keep ratings of the same date in file order; False sorts them as the "
              "reference does (numpy's quicksort, whose order of ties depends on the CPU)")
     add("--random_seed", type=int, default=222, help="seed of the data split and the test tasks")
+    add("--overwrite", type=str2bool, default=False,
+        help="(new) start a run again whose checkpoints are already there, deleting them; "
+             "without it such a run stops and says how to resume or test it")
     add("--download_url", type=str, default=None,
         help="(new) URL of the MovieLens zip, for a mirror; GroupLens by default")
 

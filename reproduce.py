@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 import options  # noqa: E402
 from dataloader import load_data  # noqa: E402
-from experiment import UserError, checkpoint_steps, run_cli  # noqa: E402
+from experiment import UserError, checkpoint_steps, run_cli, run_folder  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parent
 PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
@@ -200,7 +200,9 @@ class Run:
 
     @property
     def work_dir(self):
-        return self.folder / self.method
+        """The folder of the run's own files: the script's run folder for these flags
+        (experiment.run_folder) under the --log_dir / --pretrain_log_dir given to it."""
+        return run_folder(options.parse_args(self.test_command[2:]), self.folder / self.method)
 
     @property
     def log_path(self):

@@ -15,7 +15,6 @@ if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import math
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,8 +23,9 @@ from tqdm import tqdm
 
 import evaluation
 from dataloader import PretrainDataset, TaskSampler
-from experiment import (UserError, atomic_save, latest_step, load_checkpoint, load_matching_state, make_dirs,
-                        pretrained_embedding_path, pretrained_model_path, run_cli, setup)
+from experiment import (UserError, atomic_save, check_identity, latest_step, load_checkpoint, load_matching_state,
+                        make_dirs, pretrained_embedding_path, pretrained_model_path, refuse_earlier_run, run_cli,
+                        run_folder, run_identity, setup)
 from meta_learner import MAX_RATING
 from models import model_factory
 from models.loss_weighting import TaskStateEncoder
@@ -55,7 +55,8 @@ class BasicTrainer:
         self.train_loader = DataLoader(
             PretrainDataset(data, data.train_users, args, seed=args.random_seed),
             batch_size=args.pretraining_batch_size, shuffle=True, generator=generator)
-        self.save_dir = Path(args.pretrain_log_dir) / "state"
+        self.run_dir = run_folder(args, args.pretrain_log_dir)
+        self.save_dir = self.run_dir / "state"
         self.pattern = f"{args.model}_{{step}}_no_meta_best"
 
     def train_epoch(self):
@@ -101,9 +102,12 @@ class BasicTrainer:
     def train(self):
         args = self.args
         make_dirs(self.save_dir)
+        refuse_earlier_run(self.save_dir, [self.pattern], args, "Basic")
+        for path in (pretrained_embedding_path(args), pretrained_model_path(args)):
+            path.unlink(missing_ok=True)  # an earlier run's, which this run replaces (or, if it fails, none)
         if args.save_pretrained:
             make_dirs(pretrained_embedding_path(args).parent, pretrained_model_path(args).parent)
-        writer = SummaryWriter(str(Path(args.pretrain_log_dir) / "runs" / f"{args.model}_{args.mode}_basic"))
+        writer = SummaryWriter(str(self.run_dir / "runs" / f"{args.model}_{args.mode}_basic"))
         valid_tasks = self.sampler.fixed_tasks("valid")
         best_rmse, best_epoch = math.inf, 0
         print(f"Starting Basic model training ({args.model}, {args.pretrain_epochs} epochs)")
@@ -138,16 +142,19 @@ class BasicTrainer:
     def save(self, epoch, valid_rmse):
         """The best epoch's checkpoint in state/ (always: every run can be tested) and,
         with --save_pretrained=True, the embedding and whole model for main.py."""
+        identity = run_identity(self.args)
         state = {"model": self.model.state_dict(), "epoch": epoch, "valid_rmse": valid_rmse,
-                 "args": vars(self.args)}
+                 "args": vars(self.args), "identity": identity}
         atomic_save(state, self.save_dir / self.pattern.format(step=epoch))
         if self.args.save_pretrained:
-            atomic_save(self.model.embedding.state_dict(), pretrained_embedding_path(self.args))
-            atomic_save(self.model.state_dict(), pretrained_model_path(self.args))
+            atomic_save({"identity": identity, "state": self.model.embedding.state_dict()},
+                        pretrained_embedding_path(self.args))
+            atomic_save({"identity": identity, "state": self.model.state_dict()}, pretrained_model_path(self.args))
 
     def load(self, step):
         made_by = f"train_original.py with --pretrain_log_dir={self.args.pretrain_log_dir}"
         state = load_checkpoint(self.save_dir, self.pattern, step, self.device, made_by)
+        check_identity(state.get("identity", {}), self.args, f"checkpoint of epoch {step}", made_by)
         load_matching_state(self.model, state["model"], f"checkpoint of epoch {step}", made_by)
 
     def test(self, step):
@@ -157,7 +164,7 @@ class BasicTrainer:
                             "its parameters do not give finite predictions; no result is written")
         path = self.save_dir / f"{self.pattern.format(step=step)}_test.json"
         evaluation.report_test(metrics, f"Basic test (epoch {step})", path, self.args,
-                               method="basic", checkpoint_step=step)
+                               method="basic", checkpoint_step=step, identity=run_identity(self.args))
         return metrics
 
 

@@ -218,3 +218,10 @@ def loopback_server(routes: dict[str, bytes | Payload]):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def run_dir(root):
+    """The one run folder (experiment.run_folder) under a --log_dir or --pretrain_log_dir."""
+    folders = [path for path in Path(root).iterdir() if path.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]

@@ -10,7 +10,7 @@ import main
 import train_original
 from dataloader import TaskSampler, load_data
 from experiment import UserError, setup
-from fixtures import write_ratings
+from fixtures import run_dir, write_ratings
 from meta_learner import MetaLearner, importance_vector, one_task
 from models import model_factory
 from options import PADDING_FREE_MODELS, parse_args
@@ -260,7 +260,7 @@ def run_main(ratings_file, tmp_path, *extra):
 
 
 def learner_state(log_dir, step):
-    return torch.load(log_dir / "state" / f"bert4rec_{step}_ml-1m_melo.pt", weights_only=False)["learner"]
+    return torch.load(run_dir(log_dir) / "state" / f"bert4rec_{step}_ml-1m_melo.pt", weights_only=False)["learner"]
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_path, monkeypatch):
@@ -298,8 +298,11 @@ def test_a_resume_applies_a_changed_learning_rate_and_refuses_a_changed_shape(ra
     expected = 1e-4 + (0.5 - 1e-4) * (1 + math.cos(math.pi * 6 / 6)) / 2
     assert meta.param_groups[0]["lr"] == pytest.approx(expected)
     assert trainer.schedulers["meta"].base_lrs == [0.5] and trainer.schedulers["encoder"].base_lrs == [0.05]
-    with pytest.raises(UserError, match=r"--bert_hidden_units=8 \(now 12\); these cannot change"):
+    # another shape is another run, in its own folder: its checkpoint of step 2 is not there
+    with pytest.raises(UserError, match=r"for step 2; .*holds runs of other data or settings.*: data\d+-ratings_seed222_bert4rec_"):
         run_main(ratings_file, tmp_path, *flags, "--bert_hidden_units=12", "--checkpoint_step=2")
+    with pytest.raises(UserError, match=r"--lstm_hidden=8 \(now 12\); these cannot change"):
+        run_main(ratings_file, tmp_path, *flags, "--lstm_hidden=12", "--checkpoint_step=2")
     # a MAML run looks for MAML's checkpoints: point one at MELO's to see it refused
     args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}",
                                 *flags, "--use_adaptive_loss=False"])
@@ -313,7 +316,7 @@ def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
     run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
     melo = run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
     assert math.isfinite(melo["rmse"]) and math.isfinite(melo["mae"])
-    result = json.loads((tmp_path / "log" / "state" / "bert4rec_2_best_ml-1m_melo_test.json").read_text())
+    result = json.loads((run_dir(tmp_path / "log") / "state" / "bert4rec_2_best_ml-1m_melo_test.json").read_text())
     assert result["metrics"]["rmse"] == pytest.approx(melo["rmse"])
     assert result["config"]["num_test_data"] == 8
 
@@ -342,12 +345,22 @@ def test_missing_pretrained_embedding_names_the_command(ratings_file, tmp_path):
         run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True")
 
 
-def test_pretrained_embedding_of_other_sizes_is_a_clear_error(ratings_file, tmp_path):
+def test_pretrained_embedding_of_other_settings_is_never_loaded(ratings_file, tmp_path):
     flags = [f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path / 'pre'}"]
-    train_original.main([*flags, "--pretrain_epochs=1", "--save_pretrained=True",
-                         "--bert_hidden_units=8"])
-    with pytest.raises(UserError, match="does not fit"):
+    train_original.main([*flags, "--pretrain_epochs=1", "--save_pretrained=True"])
+    # another seed (other test users) or size is another run: no embedding of its own yet
+    with pytest.raises(UserError, match="no pretrained embedding at .*seed223"):
+        run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True", "--random_seed=223")
+    with pytest.raises(UserError, match="no pretrained embedding at"):
         run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True", "--max_seq_len=9")
+    # seed 222's embedding copied where seed 223's belongs is refused, not borrowed
+    args = parse_args([*flags, "--random_seed=223"])
+    theirs = next((tmp_path / "pre").glob("*/embedding/*"))
+    ours = main.pretrained_embedding_path(args)
+    ours.parent.mkdir(parents=True)
+    ours.write_bytes(theirs.read_bytes())
+    with pytest.raises(UserError, match=r"was made for other data or settings: random_seed 222 \(now 223\)"):
+        run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True", "--random_seed=223")
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(ratings_file, tmp_path, monkeypatch):
@@ -360,7 +373,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(ratings_file, 
     monkeypatch.setattr(main.MetaTrainer, "outer_loss", poisoned)
     with pytest.raises(UserError, match="became nan at iteration 3"):
         run_main(ratings_file, tmp_path, "--num_train_iterations=4", "--log_interval=2")
-    assert (tmp_path / "log" / "state" / "bert4rec_2_ml-1m_melo.pt").is_file()
+    assert (run_dir(tmp_path / "log") / "state" / "bert4rec_2_ml-1m_melo.pt").is_file()
 
 
 def test_a_nan_at_validation_writes_no_checkpoint_and_the_last_one_resumes(ratings_file, tmp_path, monkeypatch):
@@ -373,7 +386,7 @@ def test_a_nan_at_validation_writes_no_checkpoint_and_the_last_one_resumes(ratin
     monkeypatch.setattr(main.MetaTrainer, "evaluate", poisoned)
     with pytest.raises(UserError, match=r"validation RMSE became nan at iteration 4: .*iteration 2\) is kept"):
         run_main(ratings_file, tmp_path, "--num_train_iterations=6", "--log_interval=2")
-    state = tmp_path / "log" / "state"
+    state = run_dir(tmp_path / "log") / "state"
     assert sorted(p.name for p in state.glob("*.pt")) == ["bert4rec_2_best_ml-1m_melo.pt", "bert4rec_2_ml-1m_melo.pt"]
     monkeypatch.setattr(main.MetaTrainer, "evaluate", original)
     trainer = run_main(ratings_file, tmp_path, "--num_train_iterations=6", "--log_interval=2", "--checkpoint_step=2")
@@ -386,7 +399,7 @@ def test_a_nan_test_result_is_an_error_and_writes_no_json(ratings_file, tmp_path
     monkeypatch.setattr(main.MetaTrainer, "evaluate", lambda self, batch: {**original(self, batch), "mae": math.inf})
     with pytest.raises(UserError, match="no result is written"):
         run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
-    assert not list((tmp_path / "log" / "state").glob("*.json"))
+    assert not list((run_dir(tmp_path / "log") / "state").glob("*.json"))
 
 
 def test_testing_needs_only_the_checkpoint(ratings_file, tmp_path, capsys):
@@ -397,16 +410,53 @@ def test_testing_needs_only_the_checkpoint(ratings_file, tmp_path, capsys):
     assert "test the best one with the same flags and --test --checkpoint_step=2" in out
     metrics = run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True", "--test", "--checkpoint_step=2")
     assert math.isfinite(metrics["rmse"])
-    checkpoint = tmp_path / "log" / "state" / "bert4rec_2_best_ml-1m_melo.pt"
+    checkpoint = run_dir(tmp_path / "log") / "state" / "bert4rec_2_best_ml-1m_melo.pt"
     assert f"Loading checkpoint from {checkpoint}" in capsys.readouterr().out
     umask = os.umask(0)
     os.umask(umask)
     assert checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask  # like any other file, not 0600
 
 
+def test_seeds_and_datasets_in_the_same_folders_keep_their_own_files(ratings_file, tmp_path):
+    other_data = write_ratings(tmp_path / "other" / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=4)
+    runs = [(ratings_file, 222), (ratings_file, 223), (other_data, 222)]
+    for data, seed in runs:
+        train_original.main([f"--data_path={data}", *TINY, f"--pretrain_log_dir={tmp_path / 'pre'}",
+                             f"--random_seed={seed}", "--pretrain_epochs=1", "--save_pretrained=True"])
+        main.main([f"--data_path={data}", *TINY, f"--log_dir={tmp_path / 'log'}", f"--random_seed={seed}",
+                   f"--pretrain_log_dir={tmp_path / 'pre'}", "--num_train_iterations=2", "--log_interval=2",
+                   "--load_pretrained_embedding=True"])
+    for root in ("pre", "log"):
+        assert len(list((tmp_path / root).glob("*/state"))) == 3, "one folder per run, nothing overwritten"
+    for data, seed in runs:
+        metrics = main.main([f"--data_path={data}", *TINY, f"--log_dir={tmp_path / 'log'}", f"--random_seed={seed}",
+                             "--test", "--checkpoint_step=2"])
+        record = json.loads(next((tmp_path / "log").glob(f"{data.parent.name}-ratings_seed{seed}_*/state/*_test.json"))
+                            .read_text())
+        assert record["identity"]["random_seed"] == seed and record["identity"]["data"].startswith(data.parent.name)
+        assert record["metrics"]["rmse"] == pytest.approx(metrics["rmse"])
+
+
+def test_a_new_run_refuses_an_earlier_runs_checkpoints_unless_told_to_overwrite(ratings_file, tmp_path):
+    flags = ["--num_train_iterations=2", "--log_interval=1"]
+    run_main(ratings_file, tmp_path, *flags)
+    state = run_dir(tmp_path / "log") / "state"
+    before = sorted(p.name for p in state.iterdir())
+    with pytest.raises(UserError, match=r"holds checkpoints of an earlier MELO run .*steps 1, 2.*"
+                                        r"--checkpoint_step=2.*--overwrite=True"):
+        run_main(ratings_file, tmp_path, *flags)
+    assert sorted(p.name for p in state.iterdir()) == before
+    run_main(ratings_file, tmp_path, *flags, "--use_adaptive_loss=False")  # MAML's own names: no conflict
+    maml = sorted(p.name for p in state.glob("*_maml.pt"))
+    run_main(ratings_file, tmp_path, "--num_train_iterations=1", "--log_interval=1", "--overwrite=True")
+    melo = sorted(p.name for p in state.glob("*_melo*"))
+    assert melo == ["bert4rec_1_best_ml-1m_melo.pt", "bert4rec_1_ml-1m_melo.pt"], "step 2 of the old run is gone"
+    assert sorted(p.name for p in state.glob("*_maml.pt")) == maml
+
+
 def test_test_without_a_step_takes_the_latest_best_checkpoint(ratings_file, tmp_path, capsys):
     run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
-    best_steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "log" / "state").glob("*_best_*.pt"))
+    best_steps = sorted(int(p.name.split("_")[1]) for p in (run_dir(tmp_path / "log") / "state").glob("*_best_*.pt"))
     metrics = run_main(ratings_file, tmp_path, "--test")
     assert f"Testing the latest checkpoint, step {best_steps[-1]}" in capsys.readouterr().out
     assert metrics == run_main(ratings_file, tmp_path, "--test", f"--checkpoint_step={best_steps[-1]}")

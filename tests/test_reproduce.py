@@ -228,7 +228,7 @@ def test_an_interrupted_meta_training_resumes_from_its_last_checkpoint(study, ca
     folder = study.dir / "runs" / "223" / "gru4rec"
     earlier = json.loads((folder / "melo.json").read_text())
     (folder / "melo.json").unlink()
-    for last_step in (folder / "melo" / "state").glob("gru4rec_2_*"):
+    for last_step in (folder / "melo").glob("*/state/gru4rec_2_*"):
         last_step.unlink()
     untouched = {path: time for path, time in file_times(study.dir / "runs").items()
                  if folder / "melo" not in path.parents and path.name != "melo.log"}

@@ -8,7 +8,7 @@ import torch
 
 import train_original
 from experiment import UserError, setup
-from fixtures import make_ratings_frame, write_ratings
+from fixtures import make_ratings_frame, run_dir, write_ratings
 from models import model_factory
 from options import parse_args
 
@@ -31,11 +31,14 @@ def run(ratings_file, tmp_path, *extra):
 def test_train_save_pretrained_and_test_from_the_checkpoint(ratings_file, tmp_path):
     best_epoch = run(ratings_file, tmp_path, "--pretrain_epochs=2", "--save_pretrained=True")
     assert best_epoch in (1, 2)
-    checkpoint = tmp_path / "state" / f"bert4rec_{best_epoch}_no_meta_best"
+    checkpoint = run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best"
     assert checkpoint.is_file()
 
-    embedding = torch.load(tmp_path / "embedding" / "bert4rec_embedding_ml-1m_8_1_2", weights_only=True)
-    whole = torch.load(tmp_path / "pretrained" / "bert4rec_pretrained_ml-1m_8_1_2", weights_only=True)
+    embedding = torch.load(run_dir(tmp_path) / "embedding" / "bert4rec_embedding_ml-1m_8_1_2", weights_only=True)
+    whole = torch.load(run_dir(tmp_path) / "pretrained" / "bert4rec_pretrained_ml-1m_8_1_2", weights_only=True)
+    assert embedding["identity"] == whole["identity"] == torch.load(checkpoint, weights_only=False)["identity"]
+    assert embedding["identity"]["random_seed"] == 222 and embedding["identity"]["model"] == "bert4rec"
+    embedding, whole = embedding["state"], whole["state"]
     saved = torch.load(checkpoint, weights_only=False)["model"]
     # the pretrained files are the best epoch's model, and its embedding part alone
     assert set(embedding) == {"items.weight", "positions.weight"}
@@ -50,7 +53,7 @@ def test_train_save_pretrained_and_test_from_the_checkpoint(ratings_file, tmp_pa
     assert metrics["num_users"] == 8
     assert sum(row["count"] for row in metrics["per_rating"].values()) == metrics["num_targets"]
     assert 8 <= metrics["num_targets"] <= 16
-    record = json.loads((tmp_path / "state" / f"bert4rec_{best_epoch}_no_meta_best_test.json").read_text())
+    record = json.loads((run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best_test.json").read_text())
     assert record["metrics"]["rmse"] == pytest.approx(metrics["rmse"])
     assert record["config"]["pretrain_log_dir"] == str(tmp_path)
 
@@ -66,13 +69,13 @@ def test_training_lowers_the_valid_error_from_the_untrained_model(tmp_path):
     trainer = train_original.BasicTrainer(args, data, device)
     untrained = trainer.evaluate(trainer.sampler.fixed_tasks("valid"))["rmse"]
     best_epoch = trainer.train()
-    best = torch.load(tmp_path / "state" / f"bert4rec_{best_epoch}_no_meta_best", weights_only=False)
+    best = torch.load(run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best", weights_only=False)
     assert untrained > 1.2 and best["valid_rmse"] < 0.6
 
 
 def test_learned_loss_baseline_trains(ratings_file, tmp_path):
     best_epoch = run(ratings_file, tmp_path, "--pretrain_epochs=1", "--use_learned_loss_baseline=True")
-    assert (tmp_path / "state" / f"bert4rec_{best_epoch}_no_meta_best").is_file()
+    assert (run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best").is_file()
 
 
 def test_a_missing_epoch_lists_the_epochs_that_exist(ratings_file, tmp_path):
@@ -81,9 +84,9 @@ def test_a_missing_epoch_lists_the_epochs_that_exist(ratings_file, tmp_path):
         run(ratings_file, tmp_path, "--test", "--checkpoint_step=22")
 
 
-def test_a_checkpoint_of_another_model_size_is_a_clear_error(ratings_file, tmp_path):
+def test_a_checkpoint_of_another_model_size_belongs_to_another_run(ratings_file, tmp_path):
     run(ratings_file, tmp_path, "--pretrain_epochs=1")
-    with pytest.raises(UserError, match="does not fit this model"):
+    with pytest.raises(UserError, match="holds runs of other data or settings"):
         run(ratings_file, tmp_path, "--test", "--checkpoint_step=1", "--bert_hidden_units=12")
 
 
@@ -112,5 +115,13 @@ def test_bad_input_exits_with_one_line(ratings_file, tmp_path, capsys):
 def test_diverging_basic_training_is_an_error_and_saves_nothing(ratings_file, tmp_path):
     with pytest.raises(UserError, match="Basic training diverged at epoch 1 .* nothing was saved; lower --pretraining_lr"):
         run(ratings_file, tmp_path, "--pretrain_epochs=3", "--pretraining_lr=1e30", "--save_pretrained=True")
-    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").iterdir())
-    assert not (tmp_path / "embedding").exists() or not list((tmp_path / "embedding").iterdir())
+    assert not list(tmp_path.glob("*/state/*")) and not list(tmp_path.glob("*/embedding/*"))
+
+
+def test_a_second_basic_run_refuses_the_first_ones_files_unless_told_to_overwrite(ratings_file, tmp_path):
+    run(ratings_file, tmp_path, "--pretrain_epochs=2", "--save_pretrained=True")
+    with pytest.raises(UserError, match="earlier Basic run with these settings .*--overwrite=True"):
+        run(ratings_file, tmp_path, "--pretrain_epochs=1", "--save_pretrained=True")
+    best = run(ratings_file, tmp_path, "--pretrain_epochs=1", "--save_pretrained=True", "--overwrite=True")
+    assert best == 1
+    assert sorted(p.name for p in (run_dir(tmp_path) / "state").glob("*_best")) == ["bert4rec_1_no_meta_best"]
