@@ -1,4 +1,4 @@
-"""Rating files -> users -> meta-learning tasks and pretraining sequences (DESIGN.md §2).
+"""Rating files -> users -> meta-learning tasks and pretraining sequences.
 
 Pipeline of ``load_data(args)``:
 

@@ -1,4 +1,4 @@
-"""One evaluation protocol for Basic, MAML and MELO (DESIGN §5).
+"""One evaluation protocol for Basic, MAML and MELO.
 
 Everything here takes predictions and targets in stars and knows nothing of how the
 predictions were made.  Each test user contributes the squared / absolute errors of
@@ -53,6 +53,21 @@ def per_rating_report(predictions, targets, rating_values=None):
             "prediction_std": float(chosen.std()) if count else None,
         }
     return report
+
+
+def mean_rating_metrics(tasks, data):
+    """Metrics of predicting the training users' mean rating for every target of ``tasks``."""
+    targets = tasks.target_ratings
+    return evaluate(np.full(targets.shape, data.train_mean_rating), targets, tasks.query_row_mask,
+                    rating_values=data.rating_values)
+
+
+def warn_if_worse_than_the_mean(best_rmse, valid_tasks, data, advice):
+    """One warning line when training never beat predicting the mean rating on valid."""
+    baseline = mean_rating_metrics(valid_tasks, data)["rmse"]
+    if best_rmse > baseline:
+        print(f"warning: the best validation RMSE {best_rmse:.4f} is worse than predicting the "
+              f"training mean rating ({baseline:.4f}): the run learned nothing useful; {advice}")
 
 
 def is_finite(metrics):

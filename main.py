@@ -1,4 +1,4 @@
-"""MELO and MAML meta-training of a sequential recommender (DESIGN §4), and testing.
+"""MELO and MAML meta-training of a sequential recommender, and testing.
 
     python main.py --model=bert4rec ...                          # MELO
     python main.py --model=bert4rec ... --use_adaptive_loss=False  # MAML
@@ -13,6 +13,7 @@ if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit
 
 import math
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -255,10 +256,13 @@ class MetaTrainer:
     def train(self):
         args = self.args
         make_dirs(self.save_dir)
+        events = self.run_dir / "runs" / f"{args.model}_{args.mode}_{self.method}"
         if self.iteration == 0:
             refuse_earlier_run(self.save_dir, [self.every_pattern, self.best_pattern], args, self.method.upper())
+            shutil.rmtree(events, ignore_errors=True)  # a dead run's curves, which had no checkpoint
         valid_tasks = self.sampler.fixed_tasks("valid")
-        writer = SummaryWriter(str(self.run_dir / "runs" / f"{args.model}_{args.mode}_{self.method}"))
+        # resumed: the curves after the checkpoint's iteration were a killed run's; drop them
+        writer = SummaryWriter(str(events), purge_step=self.iteration + 1 if self.iteration else None)
         print(f"Starting {self.method.upper()} training at iteration {self.iteration}")
         progress = tqdm(range(self.iteration + 1, args.num_train_iterations + 1),
                         initial=self.iteration, total=args.num_train_iterations, desc=self.method.upper())
@@ -277,6 +281,8 @@ class MetaTrainer:
         print(f"Best RMSE loss: {self.best_valid_rmse:.4f}")
         print(f"Checkpoints are in {self.save_dir}; test the best one with the same flags and "
               f"--test --checkpoint_step={self.best_step}")
+        evaluation.warn_if_worse_than_the_mean(self.best_valid_rmse, valid_tasks, self.data,
+                                               "lower --inner_lr / --outer_lr / --lstm_lr")
         print("Done.")
 
     def _validate(self, writer, valid_tasks, train_batch):
@@ -324,10 +330,7 @@ class MetaTrainer:
 def test_mean_rating(args, data):
     """The mean-rating baseline: predict the training users' mean rating for every target."""
     sampler = TaskSampler(data, args)
-    test_tasks = sampler.fixed_tasks("test")
-    targets = test_tasks.target_ratings
-    metrics = evaluation.evaluate(torch.full_like(targets, data.train_mean_rating), targets,
-                                  test_tasks.query_row_mask, rating_values=data.rating_values)
+    metrics = evaluation.mean_rating_metrics(sampler.fixed_tasks("test"), data)
     folder = run_folder(args, args.log_dir)
     make_dirs(folder)
     path = folder / f"mean_rating_{args.mode}_test.json"

@@ -5,7 +5,7 @@
     python train_original.py ... --save_pretrained=True   # also write the embedding and
                                                           # model that main.py starts from
 
-Basic is tested on the same fixed test tasks as MAML and MELO (DESIGN §5): it predicts
+Basic is tested on the same fixed test tasks as MAML and MELO: it predicts
 the targets of their query sequences without adapting.
 """
 import signal
@@ -15,6 +15,7 @@ if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import math
+import shutil
 
 import torch
 from torch.utils.data import DataLoader
@@ -107,7 +108,9 @@ class BasicTrainer:
             path.unlink(missing_ok=True)  # an earlier run's, which this run replaces (or, if it fails, none)
         if args.save_pretrained:
             make_dirs(pretrained_embedding_path(args).parent, pretrained_model_path(args).parent)
-        writer = SummaryWriter(str(self.run_dir / "runs" / f"{args.model}_{args.mode}_basic"))
+        events = self.run_dir / "runs" / f"{args.model}_{args.mode}_basic"
+        shutil.rmtree(events, ignore_errors=True)  # an earlier run's curves: this run replaces them
+        writer = SummaryWriter(str(events))
         valid_tasks = self.sampler.fixed_tasks("valid")
         best_rmse, best_epoch = math.inf, 0
         print(f"Starting Basic model training ({args.model}, {args.pretrain_epochs} epochs)")
@@ -136,6 +139,8 @@ class BasicTrainer:
               f"--test --checkpoint_step={best_epoch}")
         if args.save_pretrained:
             print(f"Pretrained embedding: {pretrained_embedding_path(args)}")
+        evaluation.warn_if_worse_than_the_mean(best_rmse, valid_tasks, self.data,
+                                               "change --pretraining_lr or train longer")
         print("Done.")
         return best_epoch
 

@@ -201,7 +201,7 @@ def row_span(data, user, items, ratings, default_rating):
 
 
 def check_task(batch, t, data, args, last_window, full_window=True):
-    """DESIGN §2 invariants of task t; returns (target position, support spans)."""
+    """The task invariants (README "Tasks") of task t; returns (target position, support spans)."""
     user = int(batch.users[t])
     n = len(data.item_seqs[user])
     rows = lambda items, ratings: [row_span(data, user, items[r].numpy(), ratings[r].numpy(),

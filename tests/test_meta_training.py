@@ -451,6 +451,8 @@ def test_a_new_run_refuses_an_earlier_runs_checkpoints_unless_told_to_overwrite(
     run_main(ratings_file, tmp_path, "--num_train_iterations=1", "--log_interval=1", "--overwrite=True")
     melo = sorted(p.name for p in state.glob("*_melo*"))
     assert melo == ["bert4rec_1_best_ml-1m_melo.pt", "bert4rec_1_ml-1m_melo.pt"], "step 2 of the old run is gone"
+    events = list((state.parent / "runs" / "bert4rec_ml-1m_melo").glob("events.*"))
+    assert len(events) == 1, "the old run's TensorBoard curves are gone too"
     assert sorted(p.name for p in state.glob("*_maml.pt")) == maml
 
 
@@ -498,3 +500,10 @@ def test_normalized_weights_have_mean_one_per_task(ratings_file, normalize):
     else:
         assert not torch.allclose(means, torch.ones_like(means), atol=1e-2)
     assert (weights[mask == 0] == 0).all()
+
+
+def test_a_run_that_never_beats_the_mean_rating_says_so(ratings_file, tmp_path, capsys):
+    run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=2", "--inner_lr=1e6",
+             "--use_adaptive_loss=False")
+    out = capsys.readouterr().out
+    assert "warning: the best validation RMSE" in out and "worse than predicting the training mean" in out

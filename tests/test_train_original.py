@@ -58,7 +58,7 @@ def test_train_save_pretrained_and_test_from_the_checkpoint(ratings_file, tmp_pa
     assert record["config"]["pretrain_log_dir"] == str(tmp_path)
 
 
-def test_training_lowers_the_valid_error_from_the_untrained_model(tmp_path):
+def test_training_lowers_the_valid_error_from_the_untrained_model(tmp_path, capsys):
     # every item has its own rating, which Basic can learn; an untrained model predicts
     # about 3 stars for everything
     frame = make_ratings_frame(num_users=60, num_items=30, seed=5)
@@ -71,6 +71,7 @@ def test_training_lowers_the_valid_error_from_the_untrained_model(tmp_path):
     best_epoch = trainer.train()
     best = torch.load(run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best", weights_only=False)
     assert untrained > 1.2 and best["valid_rmse"] < 0.6
+    assert "warning" not in capsys.readouterr().out  # it beat the mean rating
 
 
 def test_learned_loss_baseline_trains(ratings_file, tmp_path):
