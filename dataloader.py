@@ -441,7 +441,7 @@ def _duplicate_rows(raw: RawRatings) -> np.ndarray:
 
 def _select_rows(raw: RawRatings, rows: np.ndarray) -> RawRatings:
     return replace(raw, user_codes=raw.user_codes[rows], item_codes=raw.item_codes[rows],
-                               ratings=raw.ratings[rows], dates=raw.dates[rows])
+                   ratings=raw.ratings[rows], dates=raw.dates[rows])
 
 
 def _filter_rows(raw: RawRatings, min_item: int, min_sequence: int) -> np.ndarray:
