@@ -11,12 +11,17 @@ import math
 import numpy as np
 
 
-def evaluate(predictions, targets, row_mask, rating_values=None):
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def evaluate(predictions, targets, row_mask, rating_values=None, users=None):
     """Metrics of target predictions.
 
     predictions, targets: [U, Q] stars (array-likes or tensors); row_mask: [U, Q], 1 where
     the query sequence is real.  rating_values: the rating scale, so the per-rating report
-    lists every value (also ones that never occur among the targets).
+    lists every value (also ones that never occur among the targets).  users: [U] ids; when
+    given, each user's squared and absolute error is kept (``per_user``) for paired
+    comparisons of methods on the same users.
     """
     predictions, targets, row_mask = (np.asarray(_numpy(a), dtype=np.float64)
                                       for a in (predictions, targets, row_mask))
@@ -28,7 +33,7 @@ def evaluate(predictions, targets, row_mask, rating_values=None):
     user_mse = (errors ** 2).sum(axis=1) / rows_per_user
     user_mae = np.abs(errors).sum(axis=1) / rows_per_user
     mse = float(user_mse.mean())
-    return {
+    metrics = {
         "num_users": int(len(user_mse)),
         "num_targets": int(real.sum()),
         "mse": mse,
@@ -36,6 +41,25 @@ def evaluate(predictions, targets, row_mask, rating_values=None):
         "mae": float(user_mae.mean()),
         "per_rating": per_rating_report(predictions[real], targets[real], rating_values),
     }
+    if users is not None:
+        metrics["per_user"] = {"user": [int(u) for u in _numpy(users)], "squared_error": user_mse.tolist(),
+                               "absolute_error": user_mae.tolist()}
+    return metrics
+
+
+def paired_rmse_difference(squared_errors, other_squared_errors, resamples=BOOTSTRAP_RESAMPLES, seed=0):
+    """RMSE of one method minus another's on the same users, with a 95 % paired-bootstrap
+    interval: the users are drawn with replacement ``resamples`` times, the same draw for
+    both methods, and the interval holds the middle 95 % of the differences. An interval
+    that excludes 0 says the difference is more than the choice of test users explains."""
+    ours, theirs = np.asarray(squared_errors, dtype=np.float64), np.asarray(other_squared_errors, dtype=np.float64)
+    if ours.shape != theirs.shape or ours.ndim != 1:
+        raise ValueError("paired errors must be of the same users, one value each")
+    draws = np.random.default_rng(seed).integers(0, len(ours), size=(resamples, len(ours)))
+    differences = np.sqrt(ours[draws].mean(axis=1)) - np.sqrt(theirs[draws].mean(axis=1))
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {"difference": math.sqrt(ours.mean()) - math.sqrt(theirs.mean()), "low": float(low),
+            "high": float(high), "resamples": resamples}
 
 
 def per_rating_report(predictions, targets, rating_values=None):
@@ -59,7 +83,7 @@ def mean_rating_metrics(tasks, data):
     """Metrics of predicting the training users' mean rating for every target of ``tasks``."""
     targets = tasks.target_ratings
     return evaluate(np.full(targets.shape, data.train_mean_rating), targets, tasks.query_row_mask,
-                    rating_values=data.rating_values)
+                    rating_values=data.rating_values, users=tasks.users)
 
 
 def warn_if_worse_than_the_mean(best_rmse, valid_tasks, data, advice):

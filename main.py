@@ -165,7 +165,7 @@ class MetaTrainer:
                                                     first_order=True, use_vmap=self.args.use_vmap)
                 predictions.append(chunk_predictions.cpu())
         return evaluation.evaluate(torch.cat(predictions), batch.target_ratings, batch.query_row_mask,
-                                   rating_values=self.data.rating_values)
+                                   rating_values=self.data.rating_values, users=batch.users)
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self):

@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 import options  # noqa: E402
 from dataloader import load_data  # noqa: E402
+from evaluation import paired_rmse_difference  # noqa: E402
 from experiment import UserError, checkpoint_steps, run_cli, run_folder  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -77,7 +78,10 @@ def build_parser():
         "baseline, then write the results table, the data statistics and a per-rating "
         "figure under RESULTS_DIR/NAME/. Finished runs are reused.",
         epilog="Flags after `--` are passed to every run, e.g. `-- --first_order=True "
-        "--device=cuda` (see `python main.py --help`).")
+        "--device=cuda` (see `python main.py --help`). table.md also gives MELO − MAML and "
+        "MELO − Basic in test RMSE with a 95 %% paired-bootstrap interval over the test users "
+        "(per seed and pooled): an interval that excludes 0 is a difference that the choice of "
+        "test users does not explain.")
     add = parser.add_argument
     add("--mode", default=run_defaults.get_default("mode"), choices=options.MODES,
         help="dataset reader (default: %(default)s)")
@@ -414,6 +418,53 @@ def results_table(study, records):
             f"test target (no model); its RMSE and MAE are in the Basic columns.\n")
 
 
+def paired_differences(records, study):
+    """MELO's test RMSE minus MAML's and Basic's on the same users, with 95 % paired-bootstrap
+    intervals: per model and seed, and pooled over the seeds (their users together). Runs
+    recorded before per-user errors were kept have none and are left out."""
+    def per_user(model, method, seed):
+        record = next((r for r in records if (r["model"], r["method"], r["seed"]) == (model, method, seed)), None)
+        return None if record is None else record["metrics"].get("per_user")
+
+    rows = []
+    for model in study.models:
+        for other in ("maml", "basic"):
+            pooled_melo, pooled_other, seeds = [], [], 0
+            for seed in study.seeds:
+                melo, theirs = per_user(model, "melo", seed), per_user(model, other, seed)
+                if melo is None or theirs is None:
+                    continue
+                if melo["user"] != theirs["user"]:
+                    raise UserError(f"seed {seed} {model}: MELO and {TITLES[other]} were tested on other "
+                                    "users; run both again")
+                rows.append({"model": model, "versus": other, "seed": seed,
+                             **paired_rmse_difference(melo["squared_error"], theirs["squared_error"])})
+                pooled_melo += melo["squared_error"]
+                pooled_other += theirs["squared_error"]
+                seeds += 1
+            if seeds > 1:
+                rows.append({"model": model, "versus": other, "seed": "pooled",
+                             **paired_rmse_difference(pooled_melo, pooled_other)})
+    return rows
+
+
+def paired_table(paired):
+    if not paired:
+        return ""
+    header = ["Model", "Seed", "MELO − MAML RMSE [95 % interval]", "MELO − Basic RMSE [95 % interval]"]
+    cells = {}
+    for row in paired:
+        cells.setdefault((row["model"], row["seed"]), {})[row["versus"]] = (
+            f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]")
+    rows = [[TITLES[model], str(seed), found.get("maml", ""), found.get("basic", "")]
+            for (model, seed), found in cells.items()]
+    return (f"\n## Paired differences\n\nMELO's test RMSE minus the other method's on the same test "
+            f"users, with a 95 % interval from a paired bootstrap over the users "
+            f"({paired[0]['resamples']:,} resamples, seeded): negative when MELO's error is lower; "
+            f"an interval that excludes 0 is a difference that the choice of test users does not "
+            f"explain. Pooled: the seeds' test users together.\n\n{markdown_table(header, rows)}\n")
+
+
 def dataset_table(study, stats):
     header = ["Dataset", "#Users", "#Items", "#Ratings", "Avg. length", "Balance score"]
     row = [study.name, f"{stats['num_users']:,}", f"{stats['num_items']:,}",
@@ -487,11 +538,12 @@ def plot_per_rating(study, records, path):
 
 
 def write_outputs(study, study_dir, stats, records):
+    paired = paired_differences(records, study)
     write_json(study_dir / "results.json",
                {"dataset": study.name, "data_path": study.data_path, "mode": study.mode,
                 "seeds": study.seeds, "models": study.models, "run_flags": study.run_flags,
-                "runs": records})
-    (study_dir / "table.md").write_text(results_table(study, records))
+                "runs": records, "paired": paired})
+    (study_dir / "table.md").write_text(results_table(study, records) + paired_table(paired))
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
     plot_per_rating(study, records, study_dir / "per_rating.png")
 

@@ -98,7 +98,7 @@ class BasicTrainer:
                 for start in range(0, len(sequences), PREDICTION_CHUNK)])
         return evaluation.evaluate(predictions.reshape(num_tasks, num_queries) * MAX_RATING,
                                    tasks.target_ratings, tasks.query_row_mask,
-                                   rating_values=self.data.rating_values)
+                                   rating_values=self.data.rating_values, users=tasks.users)
 
     def train(self):
         args = self.args

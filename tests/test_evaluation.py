@@ -60,3 +60,27 @@ def test_results_are_written_with_the_configuration(tmp_path):
         "\tValidation: Val MSE loss: 1.0000 | Val RMSE loss: 1.0000 | Val MAE loss: 1.0000 | "
     assert evaluation.format_metrics("Iteration 3: ", metrics) == \
         "Iteration 3: MSE loss: 1.0000 | RMSE loss: 1.0000 | MAE loss: 1.0000 | "
+
+
+def test_per_user_errors_are_kept_for_paired_comparisons():
+    predictions = np.array([[4.0, 3.0], [2.0, 0.0]])
+    targets = np.array([[5.0, 5.0], [2.0, 1.0]])
+    metrics = evaluation.evaluate(predictions, targets, np.array([[1, 1], [1, 0]]), users=[7, 3])
+    assert metrics["per_user"] == {"user": [7, 3], "squared_error": [2.5, 0.0], "absolute_error": [1.5, 0.0]}
+    assert metrics["mse"] == pytest.approx(np.mean(metrics["per_user"]["squared_error"]))
+    assert "per_user" not in evaluation.evaluate(predictions, targets, np.ones((2, 2)))
+
+
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    base = rng.gamma(1.0, 1.0, size=400)                       # one method's per-user squared errors
+    same = evaluation.paired_rmse_difference(base, base)
+    assert same["difference"] == 0 and same["low"] == same["high"] == 0
+    better = evaluation.paired_rmse_difference(base * 0.8, base)  # every user 20 % lower
+    assert better["high"] < 0 and better["low"] <= better["difference"] <= better["high"]
+    assert better["difference"] == pytest.approx(np.sqrt(0.8 * base.mean()) - np.sqrt(base.mean()))
+    noise = evaluation.paired_rmse_difference(base, rng.permutation(base) * 1.01)  # unpaired noise
+    assert noise["low"] < 0 < noise["high"]
+    assert evaluation.paired_rmse_difference(base * 0.8, base) == better, "seeded"
+    with pytest.raises(ValueError, match="same users"):
+        evaluation.paired_rmse_difference(base, base[:-1])

@@ -44,8 +44,11 @@ def with_seeds(argv, *seeds):
 
 
 def table_rows(markdown):
-    """{first cell: {column: cell}} of the markdown table in ``markdown``."""
-    lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    """{first cell: {column: cell}} of the first markdown table in ``markdown``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("| ")), len(lines))
+    lines = [line for line in lines[start:end] if "---" not in line]
     split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
     header = split[0]
     return {cells[0]: dict(zip(header, cells)) for cells in split[1:]}
@@ -126,6 +129,23 @@ def test_table_holds_the_mean_and_std_over_seeds_and_melos_improvements(study):
         values = metric(study, None, "mean_rating", name)
         assert mean == pytest.approx(statistics.fmean(values), abs=6e-5)
         assert std == pytest.approx(statistics.stdev(values), abs=6e-5)
+
+
+def test_paired_differences_per_seed_and_pooled(study):
+    paired = json.loads((study.dir / "results.json").read_text())["paired"]
+    assert [(row["versus"], row["seed"]) for row in paired] == \
+        [("maml", SEEDS[0]), ("maml", SEEDS[1]), ("maml", "pooled"),
+         ("basic", SEEDS[0]), ("basic", SEEDS[1]), ("basic", "pooled")]
+    for row in paired:
+        assert row["low"] <= row["difference"] <= row["high"] and row["resamples"] == 1000
+        if row["seed"] != "pooled":
+            melo, other = (metric(study, "gru4rec", method, "rmse")[SEEDS.index(row["seed"])]
+                           for method in ("melo", row["versus"]))
+            assert row["difference"] == pytest.approx(melo - other)
+    table = (study.dir / "table.md").read_text()
+    section = table[table.index("## Paired differences"):]
+    pooled = next(row for row in paired if (row["versus"], row["seed"]) == ("maml", "pooled"))
+    assert f"| GRU4Rec | pooled | {pooled['difference']:+.4f} [{pooled['low']:+.4f}, {pooled['high']:+.4f}]" in section
 
 
 def test_improvements_are_relative_to_the_other_method():
