@@ -57,7 +57,7 @@ METHODS = {"maml": ["--use_adaptive_loss=False"],
            "melo-mlp": ["--use_lstm=False", "--use_mlp=True"]}
 OUR_FLAGS = ["--val_size=100", "--normalize_weights=False"]  # the reference's unnormalised weights
 # The reference's module names, which are also ours: imported under them, then set aside.
-REFERENCE_MODULES = ("main", "options", "dataloader", "inner_loop_optimizers", "models")
+REFERENCE_MODULES = ("main", "options", "dataloader", "inner_loop_optimizers", "models", "train_original")
 
 # Reference parameter name -> ours, per model family (regular expressions, applied in order).
 TRANSFORMER_NAMES = [
@@ -149,8 +149,9 @@ def import_reference(directory, argv):
     try:
         import main as reference_main  # noqa: PLC0415  (the reference's main.py)
         import models as reference_models  # noqa: PLC0415
+        import train_original as reference_basic  # noqa: PLC0415
         reference = types.SimpleNamespace(main=reference_main, models=reference_models,
-                                          args=reference_main.args)
+                                          train_original=reference_basic, args=reference_main.args)
     finally:
         sys.path.remove(str(directory))
         sys.argv = saved_argv
@@ -158,6 +159,24 @@ def import_reference(directory, argv):
             del sys.modules[name]
         sys.modules.update(ours)
     return reference
+
+
+@contextlib.contextmanager
+def reference_workdir(data_path):
+    """A temporary working directory whose ``Data/ml-1m`` holds a link to ``data_path`` (and
+    the other file names the reference checks before it would download ML-1M); yields the
+    ``--data_path`` flag for both codebases. The reference reads and writes under ./Data."""
+    with tempfile.TemporaryDirectory() as workdir:
+        folder = Path(workdir) / "Data" / "ml-1m"
+        folder.mkdir(parents=True)
+        (folder / "ratings.dat").symlink_to(Path(data_path).resolve())
+        for name in ("README", "movies.dat", "users.dat"):
+            (folder / name).touch()
+        os.chdir(workdir)
+        try:
+            yield f"--data_path={folder / 'ratings.dat'}"
+        finally:
+            os.chdir(ROOT)
 
 
 def quietly(function, *args, **kwargs):
@@ -443,43 +462,34 @@ def main(argv=None):
         sys.exit(f"error: --data_path={data_path} is not a file")
     torch.set_default_dtype(torch.float64)
 
-    with tempfile.TemporaryDirectory() as workdir:
-        folder = Path(workdir) / "Data" / "ml-1m"
-        folder.mkdir(parents=True)
-        (folder / "ratings.dat").symlink_to(data_path)
-        for name in ("README", "movies.dat", "users.dat"):  # the reference's check before downloading
-            (folder / name).touch()
-        data_flags = [f"--data_path={folder / 'ratings.dat'}"]
-        os.chdir(workdir)  # the reference reads and writes under ./Data
-        try:
-            reference = import_reference(options.reference, [*data_flags, *SHARED_FLAGS])
-            args = parse_args([*data_flags, *SHARED_FLAGS, *OUR_FLAGS])
-            data = quietly(load_data, args)
-            args.num_users, args.num_items = data.num_users, data.num_items
-            data_ok = compare_data(reference_learner(reference, data_flags), data)
+    with reference_workdir(data_path) as data_flag:
+        data_flags = [data_flag]
+        reference = import_reference(options.reference, [*data_flags, *SHARED_FLAGS])
+        args = parse_args([*data_flags, *SHARED_FLAGS, *OUR_FLAGS])
+        data = quietly(load_data, args)
+        args.num_users, args.num_items = data.num_users, data.num_items
+        data_ok = compare_data(reference_learner(reference, data_flags), data)
 
-            print(f"\n2. Models and meta-gradients: relative error, float64, dropout off, "
-                  f"{options.num_tasks} test tasks, every step's query loss")
-            worst = 0.0
-            for model_name in options.models:
-                for method in options.methods:
-                    errors = compare_learners(reference, model_name, method, data_flags, options.num_tasks,
-                                              options.flags)
-                    worst = max(worst, *errors.values())
-                    print(f"   {model_name:8s} {method:8s} " + " | ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        print(f"\n2. Models and meta-gradients: relative error, float64, dropout off, "
+              f"{options.num_tasks} test tasks, every step's query loss")
+        worst = 0.0
+        for model_name in options.models:
+            for method in options.methods:
+                errors = compare_learners(reference, model_name, method, data_flags, options.num_tasks,
+                                          options.flags)
+                worst = max(worst, *errors.values())
+                print(f"   {model_name:8s} {method:8s} " + " | ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
-            print(f"\n3. Initialisation ({options.seeds} seeds): one gradient step at lr {args.inner_lr} on a "
-                  f"user's support set, mean |change| of the predictions in stars (reference | ours | ratio)")
-            for model_name in options.models:
-                moves, stds = initialisation(reference, model_name, data_flags, range(options.seeds))
-                theirs, ours = np.mean(moves["reference"]), np.mean(moves["ours"])
-                print(f"   {model_name:8s} {theirs:.2e} | {ours:.2e} | {ours / theirs:.2f}")
-                print("     mean and std of each parameter tensor, averaged over the seeds (reference | ours):")
-                for name, values in stds.items():
-                    mine, their = torch.stack([torch.stack(pair) for pair in values]).mean(dim=0)
-                    print(f"       {name:40s} {their[0]:+.3f} {their[1]:.4f} | {mine[0]:+.3f} {mine[1]:.4f}")
-        finally:
-            os.chdir(ROOT)
+        print(f"\n3. Initialisation ({options.seeds} seeds): one gradient step at lr {args.inner_lr} on a "
+              f"user's support set, mean |change| of the predictions in stars (reference | ours | ratio)")
+        for model_name in options.models:
+            moves, stds = initialisation(reference, model_name, data_flags, range(options.seeds))
+            theirs, ours = np.mean(moves["reference"]), np.mean(moves["ours"])
+            print(f"   {model_name:8s} {theirs:.2e} | {ours:.2e} | {ours / theirs:.2f}")
+            print("     mean and std of each parameter tensor, averaged over the seeds (reference | ours):")
+            for name, values in stds.items():
+                mine, their = torch.stack([torch.stack(pair) for pair in values]).mean(dim=0)
+                print(f"       {name:40s} {their[0]:+.3f} {their[1]:.4f} | {mine[0]:+.3f} {mine[1]:.4f}")
 
     ok = data_ok and worst <= options.tolerance and math.isfinite(worst)
     print(f"\nlargest relative error {worst:.1e} (tolerance {options.tolerance:g}); data "

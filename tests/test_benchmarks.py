@@ -82,11 +82,13 @@ def test_the_reference_is_imported_with_its_argv_and_ours_keep_their_names(refer
     (tmp_path / "models" / "__init__.py").write_text("WHO = 'reference'\n")
     (tmp_path / "models" / "meta_bert_model.py").write_text("")
     (tmp_path / "options.py").write_text("import sys\nargs = sys.argv[1:]\n")
+    (tmp_path / "train_original.py").write_text("WHO = 'reference Basic'\n")
     (tmp_path / "main.py").write_text("import wandb, wget\nfrom options import args\nimport models\n"
                                       "WHO = models.WHO\n")
     reference = reference_parity.import_reference(tmp_path, ["--model=gru4rec"])
     assert reference.args == ["--model=gru4rec"] and reference.main.WHO == "reference"
     assert reference.models.WHO == "reference"
+    assert reference.train_original.WHO == "reference Basic"
     assert sys.modules["options"] is options and sys.modules["models"] is models
     assert str(tmp_path) not in sys.path
 
@@ -116,3 +118,19 @@ def test_reference_names_map_onto_every_parameter(reference_parity):
     with pytest.raises(KeyError, match="no reference tensor maps to"):
         reference_parity.mapped({k: v for k, v in reference.items() if k != "gru.h0"},
                                 reference_parity.NAMES["narm"], ours, fill=lambda p: p)
+
+
+def test_reference_study_seeds_the_references_clock_reseeds():
+    study = benchmark_module("reference_study")
+    import numpy as np
+    with study.clock_reseeds_seeded(5):
+        np.random.seed()  # what the reference does before its train/valid split
+        drawn = np.random.rand(3)
+        np.random.seed(7)  # an explicit seed stays what it is
+        explicit = np.random.rand(3)
+    np.random.seed(5)
+    np.testing.assert_array_equal(drawn, np.random.rand(3))
+    np.random.seed(7)
+    np.testing.assert_array_equal(explicit, np.random.rand(3))
+    np.random.seed()
+    assert not np.array_equal(np.random.rand(3), drawn), "outside the block the clock is back"
