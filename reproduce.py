@@ -46,9 +46,13 @@ from experiment import UserError, checkpoint_steps, run_cli, run_folder  # noqa:
 
 PROJECT_DIR = Path(__file__).resolve().parent
 PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
-METHODS = ("basic", "maml", "melo")
+METHODS = ("basic", "maml", "melo")           # the paper's table
+NORMALIZED_MELO = "melo_normalized"             # MELO with --normalize_weights=True
+# main.py's flags for each meta-learning method
+META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
+              NORMALIZED_MELO: ["--normalize_weights=True"]}
 METRICS = ("rmse", "mae")
-TITLES = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "mean_rating": "mean rating",
+TITLES = {"basic": "Basic", "maml": "MAML", "melo": "MELO", NORMALIZED_MELO: "MELO (normalised)", "mean_rating": "mean rating",
           "gru4rec": "GRU4Rec", "narm": "NARM", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
           "ncf": "NCF", "rmse": "RMSE", "mae": "MAE"}
 DATA_FLAGS = ("min_item", "min_sequence", "num_test_data", "val_size", "max_seq_len")
@@ -58,6 +62,7 @@ RESERVED_FLAGS = frozenset({
     "mode", "data_path", *DATA_FLAGS, *BUDGET_FLAGS, "model", "random_seed", "log_dir",
     "pretrain_log_dir", "test", "test_best", "test_baseline", "checkpoint_step",
     "save_pretrained", "load_pretrained", "load_pretrained_embedding", "use_adaptive_loss"})
+REFERENCE_METHODS = ("maml", "melo")   # what benchmarks/reference_study.py writes
 FLAG_HELP = {"min_item": "drop items with fewer ratings",
              "min_sequence": "drop users with fewer ratings", "num_test_data": "test users",
              "val_size": "validation users", "max_seq_len": "longest task window",
@@ -96,6 +101,12 @@ def build_parser():
     add("--seeds", nargs="+", type=int, default=[run_defaults.get_default("random_seed")],
         metavar="SEED", help="--random_seed of the runs (data split, test users); several "
         "give mean ± std (default: %(default)s)")
+    add("--normalized_melo", action="store_true",
+        help="also run MELO with --normalize_weights=True (each task's loss weights scaled to "
+        "mean 1), as its own columns and paired differences")
+    add("--reference_results", default=None, metavar="DIR",
+        help="per-user test errors of the reference code's MAML and MELO on the same users, as "
+        "benchmarks/reference_study.py writes them: table.md sets its MELO − MAML beside ours")
     add("--name", default=None,
         help="dataset name in the results folder (default: the data file's folder and --mode)")
     add("--results_dir", default="results", help="where NAME/ goes (default: %(default)s)")
@@ -110,6 +121,8 @@ def parse_command_line(argv=None):
     study.models = list(dict.fromkeys(study.models))
     study.seeds = list(dict.fromkeys(study.seeds))
     study.run_flags = argv[split + 1:]
+    study.methods = [*METHODS, *([NORMALIZED_MELO] if study.normalized_melo else [])]
+    study.command = shlex.join(["python", "reproduce.py", *argv])
     study.name = study.name or default_name(study.data_path, study.mode)
     return study
 
@@ -142,7 +155,8 @@ def options_given(argv):
 def check_run_flags(study):
     """Refuse flags after `--` that reproduce.py sets itself, or that the runs would refuse;
     return the first seed's run options (for the data statistics)."""
-    reserved = sorted(options_given(study.run_flags) & RESERVED_FLAGS)
+    reserved_here = RESERVED_FLAGS | ({"normalize_weights"} if study.normalized_melo else set())
+    reserved = sorted(options_given(study.run_flags) & reserved_here)
     if reserved:
         names = ", ".join(f"--{name}" for name in reserved)
         raise UserError(f"{names} after `--`: reproduce.py sets these for each run; give the "
@@ -177,7 +191,8 @@ def check_same_study(runs_dir, flags):
 
 
 def finished_records(runs_dir):
-    return [path for method in (*METHODS, "mean_rating") for path in runs_dir.glob(f"**/{method}.json")]
+    return [path for method in (*METHODS, NORMALIZED_MELO, "mean_rating")
+            for path in runs_dir.glob(f"**/{method}.json")]
 
 
 # --------------------------------------------------------------------------------------
@@ -188,7 +203,7 @@ class Run:
     """One method of one model and seed: an optional training command, then its test."""
     seed: int
     model: str | None                # None for the mean-rating baseline
-    method: str                      # basic, maml, melo or mean_rating
+    method: str                      # basic, maml, melo, melo_normalized or mean_rating
     folder: Path                     # holds <method>.log, <method>.json and <method>/
     train_command: list[str] | None
     test_command: list[str]
@@ -221,6 +236,11 @@ def script(name, *flags):
     return [sys.executable, str(PROJECT_DIR / name), *flags]
 
 
+def as_typed(command):
+    """A command as a user types it in the repository: `python train_original.py …`."""
+    return shlex.join(["python", Path(command[1]).name, *command[2:]])
+
+
 def plan_runs(study, runs_dir):
     """Every run of the study, in order: per seed the baseline, then per model Basic, MAML, MELO."""
     runs = []
@@ -239,16 +259,16 @@ def plan_runs(study, runs_dir):
                            "--save_pretrained=True")
             runs.append(Run(seed, model, "basic", folder, basic, [*basic, "--test"],
                             f"state/{model}_{{step}}_no_meta_best_test.json"))
-            for method in ("maml", "melo"):
+            for method in study.methods[1:]:
                 meta = script("main.py", *model_flags, f"--log_dir={folder / method}",
                               f"--num_train_iterations={study.num_train_iterations}",
                               f"--log_interval={study.log_interval}", *study.run_flags,
-                              "--load_pretrained_embedding=True",
-                              *(["--use_adaptive_loss=False"] if method == "maml" else []))
+                              "--load_pretrained_embedding=True", *META_FLAGS[method])
                 # checkpoint names as main.py writes them (README, "Checkpoints")
+                named = "maml" if method == "maml" else "melo"
                 runs.append(Run(seed, model, method, folder, meta, [*meta, "--test"],
-                                f"state/{model}_{{step}}_best_{study.mode}_{method}_test.json",
-                                checkpoint_pattern=f"{model}_{{step}}_{study.mode}_{method}.pt",
+                                f"state/{model}_{{step}}_best_{study.mode}_{named}_test.json",
+                                checkpoint_pattern=f"{model}_{{step}}_{study.mode}_{named}.pt",
                                 final_step=study.num_train_iterations))
     return runs
 
@@ -274,7 +294,7 @@ def execute(run, number, total):
         print(" FAILED", flush=True)
         raise
     record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
-              "commands": [shlex.join(command) for command in (run.train_command, run.test_command)
+              "commands": [as_typed(command) for command in (run.train_command, run.test_command)
                            if command is not None],
               "log": str(run.log_path)}
     write_json(run.record_path, record)
@@ -384,24 +404,24 @@ def markdown_table(header, rows):
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def model_row(records, model):
+def model_row(records, model, methods):
     """A model's cells: each method's RMSE and MAE, then MELO's improvements on the means."""
     def mean(method, metric):
         return statistics.fmean(metric_values(records, model, method, metric))
 
     return [TITLES[model],
             *(mean_cell(metric_values(records, model, method, metric))
-              for method in METHODS for metric in METRICS),
+              for method in methods for metric in METRICS),
             *(f"{improvement(mean(other, metric), mean('melo', metric)):+.2f}"
               for other in ("basic", "maml") for metric in METRICS)]
 
 
 def results_table(study, records):
     header = ["Model",
-              *(f"{TITLES[method]} {TITLES[metric]}" for method in METHODS for metric in METRICS),
+              *(f"{TITLES[method]} {TITLES[metric]}" for method in study.methods for metric in METRICS),
               *(f"MELO vs {TITLES[other]} {TITLES[metric]} (%)" for other in ("basic", "maml")
                 for metric in METRICS)]
-    rows = [model_row(records, model) for model in study.models]
+    rows = [model_row(records, model, study.methods) for model in study.models]
     baseline = [mean_cell(metric_values(records, None, "mean_rating", metric)) for metric in METRICS]
     rows.append(["Mean rating", *baseline, *[""] * (len(header) - 3)])
     test_users = metric_values(records, None, "mean_rating", "num_users")[0]
@@ -418,51 +438,115 @@ def results_table(study, records):
             f"test target (no model); its RMSE and MAE are in the Basic columns.\n")
 
 
-def paired_differences(records, study):
-    """MELO's test RMSE minus MAML's and Basic's on the same users, with 95 % paired-bootstrap
-    intervals: per model and seed, and pooled over the seeds (their users together). Runs
-    recorded before per-user errors were kept have none and are left out."""
-    def per_user(model, method, seed):
-        record = next((r for r in records if (r["model"], r["method"], r["seed"]) == (model, method, seed)), None)
-        return None if record is None else record["metrics"].get("per_user")
+def per_user_errors(records, model, method, seed):
+    """A run's per-user test errors, None when it has none (recorded before they were kept)."""
+    record = next((r for r in records if (r["model"], r["method"], r["seed"]) == (model, method, seed)), None)
+    return None if record is None else record["metrics"].get("per_user")
 
-    rows = []
-    for model in study.models:
-        for other in ("maml", "basic"):
-            pooled_melo, pooled_other, seeds = [], [], 0
-            for seed in study.seeds:
-                melo, theirs = per_user(model, "melo", seed), per_user(model, other, seed)
-                if melo is None or theirs is None:
-                    continue
-                if melo["user"] != theirs["user"]:
-                    raise UserError(f"seed {seed} {model}: MELO and {TITLES[other]} were tested on other "
-                                    "users; run both again")
-                rows.append({"model": model, "versus": other, "seed": seed,
-                             **paired_rmse_difference(melo["squared_error"], theirs["squared_error"])})
-                pooled_melo += melo["squared_error"]
-                pooled_other += theirs["squared_error"]
-                seeds += 1
-            if seeds > 1:
-                rows.append({"model": model, "versus": other, "seed": "pooled",
-                             **paired_rmse_difference(pooled_melo, pooled_other)})
+
+def paired_rows(records, model, method, other, seeds):
+    """``method``'s test RMSE minus ``other``'s on the same users, with its 95 % paired-bootstrap
+    interval: per seed, and pooled over the seeds (their users together) when there are several."""
+    rows, pooled, pooled_other = [], [], []
+    for seed in seeds:
+        errors, other_errors = (per_user_errors(records, model, m, seed) for m in (method, other))
+        if errors is None or other_errors is None:
+            continue
+        if errors["user"] != other_errors["user"]:
+            raise UserError(f"seed {seed} {model}: {TITLES[method]} and {TITLES[other]} were tested on "
+                            "other users; run both again")
+        rows.append({"model": model, "method": method, "versus": other, "seed": seed,
+                     **paired_rmse_difference(errors["squared_error"], other_errors["squared_error"])})
+        pooled += errors["squared_error"]
+        pooled_other += other_errors["squared_error"]
+    if len(rows) > 1:
+        rows.append({"model": model, "method": method, "versus": other, "seed": "pooled",
+                     **paired_rmse_difference(pooled, pooled_other)})
     return rows
+
+
+def paired_differences(records, study):
+    """Each MELO variant against MAML and against Basic, per model (see paired_rows)."""
+    return [row for model in study.models for method in study.methods[2:] for other in ("maml", "basic")
+            for row in paired_rows(records, model, method, other, study.seeds)]
+
+
+def interval_cell(row):
+    return f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]"
 
 
 def paired_table(paired):
     if not paired:
         return ""
-    header = ["Model", "Seed", "MELO − MAML RMSE [95 % interval]", "MELO − Basic RMSE [95 % interval]"]
+    columns = list(dict.fromkeys((row["method"], row["versus"]) for row in paired))
+    header = ["Model", "Seed", *(f"{TITLES[method]} − {TITLES[other]} RMSE [95 % interval]"
+                                 for method, other in columns)]
     cells = {}
     for row in paired:
-        cells.setdefault((row["model"], row["seed"]), {})[row["versus"]] = (
-            f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]")
-    rows = [[TITLES[model], str(seed), found.get("maml", ""), found.get("basic", "")]
+        cells.setdefault((row["model"], row["seed"]), {})[row["method"], row["versus"]] = interval_cell(row)
+    rows = [[TITLES[model], str(seed), *(found.get(column, "") for column in columns)]
             for (model, seed), found in cells.items()]
     return (f"\n## Paired differences\n\nMELO's test RMSE minus the other method's on the same test "
             f"users, with a 95 % interval from a paired bootstrap over the users "
             f"({paired[0]['resamples']:,} resamples, seeded): negative when MELO's error is lower; "
             f"an interval that excludes 0 is a difference that the choice of test users does not "
             f"explain. Pooled: the seeds' test users together.\n\n{markdown_table(header, rows)}\n")
+
+
+# --------------------------------------------------------------------------------------
+# The reference code's runs on the same users
+# --------------------------------------------------------------------------------------
+def read_reference_results(folder, study, records):
+    """The reference's MAML and MELO records (benchmarks/reference_study.py's JSON files) for
+    the study's models and seeds that have them, checked to be of this study's test users."""
+    found = []
+    for seed in study.seeds:
+        for model in study.models:
+            paths = [Path(folder) / f"{model}_{method}_seed{seed}.json" for method in REFERENCE_METHODS]
+            if not all(path.is_file() for path in paths):
+                continue
+            ours = per_user_errors(records, model, "maml", seed)
+            for path in paths:
+                record = json.loads(path.read_text())
+                if ours is not None and record["metrics"]["per_user"]["user"] != ours["user"]:
+                    raise UserError(f"{path}: the reference was tested on other users than this study's "
+                                    f"seed {seed} (run it with --seed {seed} on the same data file)")
+                found.append(record)
+    return found
+
+
+def reference_table(study, records, reference_records, paired):
+    """Per model and seed (and pooled): MAML's and MELO's test RMSE in both codebases and
+    their MELO − MAML intervals side by side, and whether ours lies inside the reference's."""
+    header = ["Model", "Seed", "Reference MAML", "Reference MELO", "Reference MELO − MAML [95 %]",
+              "Ours MAML", "Ours MELO", "Ours MELO − MAML [95 %]", "Ours inside the reference's interval"]
+    rows, summary = [], []
+    for model in study.models:
+        theirs = {row["seed"]: row for row in paired_rows(reference_records, model, "melo", "maml", study.seeds)}
+        ours = {row["seed"]: row for row in paired
+                if (row["model"], row["method"], row["versus"]) == (model, "melo", "maml")}
+        for seed in theirs:
+            rmse = {(codebase, method): (statistics.fmean(metric_values(source, model, method, "rmse"))
+                                         if seed == "pooled" else
+                                         metric_values([r for r in source if r["seed"] == seed], model, method,
+                                                       "rmse")[0])
+                    for codebase, source in (("reference", [r for r in reference_records if r["seed"] in theirs]),
+                                             ("ours", [r for r in records if r["seed"] in theirs]))
+                    for method in REFERENCE_METHODS}
+            mine = ours.get(seed)
+            inside = "" if mine is None else ("yes" if theirs[seed]["low"] <= mine["difference"] <= theirs[seed]["high"]
+                                              else "no")
+            rows.append([TITLES[model], str(seed), *(f"{rmse['reference', m]:.4f}" for m in REFERENCE_METHODS),
+                         interval_cell(theirs[seed]), *(f"{rmse['ours', m]:.4f}" for m in REFERENCE_METHODS),
+                         "" if mine is None else interval_cell(mine), inside])
+            summary.append({"model": model, "seed": seed, "reference": theirs[seed], "ours": mine,
+                            "inside": inside == "yes"})
+    if not rows:
+        return "", summary
+    return (f"\n## Side by side with the reference code\n\nThe reference implementation's MAML and MELO "
+            f"(benchmarks/reference_study.py: its own code, seeded, same data file and test users), "
+            f"test RMSE and MELO − MAML with its 95 % paired-bootstrap interval, beside this project's. "
+            f"Pooled RMSE: the mean over the seeds.\n\n{markdown_table(header, rows)}\n"), summary
 
 
 def dataset_table(study, stats):
@@ -500,7 +584,7 @@ def per_rating_panels(study, records):
     panels = []
     for model in study.models:
         reports = {method: [r["metrics"]["per_rating"] for r in records
-                            if r["model"] == model and r["method"] == method] for method in METHODS}
+                            if r["model"] == model and r["method"] == method] for method in study.methods}
         counts = {}
         for report in reports["basic"]:
             for rating, entry in report.items():
@@ -518,12 +602,13 @@ def plot_per_rating(study, records, path):
     panel_inches = max(4.8, 0.6 * most_ratings + 1.0)  # half stars need wider panels
     figure, axes = plt.subplots(1, len(panels), figsize=(max(6.0, panel_inches * len(panels)), 4.4),
                                 squeeze=False, sharey=True, layout="constrained")
-    width = 0.8 / len(METHODS)
+    width = 0.8 / len(study.methods)
     for axis, (model, reports, ratings, counts) in zip(axes[0], panels):
         positions = np.arange(len(ratings))
-        for offset, method in enumerate(METHODS):
+        for offset, method in enumerate(study.methods):
             means, stds = zip(*(per_rating_rmse(reports[method], rating) for rating in ratings))
-            axis.bar(positions + (offset - 1) * width, means, width, label=TITLES[method],
+            axis.bar(positions + (offset - (len(study.methods) - 1) / 2) * width, means, width,
+                     label=TITLES[method],
                      yerr=stds if len(study.seeds) > 1 else None, capsize=2)
         axis.set_xticks(positions, [f"{rating}\nn={counts[rating]}" for rating in ratings])
         axis.set_title(TITLES[model])
@@ -539,11 +624,15 @@ def plot_per_rating(study, records, path):
 
 def write_outputs(study, study_dir, stats, records):
     paired = paired_differences(records, study)
+    reference_records = (read_reference_results(study.reference_results, study, records)
+                         if study.reference_results else [])
+    side_by_side, reference_summary = reference_table(study, records, reference_records, paired)
     write_json(study_dir / "results.json",
-               {"dataset": study.name, "data_path": study.data_path, "mode": study.mode,
-                "seeds": study.seeds, "models": study.models, "run_flags": study.run_flags,
-                "runs": records, "paired": paired})
-    (study_dir / "table.md").write_text(results_table(study, records) + paired_table(paired))
+               {"dataset": study.name, "command": study.command, "data_path": study.data_path,
+                "mode": study.mode, "seeds": study.seeds, "models": study.models,
+                "methods": study.methods, "run_flags": study.run_flags, "runs": records, "paired": paired,
+                "reference_runs": reference_records, "reference_paired": reference_summary})
+    (study_dir / "table.md").write_text(results_table(study, records) + paired_table(paired) + side_by_side)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
     plot_per_rating(study, records, study_dir / "per_rating.png")
 

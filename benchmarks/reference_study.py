@@ -7,7 +7,8 @@ error recorded as this project records it, so that both codebases can be compare
 DIR is a checkout of the reference (YangYongJin/MELO), imported unmodified as by
 reference_parity.py. Its Basic (train_original.py, saving its embedding) runs first, then
 MAML and MELO from that embedding (main.py), each tested on its best checkpoint, with the
-reference's own flags and defaults plus the ones given here (``--flags`` adds more). What it
+reference's own flags and defaults plus the ones given here (``--flags`` adds more); a seed
+whose two JSON files exist is not run again (an interrupted seed starts over). What it
 leaves to chance is seeded from ``--seed``: torch before each run, and numpy where the
 reference reseeds it from the clock (its train/valid split; its task draws follow). Its test
 users are its draw for ``--random_seed`` — the same users as this project's (see
@@ -91,6 +92,10 @@ def main(argv=None):
     options = parser.parse_args(argv)
     out = Path(options.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    paths = {method: out / f"{options.model}_{method}_seed{options.seed}.json" for method in ("maml", "melo")}
+    if all(path.is_file() for path in paths.values()):
+        print(f"done before: {', '.join(map(str, paths.values()))}")
+        return 0
     with reference_workdir(options.data_path) as data_flag:
         flags = [data_flag, "--mode=ml-1m", f"--model={options.model}", f"--random_seed={options.seed}",
                  f"--num_test_data={options.num_test_data}", f"--val_size={options.val_size}",
@@ -113,7 +118,7 @@ def main(argv=None):
                 record = {"codebase": "reference", "model": options.model, "method": method, "seed": options.seed,
                           "best_step": maml.best_step, "metrics": metrics,
                           "command": " ".join(["python benchmarks/reference_study.py", *map(str, argv or sys.argv[1:])])}
-                path = out / f"{options.model}_{method}_seed{options.seed}.json"
+                path = paths[method]
                 path.write_text(json.dumps(record, indent=2, allow_nan=False))
                 print(f"{method}: test RMSE {metrics['rmse']:.4f}, MAE {metrics['mae']:.4f} "
                       f"(best step {maml.best_step}) -> {path}")

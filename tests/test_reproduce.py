@@ -1,7 +1,7 @@
 """reproduce.py: one command from a rating file to the results table, on tiny runs.
 
-One study (GRU4Rec, seeds 222 and 223: 8 runs, 14 script calls) is run once for the
-module; the tests read what it wrote and invoke it again to check reuse, resuming and
+One study (GRU4Rec, seeds 222 and 223, MELO also with normalised weights: 10 runs, 18 script
+calls) is run once for the module; the tests read what it wrote and invoke it again to check reuse, resuming and
 failures.
 """
 import json
@@ -22,7 +22,7 @@ RUN_FLAGS = ["--num_samples=4", "--num_query_set=2", "--batch_size=4", "--pretra
              "--gru4rec_hidden_size=8", "--gru4rec_embedding_dim=8", "--gru4rec_n_layers=1",
              "--lstm_hidden=8", "--lstm_input_size=4"]
 SEEDS = (222, 223)
-METHODS = ("basic", "maml", "melo")
+METHODS = ("basic", "maml", "melo", "melo_normalized")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     ratings = write_ratings(root / "data" / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
     argv = [f"--data_path={ratings}", *DATA, *BUDGET, "--models", "gru4rec",
-            "--seeds", *map(str, SEEDS), "--name=tiny", f"--results_dir={root / 'results'}",
+            "--seeds", *map(str, SEEDS), "--normalized_melo", "--name=tiny", f"--results_dir={root / 'results'}",
             "--", *RUN_FLAGS]
     records = reproduce.main(argv)
     return SimpleNamespace(argv=argv, dir=root / "results" / "tiny", ratings=ratings, records=records)
@@ -52,6 +52,11 @@ def table_rows(markdown):
     split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
     header = split[0]
     return {cells[0]: dict(zip(header, cells)) for cells in split[1:]}
+
+
+def by_seed(markdown):
+    """table_rows of a one-model table whose first columns are Model and Seed, by seed."""
+    return table_rows(markdown.replace("| Model | ", "| ").replace("| GRU4Rec | ", "| "))
 
 
 def mean_and_std(cell):
@@ -89,15 +94,16 @@ def test_each_method_runs_the_right_commands(study):
     for seed in SEEDS:
         folder = study.dir / "runs" / str(seed) / "gru4rec"
         basic_train, basic_test = commands[seed, "basic"]
-        assert "train_original.py" in basic_train and "--save_pretrained=True" in basic_train
+        assert basic_train.startswith("python train_original.py ") and "--save_pretrained=True" in basic_train
         assert basic_test == basic_train + " --test"
-        for method in ("maml", "melo"):
+        for method in ("maml", "melo", "melo_normalized"):
             train, test = commands[seed, method]
-            assert "main.py" in train and test == train + " --test"
+            assert train.startswith("python main.py ") and test == train + " --test"
             assert "--load_pretrained_embedding=True" in train
             assert f"--pretrain_log_dir={folder / 'basic'}" in train
             assert f"--log_dir={folder / method}" in train
             assert ("--use_adaptive_loss=False" in train) == (method == "maml")
+            assert ("--normalize_weights=True" in train) == (method == "melo_normalized")
         assert commands[seed, "mean_rating"][0].endswith("--test_baseline")
         for method in (*METHODS, "mean_rating"):
             for command in commands[seed, method]:
@@ -109,7 +115,8 @@ def test_table_holds_the_mean_and_std_over_seeds_and_melos_improvements(study):
     rows = table_rows((study.dir / "table.md").read_text())
     assert set(rows) == {"GRU4Rec", "Mean rating"}
     row = rows["GRU4Rec"]
-    titles = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "rmse": "RMSE", "mae": "MAE"}
+    titles = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "melo_normalized": "MELO (normalised)",
+              "rmse": "RMSE", "mae": "MAE"}
     for method in METHODS:
         for name in ("rmse", "mae"):
             values = metric(study, "gru4rec", method, name)
@@ -133,19 +140,91 @@ def test_table_holds_the_mean_and_std_over_seeds_and_melos_improvements(study):
 
 def test_paired_differences_per_seed_and_pooled(study):
     paired = json.loads((study.dir / "results.json").read_text())["paired"]
-    assert [(row["versus"], row["seed"]) for row in paired] == \
-        [("maml", SEEDS[0]), ("maml", SEEDS[1]), ("maml", "pooled"),
-         ("basic", SEEDS[0]), ("basic", SEEDS[1]), ("basic", "pooled")]
+    assert [(row["method"], row["versus"], row["seed"]) for row in paired] == [
+        (method, other, seed) for method in ("melo", "melo_normalized") for other in ("maml", "basic")
+        for seed in (*SEEDS, "pooled")]
     for row in paired:
         assert row["low"] <= row["difference"] <= row["high"] and row["resamples"] == 1000
         if row["seed"] != "pooled":
             melo, other = (metric(study, "gru4rec", method, "rmse")[SEEDS.index(row["seed"])]
-                           for method in ("melo", row["versus"]))
+                           for method in (row["method"], row["versus"]))
             assert row["difference"] == pytest.approx(melo - other)
     table = (study.dir / "table.md").read_text()
     section = table[table.index("## Paired differences"):]
-    pooled = next(row for row in paired if (row["versus"], row["seed"]) == ("maml", "pooled"))
-    assert f"| GRU4Rec | pooled | {pooled['difference']:+.4f} [{pooled['low']:+.4f}, {pooled['high']:+.4f}]" in section
+    rows = by_seed(section)
+    for method, title in (("melo", "MELO"), ("melo_normalized", "MELO (normalised)")):
+        pooled = next(row for row in paired if (row["method"], row["versus"], row["seed"]) == (method, "maml", "pooled"))
+        shown = rows["pooled"][f"{title} − MAML RMSE [95 % interval]"]
+        assert shown == f"{pooled['difference']:+.4f} [{pooled['low']:+.4f}, {pooled['high']:+.4f}]"
+
+
+def reference_records(study, scale):
+    """Records as benchmarks/reference_study.py writes them: our MAML's errors, and MELO's
+    as MAML's times ``scale`` (so MELO − MAML is known exactly)."""
+    found = []
+    for seed in SEEDS:
+        maml = next(r for r in study.records if (r["seed"], r["method"]) == (seed, "maml"))["metrics"]["per_user"]
+        for method, factor in (("maml", 1.0), ("melo", scale)):
+            squared = [error * factor for error in maml["squared_error"]]
+            found.append({"codebase": "reference", "model": "gru4rec", "method": method, "seed": seed,
+                          "metrics": {"rmse": statistics.fmean(squared) ** 0.5, "mae": 0.0,
+                                      "num_users": len(squared),
+                                      "per_user": {"user": maml["user"], "squared_error": squared,
+                                                   "absolute_error": squared}}})
+    return found
+
+
+def write_reference(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        (folder / f"{record['model']}_{record['method']}_seed{record['seed']}.json").write_text(json.dumps(record))
+
+
+def test_the_reference_runs_are_set_beside_ours_on_the_same_users(study, tmp_path):
+    options = reproduce.parse_command_line(study.argv)
+    paired = reproduce.paired_differences(study.records, options)
+    ours = {row["seed"]: row for row in paired if (row["method"], row["versus"]) == ("melo", "maml")}
+    write_reference(tmp_path / "reference", reference_records(study, 0.64))   # MELO's RMSE 0.8 × MAML's
+    found = reproduce.read_reference_results(tmp_path / "reference", options, study.records)
+    assert len(found) == 4
+    section, summary = reproduce.reference_table(
+        options, study.records, found, paired)
+    rows = by_seed(section)
+    assert [entry["seed"] for entry in summary] == [*SEEDS, "pooled"]
+    for entry in summary:
+        seed = entry["seed"]
+        row = rows[str(seed)]
+        maml = statistics.fmean(r["metrics"]["rmse"] for r in found
+                                if r["method"] == "maml" and seed in (r["seed"], "pooled"))
+        assert float(row["Reference MAML"]) == pytest.approx(maml, abs=6e-5)
+        if seed != "pooled":
+            assert entry["reference"]["difference"] == pytest.approx(-0.2 * maml)
+        assert entry["reference"]["high"] < 0          # every resample's MELO is 0.8 × its MAML
+        assert entry["ours"] == ours[seed]
+        inside = entry["reference"]["low"] <= ours[seed]["difference"] <= entry["reference"]["high"]
+        assert entry["inside"] == inside and row["Ours inside the reference's interval"] == ("yes" if inside else "no")
+
+
+def test_the_same_reference_results_are_inside_their_own_interval(study, tmp_path):
+    """The reference's MELO − MAML set beside itself: every difference lies inside."""
+    options = reproduce.parse_command_line(study.argv)
+    records = [r for r in study.records if r["method"] not in ("melo", "maml")]
+    records += [{**r, "codebase": None} for r in reference_records(study, 0.81)]
+    write_reference(tmp_path / "reference", reference_records(study, 0.81))
+    found = reproduce.read_reference_results(tmp_path / "reference", options, records)
+    paired = reproduce.paired_differences(records, options)
+    _, summary = reproduce.reference_table(options, records, found, paired)
+    assert [entry["inside"] for entry in summary] == [True, True, True]
+
+
+def test_reference_results_of_other_users_are_refused(study, tmp_path):
+    options = reproduce.parse_command_line(study.argv)
+    records = reference_records(study, 0.9)
+    for record in records:
+        record["metrics"]["per_user"]["user"] = list(reversed(record["metrics"]["per_user"]["user"]))
+    write_reference(tmp_path / "reference", records)
+    with pytest.raises(UserError, match="tested on other users than this study's seed 222"):
+        reproduce.read_reference_results(tmp_path / "reference", options, study.records)
 
 
 def test_improvements_are_relative_to_the_other_method():
@@ -156,7 +235,7 @@ def test_improvements_are_relative_to_the_other_method():
     records = [record("mean_rating", 1.2, 1.0, model=None), record("basic", 1.0, 0.5),
                record("maml", 0.9, 0.4), record("melo", 0.8, 0.6)]
     options = SimpleNamespace(name="x", models=["narm"], seeds=[1], pretrain_epochs=1,
-                              num_train_iterations=1, run_flags=[])
+                              num_train_iterations=1, run_flags=[], methods=["basic", "maml", "melo"])
     row = table_rows(reproduce.results_table(options, records))["NARM"]
     assert (row["MELO RMSE"], row["MELO MAE"]) == ("0.8000", "0.6000")    # one seed: no ±
     assert row["MELO vs Basic RMSE (%)"] == "+20.00"                     # (1.0 - 0.8) / 1.0
@@ -188,7 +267,7 @@ def test_per_rating_panels_sum_counts_over_seeds_and_leave_out_absent_ratings():
 
     records = [record(seed, method, {"0.5": 0, "1": 2, "4.5": seed, "10": 0})
                for seed in (1, 2) for method in ("basic", "maml", "melo")]
-    options = SimpleNamespace(name="x", models=["narm"], seeds=[1, 2])
+    options = SimpleNamespace(name="x", models=["narm"], seeds=[1, 2], methods=["basic", "maml", "melo"])
     [(model, reports, ratings, counts)] = reproduce.per_rating_panels(options, records)
     assert model == "narm" and len(reports["melo"]) == 2
     assert ratings == ["1", "4.5"]                       # in numeric order, only ratings with targets
@@ -202,7 +281,7 @@ def test_a_second_invocation_reuses_every_run(study, capsys):
     capsys.readouterr()
     assert reproduce.main(study.argv) == study.records
     output = capsys.readouterr().out
-    assert output.count("done before") == 8
+    assert output.count("done before") == 10
     assert "training" not in output and "testing" not in output
     assert file_times(study.dir / "runs") == before
     assert (study.dir / "table.md").read_text() == table
@@ -235,8 +314,8 @@ def test_a_failed_run_stops_the_study_with_the_end_of_its_log(study, capsys):
         run_cli(lambda: reproduce.main(with_seeds(study.argv, *SEEDS, 224)))
     assert stopped.value.code != 0
     output = capsys.readouterr()
-    assert output.out.count("done before") == 8
-    assert "[9/12] seed 224 mean rating: testing FAILED" in output.out
+    assert output.out.count("done before") == 10
+    assert "[11/15] seed 224 mean rating: testing FAILED" in output.out
     assert "seed 224 mean rating test failed (exit status 2)" in output.err
     assert str(seed_dir / "mean_rating.log") in output.err
     assert "cannot write to" in output.err          # the run's own error, from its log
@@ -254,9 +333,9 @@ def test_an_interrupted_meta_training_resumes_from_its_last_checkpoint(study, ca
                  if folder / "melo" not in path.parents and path.name != "melo.log"}
     capsys.readouterr()
     records = reproduce.main(study.argv)
-    assert "[8/8] seed 223 gru4rec MELO: training (resumed from step 1), testing: RMSE" \
+    assert "[9/10] seed 223 gru4rec MELO: training (resumed from step 1), testing: RMSE" \
         in capsys.readouterr().out
     assert "Resuming from iteration 1" in (folder / "melo.log").read_text()
-    assert records[-1]["metrics"] == earlier["metrics"]      # resuming is exact
+    assert records[-2]["metrics"] == earlier["metrics"]      # resuming is exact
     now = file_times(study.dir / "runs")
     assert {path: now.get(path) for path in untouched} == untouched
