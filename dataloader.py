@@ -2,8 +2,9 @@
 
 Pipeline of ``load_data(args)``:
 
-1. find the file (MovieLens is downloaded into ``Data/ml-1m`` / ``Data/ml-10m`` when missing),
-   detect its layout from its content, read it in chunks into integer-coded columns;
+1. find the file (MovieLens is downloaded into ``Data/ml-1m`` / ``Data/ml-10m`` when missing:
+   download.py), detect its layout from its content and read it in chunks into
+   integer-coded columns (rating_files.py);
 2. drop rows with an unusable rating, id or date (counted in a printed warning); count the
    rows that repeat an earlier one exactly, and drop them with ``drop_duplicates``;
 3. filter once: items with fewer than ``min_item`` ratings, then users with fewer than
@@ -22,412 +23,23 @@ recommender one random sub-window per user and epoch.
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import gzip
-import http.client
-import io
-import json
-import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
-import zipfile
-import zlib
-from collections import Counter
 from dataclasses import dataclass, fields, replace
-from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from options import MODES
+# the readers and the download were part of this module: their public names import from it
+from download import download_movielens, ensure_data_file
+from rating_files import DataError, Layout, RawRatings, detect_layout, read_ratings
 
-MOVIELENS_URLS = {
-    "ml-1m": "http://files.grouplens.org/datasets/movielens/ml-1m.zip",
-    "ml-10m": "http://files.grouplens.org/datasets/movielens/ml-10m.zip",
-}
-DATA_ROOT = Path("Data")          # relative to the working directory, as in the reference
-DOWNLOAD_TIMEOUT_S = 60.0
-CHUNK_ROWS = 500_000              # rows held as raw text at once while reading
-RATING_MIN, RATING_MAX = 0.5, 5.0  # accepted ratings: 0.5 .. 5 in half stars
+__all__ = ["DataError", "Layout", "PretrainDataset", "RatingData", "RawRatings", "TaskBatch", "TaskSampler",
+           "detect_layout", "download_movielens", "load_data", "read_ratings", "split_users"]
+
 TRAIN_FRACTION = 0.85             # of the non-test users; the rest are valid users
 
 # Independent random streams, all derived from --random_seed.
 _SPLIT_STREAM, _TRAIN_STREAM, _VALID_STREAM, _TEST_STREAM = range(1, 5)
-
-
-class DataError(Exception):
-    """Bad input data or settings; the message says what is wrong and what to do."""
-
-
-# --------------------------------------------------------------------------------------
-# Input layouts
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
-    """Where one input format keeps user, item, rating and date (column names or numbers)."""
-    name: str
-    user: str | int
-    item: str | int
-    rating: str | int
-    date: str | int
-    json_lines: bool = False
-    sep: str = ","
-    header: bool = True
-
-    @property
-    def source_fields(self) -> list[str | int]:
-        return [self.user, self.item, self.rating, self.date]
-
-
-# ``a::b::c::d`` read with ``:`` as separator (fast C parser): the values are fields 0, 2, 4, 6.
-MOVIELENS_DAT = Layout("movielens-dat", 0, 2, 4, 6, sep=":", header=False)
-MOVIELENS_CSV = Layout("movielens-csv", "userId", "movieId", "rating", "timestamp")
-AMAZON_CSV = Layout("amazon-csv", "reviewerID", "product_id", "rating", "date")
-YELP_CSV = Layout("yelp-csv", "user_id", "business_id", "stars", "timestamp")
-AMAZON_RATINGS_CSV = Layout("amazon-ratings-csv", 0, 1, 2, 3, header=False)
-JSON_LAYOUTS = (  # first match wins
-    Layout("amazon-json", "reviewerID", "asin", "overall", "unixReviewTime", json_lines=True),
-    Layout("amazon-2023-jsonl", "user_id", "parent_asin", "rating", "timestamp", json_lines=True),
-    Layout("amazon-2023-jsonl", "user_id", "asin", "rating", "timestamp", json_lines=True),
-    Layout("yelp-review-json", "user_id", "business_id", "stars", "date", json_lines=True),
-)
-HEADER_CSV_LAYOUTS = (AMAZON_CSV, YELP_CSV, MOVIELENS_CSV)
-MODE_LAYOUTS = {"ml-1m": MOVIELENS_DAT, "ml-10m": MOVIELENS_DAT, "amazon": AMAZON_CSV,
-                "yelp": YELP_CSV}
-RAW_FORMATS_HELP = ("Amazon review JSON lines (reviewerID, asin, overall, unixReviewTime), "
-                    "Amazon 2023 JSONL (user_id, parent_asin or asin, rating, timestamp), "
-                    "Yelp review.json (user_id, business_id, stars, date), a MovieLens CSV "
-                    "(userId,movieId,rating,timestamp) or a ratings-only CSV without header "
-                    "(user,item,rating,timestamp)")
-
-
-@contextlib.contextmanager
-def open_text(path: Path):
-    """Open a rating file as text: plain, gzip (.gz) or the one data file inside a .zip."""
-    with open(path, "rb") as raw:
-        magic = raw.read(4)
-    if magic[:2] == b"\x1f\x8b":
-        with gzip.open(path, "rt", encoding="utf-8-sig", newline="") as stream:
-            yield stream
-    elif magic == b"PK\x03\x04":
-        with zipfile.ZipFile(path) as archive:
-            member = _data_member(archive, path)
-            with io.TextIOWrapper(archive.open(member), encoding="utf-8-sig", newline="") as stream:
-                yield stream
-    else:
-        with open(path, encoding="utf-8-sig", newline="") as stream:
-            yield stream
-
-
-def _data_member(archive: zipfile.ZipFile, path: Path) -> str:
-    """The rating file inside a zip archive (its only file, or its only .csv/.json/.dat)."""
-    names = [n for n in archive.namelist()
-             if not n.endswith("/") and not PurePosixPath(n).name.startswith(".")
-             and not n.startswith("__MACOSX/")]
-    data_names = [n for n in names if n.lower().endswith((".csv", ".json", ".jsonl", ".dat"))]
-    for candidates in (names, data_names):
-        if len(candidates) == 1:
-            return candidates[0]
-    raise DataError(f"{path} is a zip archive with {len(names)} files ({', '.join(names[:5])}); "
-                    "unzip it and point --data_path at the rating file")
-
-
-def _first_line(stream) -> str:
-    for line in stream:
-        if line.strip():
-            return line.strip()
-    return ""
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def detect_layout(path: Path, mode: str) -> Layout:
-    """Which layout ``path`` is in, from its first line; ``mode`` only shapes the error."""
-    try:
-        with open_text(path) as stream:
-            line = _first_line(stream)
-    except (UnicodeDecodeError, zipfile.BadZipFile, EOFError, OSError) as error:
-        raise DataError(f"cannot read {path} as text: {error}") from None
-    if not line:
-        raise DataError(f"{path} is empty; point --data_path at a rating file")
-    if line.startswith("{"):
-        return _detect_json_layout(path, line)
-    if "::" in line:
-        return MOVIELENS_DAT
-    header = [name.strip() for name in next(csv.reader([line]))]
-    for layout in HEADER_CSV_LAYOUTS:
-        if set(layout.source_fields) <= set(header):
-            return layout
-    if len(header) >= 4 and _is_number(header[2]) and _is_number(header[3]):
-        return AMAZON_RATINGS_CSV
-    expected = MODE_LAYOUTS[mode]
-    raise DataError(
-        f"{path}: the columns {header} do not match --mode={mode}: expected "
-        f"{_describe(expected)}. Other accepted files: {RAW_FORMATS_HELP}. "
-        "Rename the columns or choose the matching --mode")
-
-
-def _detect_json_layout(path: Path, line: str) -> Layout:
-    try:
-        keys = set(json.loads(line))
-    except (json.JSONDecodeError, TypeError):
-        raise DataError(f"{path}: the first line starts with '{{' but is not JSON; JSON-lines files "
-                        "need one JSON object per line (strict JSON, not Python literals)") from None
-    for layout in JSON_LAYOUTS:
-        if set(layout.source_fields) <= keys:
-            return layout
-    raise DataError(f"{path}: JSON fields {sorted(keys)} match no known layout; expected "
-                    f"{RAW_FORMATS_HELP}")
-
-
-def _describe(layout: Layout) -> str:
-    if layout is MOVIELENS_DAT:
-        return "MovieLens ratings.dat lines user::item::rating::timestamp"
-    return f"a CSV with the columns {', '.join(map(str, layout.source_fields))}"
-
-
-# --------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------
-class _IdEncoder:
-    """Codes id strings in order of first appearance; ``load_data`` re-codes them sorted."""
-
-    def __init__(self):
-        self.codes: dict[str, int] = {}
-
-    def encode(self, ids: np.ndarray) -> np.ndarray:
-        chunk_codes, uniques = pd.factorize(ids)
-        table = self.codes
-        global_codes = np.array([table.setdefault(u, len(table)) for u in uniques], dtype=np.int64)
-        return global_codes[chunk_codes]
-
-    def names(self) -> np.ndarray:
-        return np.array(list(self.codes), dtype=object)
-
-
-@dataclass
-class RawRatings:
-    """Usable rows of a rating file; ``user_codes`` index ``user_names`` (same for items)."""
-    layout: str
-    user_codes: np.ndarray   # int64[N]
-    item_codes: np.ndarray   # int64[N]
-    ratings: np.ndarray      # float32[N], stars
-    dates: np.ndarray        # float64[N], sortable time (seconds, or ms for Amazon 2023)
-    user_names: np.ndarray   # object[#users], original ids as strings
-    item_names: np.ndarray   # object[#items]
-
-
-def read_ratings(path: Path, mode: str) -> RawRatings:
-    """Read the usable rows of ``path`` in chunks; print a warning counting the dropped rows."""
-    layout = detect_layout(path, mode)
-    users, items = _IdEncoder(), _IdEncoder()
-    parts: list[tuple[np.ndarray, ...]] = []
-    dropped: Counter[str] = Counter()   # rows dropped, by their first reason
-    try:
-        with open_text(path) as stream:
-            chunks = _json_chunks(stream, layout, dropped) if layout.json_lines \
-                else _csv_chunks(stream, layout)
-            for user, item, rating, date in chunks:
-                keep, stars, time = _usable_rows(user, item, rating, date, dropped)
-                parts.append((users.encode(user[keep]), items.encode(item[keep]),
-                              stars[keep], time[keep]))
-    except (pd.errors.ParserError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as error:
-        raise DataError(f"{path}: cannot parse it as {layout.name}: {error}") from None
-    _report_dropped(path, sum(len(part[2]) for part in parts), dropped)
-    user_codes, item_codes, ratings, dates = (np.concatenate(column) for column in zip(*parts))
-    return RawRatings(layout.name, user_codes, item_codes, ratings.astype(np.float32), dates,
-                      users.names(), items.names())
-
-
-def _csv_chunks(stream, layout: Layout):
-    """Yield (user, item, rating, date) string arrays of up to CHUNK_ROWS rows."""
-    reader = pd.read_csv(stream, sep=layout.sep, header=0 if layout.header else None,
-                         usecols=layout.source_fields, dtype=object, keep_default_na=False,
-                         chunksize=CHUNK_ROWS)
-    for chunk in reader:
-        yield tuple(chunk[name].to_numpy() for name in layout.source_fields)
-
-
-def _json_chunks(stream, layout: Layout, dropped: Counter):
-    """Yield (user, item, rating, date) string arrays of up to CHUNK_ROWS JSON lines.
-
-    Only the four fields of each line are kept (reviews' text is dropped line by line).
-    """
-    rows = []
-    for line in stream:
-        if not line.strip():
-            continue
-        row = _json_fields(line, layout.source_fields)
-        if row is None:
-            dropped["a line that is not JSON"] += 1
-            continue
-        rows.append(row)
-        if len(rows) == CHUNK_ROWS:
-            yield _string_columns(rows)
-            rows = []
-    if rows:
-        yield _string_columns(rows)
-
-
-def _string_columns(rows: list[tuple[str, ...]]) -> tuple[np.ndarray, ...]:
-    return tuple(np.array(column, dtype=object) for column in zip(*rows))
-
-
-def _json_fields(line: str, names: list[str]) -> tuple[str, ...] | None:
-    """The fields ``names`` of one JSON line as strings ('' when absent); None if not JSON."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    values = (record.get(name) for name in names)
-    return tuple("" if value is None else str(value) for value in values)
-
-
-def _usable_rows(user, item, rating, date, dropped: Counter):
-    """Mask of usable rows, their ratings (float) and sortable dates (float); counts the rest."""
-    stars = pd.to_numeric(rating, errors="coerce").astype(np.float64)
-    time = _date_values(date)
-    non_numeric = np.isnan(stars)
-    off_scale = ~non_numeric & ((stars < RATING_MIN) | (stars > RATING_MAX)
-                                | (stars * 2 != np.round(stars * 2)))
-    keep = np.ones(len(stars), dtype=bool)
-    for reason, rows in (("a missing user or item id", (user == "") | (item == "")),
-                         ("a non-numeric rating", non_numeric),
-                         (f"a rating outside {RATING_MIN:g}..{RATING_MAX:g} in half stars", off_scale),
-                         ("a missing or unreadable date", np.isnan(time))):
-        dropped[reason] += int((rows & keep).sum())   # each row counted under its first reason
-        keep &= ~rows
-    return keep, stars, time
-
-
-def _date_values(date: np.ndarray) -> np.ndarray:
-    """Numbers as they are (unix time); other text parsed as an ISO date, in seconds; else NaN."""
-    values = pd.to_numeric(date, errors="coerce").astype(np.float64)
-    text = np.isnan(values) & (date != "")
-    if text.any():
-        parsed = pd.to_datetime(pd.Series(date[text]), format="ISO8601", errors="coerce", utc=True)
-        epoch = pd.Timestamp(0, tz="UTC")
-        values[text] = (parsed - epoch).dt.total_seconds().to_numpy()
-    return values
-
-
-def _report_dropped(path: Path, usable: int, dropped: Counter) -> None:
-    total = usable + sum(dropped.values())
-    reasons = ", ".join(f"{count:,} with {reason}" for reason, count in dropped.items() if count)
-    if usable == 0:
-        raise DataError(f"{path}: none of its {total:,} rows is usable ({reasons or 'no rows'}); "
-                        f"ratings must be numbers in {RATING_MIN:g}..{RATING_MAX:g}")
-    if reasons:
-        print(f"Warning: dropped {total - usable:,} of {total:,} rows of {path}: {reasons}")
-
-
-# --------------------------------------------------------------------------------------
-# MovieLens download
-# --------------------------------------------------------------------------------------
-def download_movielens(dataset: str, folder: Path, url: str | None = None,
-                       timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Download ``dataset`` (ml-1m or ml-10m) and unpack its files into ``folder``.
-
-    The archive goes to a temporary folder beside ``folder``, is checked (zip CRCs, a
-    ratings.dat member) and unpacked there; its files are then moved into ``folder`` with
-    ratings.dat last, so a failed or interrupted download never leaves a ratings.dat behind.
-    """
-    url = url or MOVIELENS_URLS[dataset]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dataset}-download-", dir=folder.parent))
-    try:
-        archive = work / f"{dataset}.zip"
-        _fetch(url, archive, timeout, dataset, folder)
-        unpacked = _unpack_checked(archive, work / "unpacked", url)
-        _move_files(unpacked, folder, last="ratings.dat")
-    except DataError as error:
-        raise DataError(f"{error}. To get the data by hand, download {MOVIELENS_URLS[dataset]} "
-                        f"elsewhere and unzip it so that {folder / 'ratings.dat'} exists (README, "
-                        "section Datasets), or give a mirror with --download_url=URL") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _fetch(url: str, target: Path, timeout: float, dataset: str, folder: Path) -> None:
-    """Stream ``url`` into ``target`` with a progress bar; DataError on any failure."""
-    print(f"{folder / 'ratings.dat'} is missing: downloading {dataset} from {url}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
-            expected = int(response.headers.get("Content-Length") or 0)
-            with tqdm(total=expected or None, unit="B", unit_scale=True, desc=dataset) as bar:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as error:
-        raise DataError(f"downloading {url} failed: HTTP {error.code} {error.reason}") from None
-    except (OSError, http.client.HTTPException) as error:   # URLError, timeouts, cut connections
-        reason = getattr(error, "reason", error)
-        raise DataError(f"cannot download {url} (no network? {reason})") from None
-    received = target.stat().st_size
-    if expected and received != expected:
-        raise DataError(f"the download of {url} stopped after {received:,} of {expected:,} bytes; "
-                        "run again")
-
-
-def _unpack_checked(archive: Path, target: Path, url: str) -> Path:
-    """Check and unpack the zip; return the unpacked folder that holds ratings.dat."""
-    try:
-        with zipfile.ZipFile(archive) as zipped:
-            broken = zipped.testzip()
-            if broken is not None:
-                raise DataError(f"the archive from {url} is corrupt ({broken} fails its CRC "
-                                "check); run again or use another --download_url")
-            ratings = [n for n in zipped.namelist() if PurePosixPath(n).name == "ratings.dat"]
-            if not ratings:
-                raise DataError(f"the archive from {url} has no ratings.dat; is it a MovieLens zip?")
-            zipped.extractall(target)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
-        raise DataError(f"the archive from {url} is not a valid zip ({error}); it may be "
-                        "truncated: run again or use another --download_url") from None
-    return (target / ratings[0]).parent
-
-
-def _move_files(source: Path, folder: Path, last: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = sorted((p for p in source.iterdir() if p.is_file()), key=lambda p: p.name == last)
-    for file in files:
-        os.replace(file, folder / file.name)
-
-
-def _ensure_data_file(data_path: str, mode: str, download_url: str | None) -> Path:
-    """The rating file to read; MovieLens is downloaded into Data/<mode>/ when missing there."""
-    path = Path(data_path)
-    if path.is_dir():
-        raise DataError(f"--data_path={data_path} is a folder; point it at the rating file")
-    if path.is_file():
-        return path
-    default_folder = DATA_ROOT / mode
-    if mode in MOVIELENS_URLS and default_folder.resolve() in path.resolve().parents:
-        download_movielens(mode, default_folder, download_url)
-        if path.is_file():
-            return path
-        raise DataError(f"the {mode} archive has no {path.relative_to(default_folder)}; "
-                        f"use --data_path={default_folder / 'ratings.dat'}")
-    raise DataError(f"--data_path={data_path} does not exist. " + _missing_file_hint(mode))
-
-
-def _missing_file_hint(mode: str) -> str:
-    if mode in MOVIELENS_URLS:
-        return (f"Point it at a MovieLens ratings.dat, or use --data_path=./Data/{mode}/ratings.dat, "
-                "which is downloaded automatically (README, section Datasets)")
-    return (f"Put {_describe(MODE_LAYOUTS[mode])} there (see Data/README.md and the README, "
-            f"section Datasets), or point --data_path at one of: {RAW_FORMATS_HELP}")
 
 
 # --------------------------------------------------------------------------------------
@@ -508,25 +120,6 @@ def split_users(num_users: int, num_test_data: int, val_size: int, seed: int):
                         f"({1 - TRAIN_FRACTION:.0%} of the {len(rest)} non-test users); lower "
                         "--val_size or --num_test_data")
     return train, valid, np.sort(test)
-
-
-def check_task_settings(args) -> None:
-    """Fail early when tasks cannot be built with these settings."""
-    if args.mode not in MODES:
-        raise DataError(f"unknown --mode={args.mode}; choose one of {', '.join(MODES)}")
-    if args.max_seq_len < 3:
-        raise DataError(f"--max_seq_len={args.max_seq_len} is too short: a task needs a window "
-                        "of 3 interactions for one query; raise it")
-    if not 1 <= args.min_sub_window_size < args.max_seq_len:
-        raise DataError(f"--min_sub_window_size={args.min_sub_window_size} must be in "
-                        f"1..{args.max_seq_len - 1} (below --max_seq_len)")
-    needed = min_window_length(args.min_sub_window_size)
-    if args.min_sequence < needed:
-        raise DataError(
-            f"--min_sequence={args.min_sequence} is too small: a task needs at least {needed} "
-            f"interactions (a support sequence of --min_sub_window_size="
-            f"{args.min_sub_window_size} before the target, and a window of 3 for a query); raise "
-            f"--min_sequence to {needed} or lower --min_sub_window_size")
 
 
 def min_window_length(min_sub_window_size: int) -> int:
@@ -616,8 +209,7 @@ class RatingData:
 
 def load_data(args) -> RatingData:
     """Read, filter, densify, sequence and split ``args.data_path``; print its statistics."""
-    check_task_settings(args)
-    path = _ensure_data_file(args.data_path, args.mode, getattr(args, "download_url", None))
+    path = ensure_data_file(args.data_path, args.mode, getattr(args, "download_url", None))
     raw = read_ratings(path, args.mode)
     duplicates = _duplicate_rows(raw)
     if args.drop_duplicates:

@@ -5,10 +5,11 @@ predictions were made.  Each test user contributes the squared / absolute errors
 its query targets, averaged over that user's real query sequences; RMSE is the square
 root of the mean over users, MAE the mean over users.
 """
-import json
 import math
 
 import numpy as np
+
+from atomic_files import write_json
 
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -134,8 +135,7 @@ def write_results(path, metrics, args, **extra):
     """Write test metrics and the full configuration as JSON."""
     record = {"metrics": metrics, "config": {k: _jsonable(v) for k, v in vars(args).items()}}
     record.update(extra)
-    with open(path, "w") as handle:
-        json.dump(record, handle, indent=2, allow_nan=False)  # a NaN result is an error, never a file
+    write_json(path, record)
 
 
 def _rating_key(value):

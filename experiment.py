@@ -1,5 +1,5 @@
-"""What main.py and train_original.py share: errors for the user, devices, seeds,
-atomic checkpoints and the list of checkpoints a folder holds."""
+"""What main.py and train_original.py share: errors for the user, devices, seeds, run
+identities and folders, and the checkpoints a folder holds."""
 import hashlib
 import json
 import os
@@ -16,9 +16,6 @@ import torch
 from dataloader import DataError, load_data
 from options import parse_args
 
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class UserError(Exception):
@@ -83,19 +80,23 @@ def make_dirs(*paths):
                             f"with --log_dir / --pretrain_log_dir") from None
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside ``path``, then rename: a run killed while
-    saving never leaves a half-written checkpoint."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would give
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def checkpoint_pattern(model, mode, method, best=True):
+    """The file name of a checkpoint with ``{step}`` for its step, as train_original.py
+    (``method="basic"``: its best epochs) and main.py (MAML, MELO: the best validations, or
+    with ``best=False`` every validation) write them (README, "Checkpoints")."""
+    if method == "basic":
+        return f"{model}_{{step}}_no_meta_best"
+    return f"{model}_{{step}}_{'best_' if best else ''}{mode}_{method}.pt"
+
+
+def test_results_name(checkpoint_name):
+    """The file name of the test results of a checkpoint, beside it."""
+    return f"{checkpoint_name.removesuffix('.pt')}_test.json"
+
+
+def mean_rating_results_name(mode):
+    """The file name of the mean-rating baseline's test results (main.py --test_baseline)."""
+    return f"mean_rating_{mode}_test.json"
 
 
 def checkpoint_steps(directory, pattern):
@@ -108,8 +109,10 @@ def checkpoint_steps(directory, pattern):
     return sorted(int(m.group(1)) for m in map(regex.match, os.listdir(directory)) if m)
 
 
-def latest_step(directory, pattern, made_by):
-    """The highest step with a checkpoint, for --test without --checkpoint_step."""
+def step_to_test(args, directory, pattern, made_by):
+    """--checkpoint_step, or without it the highest step with a checkpoint in ``directory``."""
+    if args.checkpoint_step >= 0:
+        return args.checkpoint_step
     steps = checkpoint_steps(directory, pattern)
     if not steps:
         raise UserError(f"nothing to test: no checkpoint {pattern.format(step='N')} in {directory}; "
@@ -220,11 +223,29 @@ def refuse_earlier_run(directory, patterns, args, what):
                         "test it with --test, or start it again with --overwrite=True, which deletes them")
     for pattern in patterns:
         for step in checkpoint_steps(directory, pattern):
-            for path in (directory / pattern.format(step=step),
-                         directory / f"{Path(pattern.format(step=step)).stem}_test.json",
-                         directory / f"{pattern.format(step=step)}_test.json"):
+            for path in (directory / pattern.format(step=step), directory / test_results_name(pattern.format(step=step))):
                 path.unlink(missing_ok=True)
     print(f"--overwrite=True: deleted the earlier {what} run's checkpoints in {directory}")
+
+
+# --- what both trainers do ----------------------------------------------------------------
+MIN_LSTM_LR = 1e-2  # the end of the LSTM encoder's cosine learning-rate schedule
+
+
+def log_metrics(writer, split, metrics, step):
+    """The MSE, RMSE and MAE of ``split`` (train / valid) to TensorBoard."""
+    for key in ("mse", "rmse", "mae"):
+        writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], step)
+
+
+def print_training_summary(best_step, best_rmse, save_dir):
+    """The end of a training run, in the reference's words, and how to test it."""
+    print("-------------------------------------------------")
+    print("Model with the best validation RMSE loss is saved.")
+    print(f"Best step: {best_step}")
+    print(f"Best RMSE loss: {best_rmse:.4f}")
+    print(f"Checkpoints are in {save_dir}; test the best one with the same flags and "
+          f"--test --checkpoint_step={best_step}")
 
 
 def pretraining_command(args):

@@ -21,15 +21,16 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import evaluation
+from atomic_files import atomic_save
 from dataloader import TaskSampler
-from experiment import (UserError, atomic_save, check_identity, checkpoint_steps, latest_step, load_checkpoint,
-                        load_matching_state, make_dirs, pretrained_embedding_path, pretrained_model_path,
-                        pretraining_command, refuse_earlier_run, run_cli, run_folder, run_identity, setup)
+from experiment import (MIN_LSTM_LR, UserError, check_identity, checkpoint_pattern, checkpoint_steps, load_checkpoint,
+                        load_matching_state, log_metrics, make_dirs, mean_rating_results_name,
+                        pretrained_embedding_path, pretrained_model_path, pretraining_command, print_training_summary,
+                        refuse_earlier_run, run_cli, run_folder, run_identity, setup, step_to_test, test_results_name)
 from meta_learner import MetaLearner, importance_vector
 from models import model_factory
 
 GRADIENT_CLIP_NORM = 5.0
-MIN_LSTM_LR = 1e-2
 EVALUATION_CHUNK = 64  # tasks adapted at once when there is no outer graph
 # The flags that a resumed run may change: learning rates and the length of the run go to
 # the optimisers and schedulers; the rest change how the same computation runs, or where
@@ -70,8 +71,8 @@ class MetaTrainer:
         self.best_step = 0
         self.run_dir = run_folder(args, args.log_dir)
         self.save_dir = self.run_dir / "state"
-        self.best_pattern = f"{args.model}_{{step}}_best_{args.mode}_{self.method}.pt"
-        self.every_pattern = f"{args.model}_{{step}}_{args.mode}_{self.method}.pt"
+        self.best_pattern = checkpoint_pattern(args.model, args.mode, self.method, best=True)
+        self.every_pattern = checkpoint_pattern(args.model, args.mode, self.method, best=False)
 
     def _load_pretrained(self, module, path, what):
         if not path.is_file():
@@ -271,16 +272,11 @@ class MetaTrainer:
             metrics = self.train_step(batch)
             progress.set_postfix(rmse=f"{metrics['rmse']:.4f}")
             tqdm.write(evaluation.format_metrics(f"Iteration {self.iteration}: ", metrics))
-            self._log(writer, "train", metrics)
+            log_metrics(writer, "train", metrics, self.iteration)
             if self.iteration % args.log_interval == 0 or self.iteration == args.num_train_iterations:
                 self._validate(writer, valid_tasks, batch)
         writer.close()
-        print("-------------------------------------------------")
-        print("Model with the best validation RMSE loss is saved.")
-        print(f"Best step: {self.best_step}")
-        print(f"Best RMSE loss: {self.best_valid_rmse:.4f}")
-        print(f"Checkpoints are in {self.save_dir}; test the best one with the same flags and "
-              f"--test --checkpoint_step={self.best_step}")
+        print_training_summary(self.best_step, self.best_valid_rmse, self.save_dir)
         evaluation.warn_if_worse_than_the_mean(self.best_valid_rmse, valid_tasks, self.data,
                                                "lower --inner_lr / --outer_lr / --lstm_lr")
         print("Done.")
@@ -290,7 +286,7 @@ class MetaTrainer:
         tqdm.write(evaluation.format_metrics("\tValidation: ", metrics, label="Val "))
         if not evaluation.is_finite(metrics):
             self._stop_diverged(f"the validation RMSE became {metrics['rmse']}")
-        self._log(writer, "valid", metrics)
+        log_metrics(writer, "valid", metrics, self.iteration)
         mean_rates = self.learner.inner_optimizer.rates_tensor().mean(dim=0)   # [J]
         for step, rate in enumerate(mean_rates.tolist()):
             writer.add_scalar(f"inner_lr/step_{step}", rate, self.iteration)
@@ -311,17 +307,13 @@ class MetaTrainer:
         raise UserError(f"{what} at iteration {self.iteration}: the run stops, {kept}; lower "
                         "--outer_lr / --inner_lr / --lstm_lr")
 
-    def _log(self, writer, split, metrics):
-        for key in ("mse", "rmse", "mae"):
-            writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], self.iteration)
-
     def test(self, step):
         metrics = self.evaluate(self.sampler.fixed_tasks("test"))
         if not evaluation.is_finite(metrics):
             raise UserError(f"the test RMSE of the checkpoint of iteration {step} is {metrics['rmse']}: "
                             "its parameters do not give finite predictions; no result is written")
         pattern = self.best_pattern if self.args.test_best else self.every_pattern
-        path = self.save_dir / pattern.format(step=step).replace(".pt", "_test.json")
+        path = self.save_dir / test_results_name(pattern.format(step=step))
         evaluation.report_test(metrics, f"{self.method.upper()} test (step {step})", path, self.args,
                                method=self.method, checkpoint_step=step, identity=run_identity(self.args))
         return metrics
@@ -333,7 +325,7 @@ def test_mean_rating(args, data):
     metrics = evaluation.mean_rating_metrics(sampler.fixed_tasks("test"), data)
     folder = run_folder(args, args.log_dir)
     make_dirs(folder)
-    path = folder / f"mean_rating_{args.mode}_test.json"
+    path = folder / mean_rating_results_name(args.mode)
     evaluation.report_test(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})", path, args,
                            method="mean_rating", identity=run_identity(args))
     return metrics
@@ -345,10 +337,8 @@ def main(argv=None):
         return test_mean_rating(args, data)
     trainer = MetaTrainer(args, data, device)
     if args.test:
-        step = args.checkpoint_step
-        if step < 0:
-            pattern = trainer.best_pattern if args.test_best else trainer.every_pattern
-            step = latest_step(trainer.save_dir, pattern, "main.py (or give --log_dir)")
+        pattern = trainer.best_pattern if args.test_best else trainer.every_pattern
+        step = step_to_test(args, trainer.save_dir, pattern, "main.py (or give --log_dir)")
         trainer.load(step, best=args.test_best, resume=False)
         return trainer.test(step)
     if args.checkpoint_step > -1:

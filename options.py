@@ -7,10 +7,9 @@ project are marked "(new)".
 import argparse
 import math
 
-MODELS = ("sasrec", "bert4rec", "narm", "gru4rec", "ncf")
-# the models whose predictions at real positions ignore leading padding (--support_chunks)
-PADDING_FREE_MODELS = ("bert4rec", "ncf")
-MODES = ("ml-1m", "ml-10m", "amazon", "yelp")
+from dataloader import min_window_length
+from models import MODELS, PADDING_FREE_MODELS
+from rating_files import MODES
 
 
 def str2bool(value):
@@ -213,6 +212,12 @@ def parse_args(argv=None):
     if args.min_sub_window_size >= args.max_seq_len:
         parser.error(f"--min_sub_window_size={args.min_sub_window_size} leaves no support sequence "
                      f"in windows of --max_seq_len={args.max_seq_len}; lower it")
+    needed = min_window_length(args.min_sub_window_size)
+    if args.min_sequence < needed:
+        parser.error(f"--min_sequence={args.min_sequence} is too small: a task needs at least {needed} "
+                     f"interactions (a support sequence of --min_sub_window_size={args.min_sub_window_size} "
+                     f"before the target, and a window of 3 for a query); raise --min_sequence to {needed} "
+                     "or lower --min_sub_window_size")
     if args.bert_hidden_units % args.bert_num_heads:
         parser.error(f"--bert_hidden_units={args.bert_hidden_units} must be divisible by "
                      f"--bert_num_heads={args.bert_num_heads}")

@@ -40,9 +40,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 import options  # noqa: E402
+from atomic_files import write_json  # noqa: E402
 from dataloader import load_data  # noqa: E402
 from evaluation import paired_rmse_difference  # noqa: E402
-from experiment import UserError, checkpoint_steps, run_cli, run_folder  # noqa: E402
+from experiment import (UserError, checkpoint_pattern, checkpoint_steps, mean_rating_results_name,  # noqa: E402
+                        run_cli, run_folder, test_results_name)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
@@ -250,7 +252,7 @@ def plan_runs(study, runs_dir):
         baseline = script("main.py", *shared, f"--log_dir={seed_dir / 'mean_rating'}",
                           *study.run_flags, "--test_baseline")
         runs.append(Run(seed, None, "mean_rating", seed_dir, None, baseline,
-                        f"mean_rating_{study.mode}_test.json"))
+                        mean_rating_results_name(study.mode)))
         for model in study.models:
             folder = seed_dir / model
             model_flags = [*shared, f"--model={model}", f"--pretrain_log_dir={folder / 'basic'}"]
@@ -258,17 +260,16 @@ def plan_runs(study, runs_dir):
                            f"--pretrain_epochs={study.pretrain_epochs}", *study.run_flags,
                            "--save_pretrained=True")
             runs.append(Run(seed, model, "basic", folder, basic, [*basic, "--test"],
-                            f"state/{model}_{{step}}_no_meta_best_test.json"))
+                            f"state/{test_results_name(checkpoint_pattern(model, study.mode, 'basic'))}"))
             for method in study.methods[1:]:
                 meta = script("main.py", *model_flags, f"--log_dir={folder / method}",
                               f"--num_train_iterations={study.num_train_iterations}",
                               f"--log_interval={study.log_interval}", *study.run_flags,
                               "--load_pretrained_embedding=True", *META_FLAGS[method])
-                # checkpoint names as main.py writes them (README, "Checkpoints")
-                named = "maml" if method == "maml" else "melo"
+                named = "maml" if method == "maml" else "melo"   # main.py's name of the method
                 runs.append(Run(seed, model, method, folder, meta, [*meta, "--test"],
-                                f"state/{model}_{{step}}_best_{study.mode}_{named}_test.json",
-                                checkpoint_pattern=f"{model}_{{step}}_{study.mode}_{named}.pt",
+                                f"state/{test_results_name(checkpoint_pattern(model, study.mode, named))}",
+                                checkpoint_pattern=checkpoint_pattern(model, study.mode, named, best=False),
                                 final_step=study.num_train_iterations))
     return runs
 
@@ -373,17 +374,6 @@ def format_duration(seconds):
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def write_json(path, value):
-    """Write JSON through a temporary file, so an interruption never leaves half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
-
-
-# --------------------------------------------------------------------------------------
-# Results table, data statistics, per-rating figure
-# --------------------------------------------------------------------------------------
 def metric_values(records, model, method, metric):
     """One value per seed."""
     return [r["metrics"][metric] for r in records if r["model"] == model and r["method"] == method]

@@ -23,15 +23,16 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import evaluation
+from atomic_files import atomic_save
 from dataloader import PretrainDataset, TaskSampler
-from experiment import (UserError, atomic_save, check_identity, latest_step, load_checkpoint, load_matching_state,
-                        make_dirs, pretrained_embedding_path, pretrained_model_path, refuse_earlier_run, run_cli,
-                        run_folder, run_identity, setup)
-from meta_learner import MAX_RATING
+from experiment import (MIN_LSTM_LR, UserError, check_identity, checkpoint_pattern, load_checkpoint,
+                        load_matching_state, log_metrics, make_dirs, pretrained_embedding_path, pretrained_model_path,
+                        print_training_summary, refuse_earlier_run, run_cli, run_folder, run_identity, setup,
+                        step_to_test, test_results_name)
 from models import model_factory
 from models.loss_weighting import TaskStateEncoder
+from rating_loss import MAX_RATING, loss_scale, rating_errors
 
-MIN_LSTM_LR = 1e-2
 PREDICTION_CHUNK = 4096  # sequences per forward call when predicting
 
 
@@ -50,7 +51,7 @@ class BasicTrainer:
             self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=args.lstm_lr)
             self.encoder_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.encoder_optimizer, T_max=args.pretrain_epochs, eta_min=MIN_LSTM_LR)
-        self.loss_scale = 1.0 if args.normalize_loss else MAX_RATING
+        self.loss_scale = loss_scale(args.normalize_loss)
         self.sampler = TaskSampler(data, args)
         generator = torch.Generator().manual_seed(args.random_seed)
         self.train_loader = DataLoader(
@@ -58,7 +59,7 @@ class BasicTrainer:
             batch_size=args.pretraining_batch_size, shuffle=True, generator=generator)
         self.run_dir = run_folder(args, args.pretrain_log_dir)
         self.save_dir = self.run_dir / "state"
-        self.pattern = f"{args.model}_{{step}}_no_meta_best"
+        self.pattern = checkpoint_pattern(args.model, args.mode, "basic")
 
     def train_epoch(self):
         """One pass over the training users: masked MSE over all real positions."""
@@ -68,7 +69,7 @@ class BasicTrainer:
             items, ratings = items.to(self.device), ratings.to(self.device)
             mask = (items != 0).float()
             predictions = self.model(items)                                # [B, L]
-            losses = ((predictions - ratings / MAX_RATING) * self.loss_scale) ** 2 * mask
+            losses = rating_errors(predictions, ratings, self.loss_scale) * mask
             if self.encoder is not None:
                 losses = losses * self.encoder(ratings, mask)
             loss = losses.sum() / mask.sum()
@@ -124,19 +125,13 @@ class BasicTrainer:
                 raise UserError(f"Basic training diverged at epoch {epoch} (train RMSE {train_metrics['rmse']}, "
                                 f"valid RMSE {valid_metrics['rmse']}); {kept}; lower --pretraining_lr")
             for split, metrics in (("train", train_metrics), ("valid", valid_metrics)):
-                for key in ("mse", "rmse", "mae"):
-                    writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], epoch)
+                log_metrics(writer, split, metrics, epoch)
             if valid_metrics["rmse"] < best_rmse:
                 best_rmse, best_epoch = valid_metrics["rmse"], epoch
                 self.save(epoch, valid_metrics["rmse"])
                 tqdm.write(f"........Model saved (step: {epoch} | RMSE loss: {best_rmse:.4f})")
         writer.close()
-        print("-------------------------------------------------")
-        print("Model with the best validation RMSE loss is saved.")
-        print(f"Best step: {best_epoch}")
-        print(f"Best RMSE loss: {best_rmse:.4f}")
-        print(f"Checkpoints are in {self.save_dir}; test the best one with the same flags and "
-              f"--test --checkpoint_step={best_epoch}")
+        print_training_summary(best_epoch, best_rmse, self.save_dir)
         if args.save_pretrained:
             print(f"Pretrained embedding: {pretrained_embedding_path(args)}")
         evaluation.warn_if_worse_than_the_mean(best_rmse, valid_tasks, self.data,
@@ -167,7 +162,7 @@ class BasicTrainer:
         if not evaluation.is_finite(metrics):
             raise UserError(f"the test RMSE of the checkpoint of epoch {step} is {metrics['rmse']}: "
                             "its parameters do not give finite predictions; no result is written")
-        path = self.save_dir / f"{self.pattern.format(step=step)}_test.json"
+        path = self.save_dir / test_results_name(self.pattern.format(step=step))
         evaluation.report_test(metrics, f"Basic test (epoch {step})", path, self.args,
                                method="basic", checkpoint_step=step, identity=run_identity(self.args))
         return metrics
@@ -177,9 +172,7 @@ def main(argv=None):
     args, device, data = setup(argv, output_dir=lambda args: args.pretrain_log_dir)
     trainer = BasicTrainer(args, data, device)
     if args.test:
-        step = args.checkpoint_step
-        if step < 0:
-            step = latest_step(trainer.save_dir, trainer.pattern, "train_original.py (or give --pretrain_log_dir)")
+        step = step_to_test(args, trainer.save_dir, trainer.pattern, "train_original.py (or give --pretrain_log_dir)")
         trainer.load(step)
         return trainer.test(step)
     return trainer.train()

@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 from dataloader import TaskSampler, load_data  # noqa: E402
 from inner_loop_optimizers import _key  # noqa: E402
 from main import MetaTrainer  # noqa: E402
-from meta_learner import MetaLearner, one_task  # noqa: E402
+from inner_loop_execution import one_task  # noqa: E402
+from meta_learner import MetaLearner  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import MODELS, parse_args  # noqa: E402
 

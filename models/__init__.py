@@ -6,7 +6,6 @@ from models.loss_weighting import LossNetwork, TaskInfoMLP, TaskStateEncoder
 from models.narm import NARM
 from models.ncf import NCF
 from models.transformer import Transformer
-from options import PADDING_FREE_MODELS
 
 BUILDERS = {
     "sasrec": lambda a: Transformer(a.num_items, a.max_seq_len, a.bert_hidden_units, a.bert_num_blocks,
@@ -20,13 +19,12 @@ BUILDERS = {
     "ncf": lambda a: NCF(a.num_items, a.bert_hidden_units, a.max_seq_len, a.bert_dropout),  # the reference has no NCF sizes
 }
 
-# --support_chunks for a vmapped task batch on the CPU when it is not given (meta_learner.py).
-# Cutting padding columns is exact only for the models whose predictions at real positions
-# ignore the padding (options.PADDING_FREE_MODELS): BERT4Rec (padded keys are masked) and
-# NCF (each position on its own).
-# SASRec attends to padded keys and the GRUs run over padding, as in the reference, so they
-# take no chunks. Where exact, 3 chunks save a third of a step (README "Performance").
-CPU_SUPPORT_CHUNKS = {name: 3 for name in PADDING_FREE_MODELS}
+MODELS = tuple(BUILDERS)
+# The models whose predictions at real positions ignore leading padding, so that support
+# rows may run without their padding columns (--support_chunks): BERT4Rec (padded keys are
+# masked) and NCF (each position on its own). SASRec attends to padded keys and the GRUs
+# run over padding, as in the reference.
+PADDING_FREE_MODELS = ("bert4rec", "ncf")
 
 
 def model_factory(args):
@@ -41,5 +39,5 @@ def model_factory(args):
         return BUILDERS[args.model](args)
 
 
-__all__ = ["model_factory", "CPU_SUPPORT_CHUNKS", "Transformer", "GRU4Rec", "NARM", "NCF",
+__all__ = ["model_factory", "MODELS", "PADDING_FREE_MODELS", "Transformer", "GRU4Rec", "NARM", "NCF",
            "TaskStateEncoder", "TaskInfoMLP", "LossNetwork"]

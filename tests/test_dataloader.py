@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dataloader
+import download
 from dataloader import DataError, PretrainDataset, TaskSampler, load_data
 from fixtures import (FORMAT_MODES, FORMATS, Payload, file_name, loopback_server,
                       make_ratings_frame, movielens_zip, write_ratings)
@@ -418,13 +419,6 @@ def test_missing_file_names_it_and_the_fix(tmp_path):
         load_data(make_args(tmp_path / "ratings.dat", "ml-1m"))
 
 
-def test_unknown_mode(ml_data):
-    args = make_args(ml_data[1].data_path)
-    args.mode = "netflix"
-    with pytest.raises(DataError, match="unknown --mode=netflix"):
-        load_data(args)
-
-
 def test_misnamed_columns_say_expected_and_found(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("score,reviewer,product_id,date\n5,a,b,1\n")
@@ -494,15 +488,6 @@ def test_split_sizes_larger_than_the_users(ml_data):
         load_data(make_args(args.data_path, "ml-1m", "--val_size=100"))
 
 
-def test_min_sequence_too_small_for_tasks(tmp_path):
-    with pytest.raises(DataError, match="raise --min_sequence to 5"):   # checked before reading
-        load_data(make_args(tmp_path / "missing.dat", "ml-1m", "--min_sequence=4",
-                            "--min_sub_window_size=4"))
-    with pytest.raises(DataError, match="raise --min_sequence to 3"):
-        load_data(make_args(tmp_path / "missing.dat", "ml-1m", "--min_sequence=2",
-                            "--min_sub_window_size=1"))
-
-
 # --------------------------------------------------------------------------------------
 # MovieLens download (loopback server)
 # --------------------------------------------------------------------------------------
@@ -563,7 +548,7 @@ def test_interrupted_move_leaves_no_ratings_file(workdir, monkeypatch):
         moves.append(target)
         os.rename(source, target)
 
-    monkeypatch.setattr(dataloader.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(download.os, "replace", replace_then_interrupt)
     archive = movielens_zip(make_ratings_frame(num_users=30, seed=10))
     with loopback_server({"/m.zip": archive}) as base, pytest.raises(KeyboardInterrupt):
         load_data(download_args("ml-1m", f"{base}/m.zip"))
@@ -588,8 +573,7 @@ def test_no_network_says_where_to_put_the_files(workdir):
 def test_download_times_out(tmp_path):
     payload = Payload(movielens_zip(make_ratings_frame(num_users=30, seed=9)), delay_s=2.0)
     with loopback_server({"/m.zip": payload}) as base, pytest.raises(DataError, match="timed out"):
-        dataloader.download_movielens("ml-1m", tmp_path / "Data" / "ml-1m", f"{base}/m.zip",
-                                      timeout=0.3)
+        download.download_movielens("ml-1m", tmp_path / "Data" / "ml-1m", f"{base}/m.zip", timeout=0.3)
     assert os.listdir(tmp_path / "Data") == []
 
 

@@ -11,7 +11,8 @@ import train_original
 from dataloader import TaskSampler, load_data
 from experiment import UserError, setup
 from fixtures import run_dir, write_ratings
-from meta_learner import MetaLearner, importance_vector, one_task
+from inner_loop_execution import default_recompute_steps, default_support_chunks, one_task
+from meta_learner import MetaLearner, importance_vector
 from models import model_factory
 from options import PADDING_FREE_MODELS, parse_args
 
@@ -133,11 +134,12 @@ def test_support_loss_on_chunks_is_the_masked_loss_of_the_batch_as_sampled(ratin
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_support_chunks_by_default_only_for_a_vmapped_transformer_batch(ratings_file, model):
-    args, learner, batch = tiny_learner(ratings_file, f"--model={model}")
-    many = model in PADDING_FREE_MODELS
-    assert learner.default_support_chunks(batch, use_vmap=True) == (3 if many else 1)
-    assert learner.default_support_chunks(batch, use_vmap=False) == 1
+def test_support_chunks_by_default_only_where_exact_and_on_a_vmapped_cpu_batch(model):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    chunks = default_support_chunks(model, cpu, use_vmap=True)
+    assert chunks > 1 if model in PADDING_FREE_MODELS else chunks == 1  # cutting padding is exact only there
+    assert default_support_chunks(model, cpu, use_vmap=False) == 1
+    assert default_support_chunks(model, cuda, use_vmap=True) == 1
 
 
 @pytest.mark.parametrize("model", [m for m in MODELS if m not in PADDING_FREE_MODELS])
@@ -195,7 +197,8 @@ def test_recomputed_inner_steps_give_the_same_outer_step(ratings_file, model, me
 
 def test_recomputed_steps_keep_no_graph_and_default_to_one_on_the_cpu(ratings_file):
     args, learner, batch = tiny_learner(ratings_file)
-    assert args.recompute_inner_steps is None and learner.default_recompute_steps(batch) == 1
+    assert args.recompute_inner_steps is None
+    assert default_recompute_steps(torch.device("cpu")) == 1 and default_recompute_steps(torch.device("cuda")) == 0
     nodes = []
     for recompute in (0, 1, 2):
         learner.recompute_steps = recompute

@@ -38,13 +38,17 @@ BAD_FLAGS = [
     ("--checkpoint_step=-2", "--checkpoint_step must be at least -1"),
     ("--inner_lr=abc", "invalid float value"),
     ("--use_vmap=maybe", "expected True or False"),
+    ("--mode=netflix", "--mode=netflix is not a dataset reader here"),
+    ("--model=sasrec4", "--model=sasrec4 is not a model here"),
+    ("--min_sequence=4 --min_sub_window_size=4", "raise --min_sequence to 5"),
+    ("--min_sequence=2 --min_sub_window_size=1", "raise --min_sequence to 3"),
 ]
 
 
 @pytest.mark.parametrize("flag, message", BAD_FLAGS)
 def test_a_bad_flag_is_a_one_line_error(flag, message, capsys):
     with pytest.raises(SystemExit) as stopped:
-        parse_args([flag])
+        parse_args(flag.split())
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert message in error
