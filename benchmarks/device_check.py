@@ -16,7 +16,6 @@ meta-gradient in float64 as with their graphs kept.
 import argparse
 import copy
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -101,21 +100,17 @@ def recomputed_steps_replay_dropout(args, data, batch, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data_path", help="an ml-1m ratings.dat (default: generated data)")
+    parser.add_argument("--data_path", default=str(ROOT.parent / "shared" / "data" / "ml-100k" / "ratings.dat"),
+                        help="a ratings.dat in the ml-1m layout (default: %(default)s)")
     parser.add_argument("--models", nargs="+", default=["bert4rec", "sasrec", "gru4rec", "narm", "ncf"])
     options = parser.parse_args()
     print(f"device: {options.device} ({torch.cuda.get_device_name() if options.device.startswith('cuda') else 'CPU'}); "
           f"torch {torch.__version__}; reference: CPU float64, vmap")
-    with tempfile.TemporaryDirectory() as workdir:
-        data_path = options.data_path
-        if data_path is None:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from fixtures import write_ratings
-            data_path = write_ratings(Path(workdir) / "ratings.dat", "ml-1m", num_users=300,
-                                      num_items=200, seed=0)
-        data = load_data(parse_args([f"--data_path={data_path}", *SMALL]))
-        failures = [f"{model} {method}: {failure}" for model in options.models
-                    for method in ("maml", "melo") for failure in check(model, method, data, data_path, options.device)]
+    if not Path(options.data_path).is_file():
+        sys.exit(f"error: no rating file at {options.data_path}; give --data_path=RATINGS.dat (the ml-1m layout)")
+    data = load_data(parse_args([f"--data_path={options.data_path}", *SMALL]))
+    failures = [f"{model} {method}: {failure}" for model in options.models
+                for method in ("maml", "melo") for failure in check(model, method, data, options.data_path, options.device)]
     print("\n".join(["FAILED:", *failures]) if failures else "all meta-gradients agree")
     sys.exit(1 if failures else 0)
 

@@ -29,14 +29,6 @@ QUICK_FLAGS = ["--max_seq_len=10", "--num_samples=5", "--batch_size=4", "--bert_
                "--bert_num_heads=2", "--gru4rec_hidden_size=8", "--narm_hidden_size=8"]
 
 
-def data_file(workdir):
-    if SHARED_ML100K.is_file():
-        return SHARED_ML100K
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fixtures import write_ratings
-    return write_ratings(Path(workdir) / "ratings.dat", "ml-1m", num_users=943, num_items=600, seed=0)
-
-
 def profile_step(trainer, batch, device):
     """torch.profiler's table of one train step: the ops with the most self time, and
     on a GPU the number of kernels launched."""
@@ -119,8 +111,8 @@ def main():
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="more main.py flags, e.g. --flags --first_order=True")
     parser.add_argument("--single", nargs=3, metavar=("MODEL", "METHOD", "PATH"), help=argparse.SUPPRESS)
-    parser.add_argument("--data_path", help="a ratings.dat in the ml-1m layout (default: "
-                        "../shared/data/ml-100k when present, else generated data of its shape)")
+    parser.add_argument("--data_path", default=str(SHARED_ML100K),
+                        help="a ratings.dat in the ml-1m layout (default: %(default)s)")
     options = parser.parse_args()
     flags = options.flags + (QUICK_FLAGS if options.quick else [])
     if options.quick:
@@ -132,8 +124,10 @@ def main():
         print("RESULT " + json.dumps(result))
         return
 
+    data_path = Path(options.data_path).resolve()
+    if not data_path.is_file():
+        sys.exit(f"error: no rating file at {data_path}; give --data_path=RATINGS.dat (the ml-1m layout)")
     with tempfile.TemporaryDirectory() as workdir:
-        data_path = Path(options.data_path).resolve() if options.data_path else data_file(workdir)
         print(f"data: {data_path}; flags: {' '.join(flags) or '(defaults)'}")
         print(f"{'model':<9} {'method':<5} {'path':<5} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9} "
               f"{'test s/1k users':>16}")

@@ -3,6 +3,7 @@ the quick mode of benchmarks/meta_iteration.py."""
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,16 +51,21 @@ def test_device_check_reports_an_error_over_its_tolerance(device_check, data, mo
 
 def test_meta_iteration_quick_prints_a_row_per_configuration(tmp_path):
     path = write_ratings(tmp_path / "ratings.dat", "ml-1m", num_users=943, num_items=600, seed=0)
+    started = time.perf_counter()
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "meta_iteration.py"), "--quick",
                           "--models", "ncf", "--methods", "maml", "melo", f"--data_path={path}"],
                          capture_output=True, text=True, check=True)
+    wall_seconds = time.perf_counter() - started
     rows = [line.split() for line in run.stdout.splitlines() if line.startswith("ncf")]
     assert [row[:3] for row in rows] == [["ncf", "maml", "vmap"], ["ncf", "maml", "loop"],
                                           ["ncf", "melo", "vmap"], ["ncf", "melo", "loop"]]
+    # --quick: 2 timed iterations each, all of them within the benchmark's own run time
+    assert 0 < sum(2 * float(row[3]) for row in rows) < wall_seconds
     for model, method, path_name, seconds, tasks_per_second, peak_mib, evaluation in rows:
-        assert float(seconds) > 0 and float(peak_mib) > 100
-        assert float(tasks_per_second) == pytest.approx(4 / float(seconds), rel=0.05)  # --quick: 4 tasks
+        assert float(tasks_per_second) > 0 and float(peak_mib) > 100
         assert (evaluation == "-") == (path_name == "loop")
+        if path_name == "vmap":
+            assert float(evaluation) > 0
 
 
 # --- benchmarks/reference_parity.py (the reference itself is not in CI) -------------------

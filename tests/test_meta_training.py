@@ -300,6 +300,7 @@ def test_a_resume_applies_a_changed_learning_rate_and_refuses_a_changed_shape(ra
     meta, encoder = trainer.optimizers["meta"], trainer.optimizers["encoder"]
     expected = 1e-4 + (0.5 - 1e-4) * (1 + math.cos(math.pi * 6 / 6)) / 2
     assert meta.param_groups[0]["lr"] == pytest.approx(expected)
+    assert encoder.param_groups[0]["lr"] == pytest.approx(1e-2)  # the encoder's schedule ends at 0.01
     assert trainer.schedulers["meta"].base_lrs == [0.5] and trainer.schedulers["encoder"].base_lrs == [0.05]
     # another shape is another run, in its own folder: its checkpoint of step 2 is not there
     with pytest.raises(UserError, match=r"for step 2; .*holds runs of other data or settings.*: data\d+-ratings_seed222_bert4rec_"):

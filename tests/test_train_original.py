@@ -74,9 +74,20 @@ def test_training_lowers_the_valid_error_from_the_untrained_model(tmp_path, caps
     assert "warning" not in capsys.readouterr().out  # it beat the mean rating
 
 
-def test_learned_loss_baseline_trains(ratings_file, tmp_path):
-    best_epoch = run(ratings_file, tmp_path, "--pretrain_epochs=1", "--use_learned_loss_baseline=True")
-    assert (run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best").is_file()
+def test_learned_loss_baseline_trains_the_encoder_that_weights_the_loss(ratings_file, tmp_path):
+    trained = {}
+    for baseline in (False, True):
+        args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path / str(baseline)}",
+                                    "--pretrain_epochs=1", f"--use_learned_loss_baseline={baseline}"],
+                                   output_dir=lambda args: args.pretrain_log_dir)
+        trainer = train_original.BasicTrainer(args, data, device)
+        if baseline:
+            initial = [p.detach().clone() for p in trainer.encoder.parameters()]
+        trainer.train()
+        trained[baseline] = trainer.model.state_dict()
+    assert any(not torch.equal(before, after) for before, after in zip(initial, trainer.encoder.parameters()))
+    weights = trained[False]["embedding.items.weight"], trained[True]["embedding.items.weight"]
+    assert (weights[0] - weights[1]).abs().max() > 1e-6   # the weighted loss trained another model
 
 
 def test_a_missing_epoch_lists_the_epochs_that_exist(ratings_file, tmp_path):
