@@ -1,6 +1,6 @@
 """Rating files -> users -> meta-learning tasks and pretraining sequences.
 
-Pipeline of ``load_data(args)``:
+Pipeline of ``load_data(config)`` (a config.DataConfig):
 
 1. find the file (MovieLens is downloaded into ``Data/ml-1m`` / ``Data/ml-10m`` when missing:
    download.py), detect its layout from its content and read it in chunks into
@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 # the readers and the download were part of this module: their public names import from it
+from config import DataConfig, TaskConfig
 from download import download_movielens, ensure_data_file
 from rating_files import DataError, Layout, RawRatings, detect_layout, read_ratings
 
@@ -207,29 +208,29 @@ class RatingData:
     stats: dict
 
 
-def load_data(args) -> RatingData:
-    """Read, filter, densify, sequence and split ``args.data_path``; print its statistics."""
-    path = ensure_data_file(args.data_path, args.mode, getattr(args, "download_url", None))
-    raw = read_ratings(path, args.mode)
+def load_data(config: DataConfig) -> RatingData:
+    """Read, filter, densify, sequence and split ``config.data_path``; print its statistics."""
+    path = ensure_data_file(config.data_path, config.mode, config.download_url)
+    raw = read_ratings(path, config.mode)
     duplicates = _duplicate_rows(raw)
-    if args.drop_duplicates:
+    if config.drop_duplicates:
         raw = _select_rows(raw, ~duplicates)
-    keep = _filter_rows(raw, args.min_item, args.min_sequence)
+    keep = _filter_rows(raw, config.min_item, config.min_sequence)
     users, user_ids = _densify(raw.user_codes[keep], raw.user_names, first=0)
     items, item_ids = _densify(raw.item_codes[keep], raw.item_names, first=1)
     ratings, dates = raw.ratings[keep], raw.dates[keep]
 
-    by_date = _date_order(dates, stable=args.stable_date_sort)
+    by_date = _date_order(dates, stable=config.stable_date_sort)
     order = by_date[np.argsort(users[by_date], kind="stable")]   # by user, then date
     lengths = np.bincount(users, minlength=len(user_ids))
     item_seqs = np.split(items[order], np.cumsum(lengths)[:-1])
     rating_seqs = np.split(ratings[order], np.cumsum(lengths)[:-1])
 
-    train, valid, test = split_users(len(user_ids), args.num_test_data, args.val_size,
-                                     args.random_seed)
-    stats = compute_stats(lengths, ratings, len(item_ids), args.max_seq_len)
-    stats.update(layout=raw.layout, path=str(path), max_seq_len=args.max_seq_len,
-                 duplicate_rows=int(duplicates.sum()), duplicates_dropped=args.drop_duplicates,
+    train, valid, test = split_users(len(user_ids), config.num_test_data, config.val_size,
+                                     config.random_seed)
+    stats = compute_stats(lengths, ratings, len(item_ids), config.max_seq_len)
+    stats.update(layout=raw.layout, path=str(path), max_seq_len=config.max_seq_len,
+                 duplicate_rows=int(duplicates.sum()), duplicates_dropped=config.drop_duplicates,
                  num_train_users=len(train), num_valid_users=len(valid), num_test_users=len(test))
     print(format_stats(stats))
     return RatingData(
@@ -355,20 +356,20 @@ class TaskSampler:
     >= min_sub_window_size, uniformly without replacement.
     """
 
-    def __init__(self, data: RatingData, args):
+    def __init__(self, data: RatingData, config: TaskConfig):
         self.data = data
-        self.sequences = _Sequences(data, args.max_seq_len, args.default_rating)
-        self.max_seq_len = args.max_seq_len
-        self.num_samples = args.num_samples
-        self.num_query_set = args.num_query_set
-        self.min_sub_window_size = args.min_sub_window_size
-        self.min_sequence = args.min_sequence
-        self.use_random_sequence_length = args.use_random_sequence_length
-        self.random_seed = args.random_seed
-        self.val_size = args.val_size
-        self._max_support_windows = int(count_subwindows(args.max_seq_len - 1,
-                                                         args.min_sub_window_size))
-        self._rng = np.random.default_rng((args.random_seed, _TRAIN_STREAM))
+        self.sequences = _Sequences(data, config.max_seq_len, config.default_rating)
+        self.max_seq_len = config.max_seq_len
+        self.num_samples = config.num_samples
+        self.num_query_set = config.num_query_set
+        self.min_sub_window_size = config.min_sub_window_size
+        self.min_sequence = config.min_sequence
+        self.use_random_sequence_length = config.use_random_sequence_length
+        self.random_seed = config.random_seed
+        self.val_size = config.val_size
+        self._max_support_windows = int(count_subwindows(config.max_seq_len - 1,
+                                                         config.min_sub_window_size))
+        self._rng = np.random.default_rng((config.random_seed, _TRAIN_STREAM))
         self._epoch_order = np.empty(0, dtype=np.int64)   # training users of this epoch
         self._cursor = 0                                  # next position in _epoch_order
         self._fixed: dict[str, TaskBatch] = {}
@@ -477,10 +478,10 @@ class PretrainDataset(torch.utils.data.Dataset):
     workers every worker holds a copy of that generator, so use num_workers=0.
     """
 
-    def __init__(self, data: RatingData, users: np.ndarray, args, seed: int = 0):
+    def __init__(self, data: RatingData, users: np.ndarray, config: TaskConfig, seed: int = 0):
         self.users = np.asarray(users, dtype=np.int64)
-        self.sequences = _Sequences(data, args.max_seq_len, args.default_rating)
-        self.min_sub_window_size = args.min_sub_window_size
+        self.sequences = _Sequences(data, config.max_seq_len, config.default_rating)
+        self.min_sub_window_size = config.min_sub_window_size
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:

@@ -121,19 +121,19 @@ def format_per_rating(report):
     return "\n".join(lines)
 
 
-def report_test(metrics, title, path, args, **extra):
+def report_test(metrics, title, path, config, **extra):
     """Print the test metrics and the per-rating report; write them as JSON to ``path``."""
     print(f"{title}: {metrics['num_users']} users, {metrics['num_targets']} targets")
     print(format_metrics("\tTest: ", metrics, label="Test ", keys=("rmse", "mae")))
     print(" -------- Rating ---- ")
     print(format_per_rating(metrics["per_rating"]))
-    write_results(path, metrics, args, **extra)
+    write_results(path, metrics, config, **extra)
     print(f"Results written to {path}")
 
 
-def write_results(path, metrics, args, **extra):
-    """Write test metrics and the full configuration as JSON."""
-    record = {"metrics": metrics, "config": {k: _jsonable(v) for k, v in vars(args).items()}}
+def write_results(path, metrics, config, **extra):
+    """Write test metrics and the run's configuration (a dict of its flags) as JSON."""
+    record = {"metrics": metrics, "config": {k: _jsonable(v) for k, v in config.items()}}
     record.update(extra)
     write_json(path, record)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config import DataConfig
 from dataloader import DataError, load_data
 from options import parse_args
 
@@ -38,15 +39,12 @@ def run_cli(main):
 
 def setup(argv=None, output_dir=lambda args: args.log_dir):
     """Parse the command line, check that ``output_dir(args)`` can be written, choose the
-    device, seed everything and load the data (telling ``args`` how many users and items
-    there are)."""
+    device, seed everything and load the data."""
     args = parse_args(argv)
     make_dirs(output_dir(args))  # before the data: a bad folder should not cost a load
     device = select_device(args.device)
     seed_everything(args.random_seed)
-    data = load_data(args)
-    args.num_users, args.num_items = data.num_users, data.num_items
-    return args, device, data
+    return args, device, load_data(DataConfig.from_args(args))
 
 
 def select_device(name=None):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import evaluation
 from atomic_files import atomic_save
+from config import MethodConfig, ModelConfig, TaskConfig
 from dataloader import TaskSampler
 from experiment import (MIN_LSTM_LR, UserError, check_identity, checkpoint_pattern, checkpoint_steps, load_checkpoint,
                         load_matching_state, log_metrics, make_dirs, mean_rating_results_name,
@@ -44,6 +45,7 @@ MAY_CHANGE_ON_RESUME = {
     "load_pretrained_embedding", "load_pretrained", "save_pretrained", "pretrain_log_dir",
     "pretrain_epochs", "pretraining_lr", "pretraining_batch_size", "use_learned_loss_baseline", "overwrite",
 }
+UNREAD_FLAGS = ("num_users", "num_items")  # reference flags that nothing reads (earlier versions stored the data's sizes)
 
 
 class MetaTrainer:
@@ -54,15 +56,15 @@ class MetaTrainer:
         self.args = args
         self.data = data
         self.device = device
-        self.sampler = TaskSampler(data, args)
-        model = model_factory(args)
+        self.sampler = TaskSampler(data, TaskConfig.from_args(args))
+        model = model_factory(ModelConfig.from_args(args, data.num_items))
         if args.test:
             pass  # the checkpoint holds every parameter: nothing pretrained is needed
         elif args.load_pretrained_embedding:
             self._load_pretrained(model.embedding, pretrained_embedding_path(args), "embedding")
         elif args.load_pretrained:
             self._load_pretrained(model, pretrained_model_path(args), "model")
-        self.learner = MetaLearner(model, args).to(device)
+        self.learner = MetaLearner(model, MethodConfig.from_args(args)).to(device)
         self.method = self.learner.method
         self.optimizers, self.schedulers = self._build_optimizers()
 
@@ -222,7 +224,7 @@ class MetaTrainer:
         """The flags that differ from the checkpoint's: an error for one that may not change,
         printed for the others (returned)."""
         ours = vars(self.args)
-        differs = [name for name in saved if name in ours and saved[name] != ours[name]]
+        differs = [name for name in saved if name in ours and saved[name] != ours[name] and name not in UNREAD_FLAGS]
         fixed = [name for name in differs if name not in MAY_CHANGE_ON_RESUME]
         if fixed:
             listed = ", ".join(f"--{name}={saved[name]} (now {ours[name]})" for name in fixed)
@@ -314,19 +316,19 @@ class MetaTrainer:
                             "its parameters do not give finite predictions; no result is written")
         pattern = self.best_pattern if self.args.test_best else self.every_pattern
         path = self.save_dir / test_results_name(pattern.format(step=step))
-        evaluation.report_test(metrics, f"{self.method.upper()} test (step {step})", path, self.args,
+        evaluation.report_test(metrics, f"{self.method.upper()} test (step {step})", path, vars(self.args),
                                method=self.method, checkpoint_step=step, identity=run_identity(self.args))
         return metrics
 
 
 def test_mean_rating(args, data):
     """The mean-rating baseline: predict the training users' mean rating for every target."""
-    sampler = TaskSampler(data, args)
+    sampler = TaskSampler(data, TaskConfig.from_args(args))
     metrics = evaluation.mean_rating_metrics(sampler.fixed_tasks("test"), data)
     folder = run_folder(args, args.log_dir)
     make_dirs(folder)
     path = folder / mean_rating_results_name(args.mode)
-    evaluation.report_test(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})", path, args,
+    evaluation.report_test(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})", path, vars(args),
                            method="mean_rating", identity=run_identity(args))
     return metrics
 

@@ -44,37 +44,31 @@ class MetaLearner(nn.Module):
     """The meta-parameters — recommender θ, inner learning rates α and, for MELO, the
     loss-weighting networks — and the adaptation of a task batch with them."""
 
-    def __init__(self, model, args):
+    def __init__(self, model, config):
+        """``model``: the recommender, θ its parameters; ``config``: a config.MethodConfig."""
         super().__init__()
         self.model = model
-        self.model_name = args.model
-        self.num_inner_steps = args.num_inner_steps
-        self.support_chunks = args.support_chunks            # None: default_support_chunks
-        self.recompute_steps = args.recompute_inner_steps    # None: default_recompute_steps
+        self.model_name = config.model
+        self.method = config.method
+        self.num_inner_steps = config.num_inner_steps
+        self.support_chunks = config.support_chunks            # None: default_support_chunks
+        self.recompute_steps = config.recompute_inner_steps    # None: default_recompute_steps
         self.inner_optimizer = LSLRGradientDescentLearningRule(
-            dict(model.named_parameters()), num_inner_steps=args.num_inner_steps,
-            init_learning_rate=args.inner_lr,
-            use_learnable_learning_rates=args.use_learnable_params)
-        self.use_focal_loss = args.use_focal_loss
-        self.loss_scale = loss_scale(args.normalize_loss)
-
-        adaptive = args.use_adaptive_loss
-        self.method = "melo" if adaptive else "maml"
-        # the LSTM encoder takes precedence over the MLP one, as in the reference
-        self.encoder = (TaskStateEncoder(args.lstm_input_size, args.lstm_hidden,
-                                         args.lstm_num_layers, use_softmax=args.use_softmax)
-                        if adaptive and args.use_lstm else None)
-        self.task_info_features = [name for name in ("rating_mean", "rating_std", "labels",
-                                                     "predictions", "loss")
-                                   if getattr(args, f"task_info_{name}")]
-        self.normalize_weights = args.normalize_weights
-        self.task_info_mlp = (TaskInfoMLP(len(self.task_info_features), use_softmax=args.use_softmax)
-                              if adaptive and not args.use_lstm and args.use_mlp else None)
-        aggregate = adaptive and (args.use_mlp_mean or (not args.use_lstm and not args.use_mlp))
-        self.loss_network = (LossNetwork(args.num_inner_steps, args.max_seq_len,
-                                         num_layers=args.loss_num_layers,
-                                         use_step_loss=args.use_step_loss)
-                             if aggregate else None)
+            dict(model.named_parameters()), num_inner_steps=config.num_inner_steps,
+            init_learning_rate=config.inner_lr, use_learnable_learning_rates=config.use_learnable_params)
+        self.use_focal_loss = config.use_focal_loss
+        self.loss_scale = loss_scale(config.normalize_loss)
+        self.normalize_weights = config.normalize_weights
+        self.task_info_features = config.task_info_features
+        # MELO's networks: one task-state encoder (LSTM or MLP) and / or the loss network
+        self.encoder = (TaskStateEncoder(config.lstm_input_size, config.lstm_hidden, config.lstm_num_layers,
+                                         use_softmax=config.use_softmax)
+                        if config.weighting == "lstm" else None)
+        self.task_info_mlp = (TaskInfoMLP(len(config.task_info_features), use_softmax=config.use_softmax)
+                              if config.weighting == "mlp" else None)
+        self.loss_network = (LossNetwork(config.num_inner_steps, config.max_seq_len, num_layers=config.loss_num_layers,
+                                         use_step_loss=config.use_step_loss)
+                             if config.use_loss_network else None)
 
     # --- the method ---------------------------------------------------------------------
     def support_loss(self, params, step, task):

@@ -126,7 +126,7 @@ def build_parser():
     add("--bert_num_blocks", type=int, default=2)
     add("--bert_num_heads", type=int, default=4)
     add("--bert_hidden_units", type=int, default=32)
-    add("--bert_dropout", type=float, default=0.1)
+    add("--bert_dropout", type=float, default=0.1, help="dropout of every model (the reference's name)")
     add("--model_init_seed", type=int, default=5)
     add("--narm_hidden_size", type=int, default=32)
     add("--narm_n_layers", type=int, default=1)
@@ -136,8 +136,8 @@ def build_parser():
     add("--gru4rec_embedding_dim", type=int, default=32)
 
     # tasks
-    add("--num_users", type=int, default=0, help="set from the data")
-    add("--num_items", type=int, default=0, help="set from the data")
+    add("--num_users", type=int, default=0, help="no effect, as in the reference: the data's count is used")
+    add("--num_items", type=int, default=0, help="no effect, as in the reference: the data's count is used")
     add("--batch_size", type=int, default=16, help="tasks per outer iteration")
     add("--val_size", type=int, default=600, help="number of validation tasks")
     add("--num_samples", type=int, default=25, help="support sequences per task")

@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 import options  # noqa: E402
 from atomic_files import write_json  # noqa: E402
+from config import DataConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
 from evaluation import paired_rmse_difference  # noqa: E402
 from experiment import (UserError, checkpoint_pattern, checkpoint_steps, mean_rating_results_name,  # noqa: E402
@@ -633,7 +634,7 @@ def main(argv=None):
     first_seed_args = check_run_flags(study)
     study_dir = Path(study.results_dir) / study.name
     runs_dir = study_dir / "runs"
-    stats = load_data(first_seed_args).stats
+    stats = load_data(DataConfig.from_args(first_seed_args)).stats
     check_same_study(runs_dir, study_flags(study))
     runs = plan_runs(study, runs_dir)
     print(f"{len(runs)} runs; their logs and checkpoints go to {runs_dir}", flush=True)

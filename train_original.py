@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import evaluation
 from atomic_files import atomic_save
+from config import ModelConfig, TaskConfig
 from dataloader import PretrainDataset, TaskSampler
 from experiment import (MIN_LSTM_LR, UserError, check_identity, checkpoint_pattern, load_checkpoint,
                         load_matching_state, log_metrics, make_dirs, pretrained_embedding_path, pretrained_model_path,
@@ -41,7 +42,7 @@ class BasicTrainer:
         self.args = args
         self.data = data
         self.device = device
-        self.model = model_factory(args).to(device)
+        self.model = model_factory(ModelConfig.from_args(args, data.num_items)).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.pretraining_lr)
         # --use_learned_loss_baseline: weight the loss with the LSTM task-state encoder
         self.encoder = None
@@ -52,10 +53,11 @@ class BasicTrainer:
             self.encoder_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.encoder_optimizer, T_max=args.pretrain_epochs, eta_min=MIN_LSTM_LR)
         self.loss_scale = loss_scale(args.normalize_loss)
-        self.sampler = TaskSampler(data, args)
+        tasks = TaskConfig.from_args(args)
+        self.sampler = TaskSampler(data, tasks)
         generator = torch.Generator().manual_seed(args.random_seed)
         self.train_loader = DataLoader(
-            PretrainDataset(data, data.train_users, args, seed=args.random_seed),
+            PretrainDataset(data, data.train_users, tasks, seed=args.random_seed),
             batch_size=args.pretraining_batch_size, shuffle=True, generator=generator)
         self.run_dir = run_folder(args, args.pretrain_log_dir)
         self.save_dir = self.run_dir / "state"
@@ -163,7 +165,7 @@ class BasicTrainer:
             raise UserError(f"the test RMSE of the checkpoint of epoch {step} is {metrics['rmse']}: "
                             "its parameters do not give finite predictions; no result is written")
         path = self.save_dir / test_results_name(self.pattern.format(step=step))
-        evaluation.report_test(metrics, f"Basic test (epoch {step})", path, self.args,
+        evaluation.report_test(metrics, f"Basic test (epoch {step})", path, vars(self.args),
                                method="basic", checkpoint_step=step, identity=run_identity(self.args))
         return metrics
 

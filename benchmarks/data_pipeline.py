@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from config import DataConfig, TaskConfig  # noqa: E402
 from dataloader import PretrainDataset, TaskSampler, load_data  # noqa: E402
 from options import parse_args  # noqa: E402
 
@@ -59,10 +60,10 @@ def main() -> None:
         print(f"generated {options.num_ratings:,} ratings in {time.perf_counter() - start:.1f} s")
         args = parse_args(["--data_path", str(path), "--mode=ml-1m"])
         start = time.perf_counter()
-        data = load_data(args)
+        data = load_data(DataConfig.from_args(args))
         print(f"preprocessing (load_data): {time.perf_counter() - start:.2f} s")
 
-    sampler = TaskSampler(data, args)
+    sampler = TaskSampler(data, TaskConfig.from_args(args))
     rate = time_train_sampling(sampler, args.batch_size, options.seconds)
     print(f"train task sampling: {rate:,.0f} tasks/s (batches of {args.batch_size}, "
           f"L={args.max_seq_len}, S={args.num_samples}, Q={args.num_query_set}; target >= 5,000)")
@@ -71,7 +72,7 @@ def main() -> None:
     test = sampler.fixed_tasks("test")
     print(f"fixed test tasks: {len(test):,} tasks in {time.perf_counter() - start:.3f} s")
 
-    dataset = PretrainDataset(data, data.train_users, args, seed=0)
+    dataset = PretrainDataset(data, data.train_users, TaskConfig.from_args(args), seed=0)
     start = time.perf_counter()
     for index in range(len(dataset)):
         dataset[index]

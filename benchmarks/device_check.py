@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from config import DataConfig, MethodConfig, ModelConfig, TaskConfig  # noqa: E402
 from dataloader import TaskSampler, load_data  # noqa: E402
 from meta_learner import MetaLearner  # noqa: E402
 from models import model_factory  # noqa: E402
@@ -54,10 +55,9 @@ def check(model, method, data, data_path, device):
     reference; print a line per dtype and path, return what failed."""
     args = parse_args([f"--model={model}", f"--data_path={data_path}", "--bert_dropout=0",
                        f"--use_adaptive_loss={method == 'melo'}", *SMALL])
-    args.num_users, args.num_items = data.num_users, data.num_items
     torch.manual_seed(0)
-    learner = MetaLearner(model_factory(args), args)
-    batch = TaskSampler(data, args).train_batch(args.batch_size)
+    learner = MetaLearner(model_factory(ModelConfig.from_args(args, data.num_items)), MethodConfig.from_args(args))
+    batch = TaskSampler(data, TaskConfig.from_args(args)).train_batch(args.batch_size)
     ref_losses, ref_gradient = outer_gradient(learner, batch, "cpu", torch.float64, use_vmap=True)
     _, first_order_gradient = outer_gradient(learner, batch, "cpu", torch.float64, use_vmap=True,
                                              first_order=True)
@@ -84,7 +84,7 @@ def recomputed_steps_replay_dropout(args, data, batch, device):
     args = copy.copy(args)
     args.bert_dropout = 0.3
     torch.manual_seed(0)
-    learner = MetaLearner(model_factory(args), args)
+    learner = MetaLearner(model_factory(ModelConfig.from_args(args, data.num_items)), MethodConfig.from_args(args))
     gradients = []
     for recompute_steps in (0, 2):
         learner.recompute_steps = recompute_steps
@@ -108,7 +108,7 @@ def main():
           f"torch {torch.__version__}; reference: CPU float64, vmap")
     if not Path(options.data_path).is_file():
         sys.exit(f"error: no rating file at {options.data_path}; give --data_path=RATINGS.dat (the ml-1m layout)")
-    data = load_data(parse_args([f"--data_path={options.data_path}", *SMALL]))
+    data = load_data(DataConfig.from_args(parse_args([f"--data_path={options.data_path}", *SMALL])))
     failures = [f"{model} {method}: {failure}" for model in options.models
                 for method in ("maml", "melo") for failure in check(model, method, data, options.data_path, options.device)]
     print("\n".join(["FAILED:", *failures]) if failures else "all meta-gradients agree")

@@ -65,6 +65,7 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
     import torch
 
     import main
+    from config import DataConfig
     from dataloader import load_data
     from options import parse_args
 
@@ -72,8 +73,7 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
                        "--val_size=100", f"--use_adaptive_loss={method == 'melo'}",
                        f"--use_vmap={path == 'vmap'}", *flags])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = load_data(args)
-    args.num_users, args.num_items = data.num_users, data.num_items
+    data = load_data(DataConfig.from_args(args))
     trainer = main.MetaTrainer(args, data, device)
     seconds = []
     for i in range(warmup + iterations):

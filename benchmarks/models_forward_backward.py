@@ -18,9 +18,12 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import ModelConfig  # noqa: E402
 from inner_loop_optimizers import LSLRGradientDescentLearningRule  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import MODELS, parse_args  # noqa: E402
+
+NUM_ITEMS = 3000
 
 
 def left_padded(shape, num_items, max_len, generator):
@@ -46,11 +49,11 @@ def median_time(fn, repeats):
 
 
 def benchmark(name, tasks, supports, queries, repeats):
-    args = parse_args([f"--model={name}", "--num_items=3000"])
-    model = model_factory(args).train()
+    args = parse_args([f"--model={name}"])
+    model = model_factory(ModelConfig.from_args(args, NUM_ITEMS)).train()
     L, g = args.max_seq_len, torch.Generator().manual_seed(0)
-    support = left_padded((tasks, supports, L), args.num_items, L, g)
-    query = left_padded((tasks, queries, L), args.num_items, L, g)
+    support = left_padded((tasks, supports, L), NUM_ITEMS, L, g)
+    query = left_padded((tasks, queries, L), NUM_ITEMS, L, g)
     support_ratings = torch.randint(1, 6, support.shape, generator=g).float()
     query_ratings = torch.randint(1, 6, query.shape, generator=g).float()
     params = dict(model.named_parameters())

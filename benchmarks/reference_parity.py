@@ -35,6 +35,7 @@ import re
 import sys
 import tempfile
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,11 @@ from torch.func import functional_call
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from config import DataConfig, MethodConfig, ModelConfig, TaskConfig  # noqa: E402
 from dataloader import TaskSampler, load_data  # noqa: E402
 from inner_loop_optimizers import _key  # noqa: E402
-from main import MetaTrainer  # noqa: E402
 from inner_loop_execution import one_task  # noqa: E402
+from main import MetaTrainer  # noqa: E402
 from meta_learner import MetaLearner  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import MODELS, parse_args  # noqa: E402
@@ -280,10 +282,11 @@ def relative_error(ours, reference):
     return ((ours - reference).norm() / reference.norm().clamp(min=1e-300)).item()
 
 
-def our_learner(args, maml, model_name, learner=None):
+def our_learner(args, maml, model_name, num_items, learner=None):
     """Our learner (a new one, or ``learner``) in float64 with the reference learner's
     initial parameters."""
-    learner = (learner or MetaLearner(model_factory(args), args)).double()
+    learner = (learner or MetaLearner(model_factory(ModelConfig.from_args(args, num_items)),
+                                      MethodConfig.from_args(args))).double()
     renames = NAMES[model_name]
     model_params = dict(learner.model.named_parameters())
     state = mapped(dict(maml.model.named_parameters()), renames, model_params, fill=lambda p: p)
@@ -335,10 +338,9 @@ def compare_training_iteration(reference, flags, model_name, data, num_tasks):
     """How every meta-parameter moves in one whole training iteration of each codebase."""
     maml = reference_learner(reference, flags)
     args = parse_args([*flags, *OUR_FLAGS])
-    args.num_users, args.num_items = data.num_users, data.num_items
     trainer = MetaTrainer(args, data, torch.device("cpu"))
-    our_learner(args, maml, model_name, trainer.learner)
-    batch = TaskSampler(data, args).fixed_tasks("test")[:num_tasks]
+    our_learner(args, maml, model_name, data.num_items, trainer.learner)
+    batch = TaskSampler(data, TaskConfig.from_args(args)).fixed_tasks("test")[:num_tasks]
     batch.support_ratings, batch.query_ratings = batch.support_ratings.double(), batch.query_ratings.double()
     tasks = [reference_task(maml, batch, t) for t in range(num_tasks)]
     initial = our_parameters(trainer.learner).clone()
@@ -354,11 +356,10 @@ def compare_learners(reference, model_name, method, data_flags, num_tasks, extra
     flags = [f"--model={model_name}", *data_flags, *SHARED_FLAGS, *METHODS[method], *extra_flags]
     maml = reference_learner(reference, flags)
     args = parse_args([*flags, *OUR_FLAGS])
-    data = quietly(load_data, args)
-    args.num_users, args.num_items = data.num_users, data.num_items
-    learner = our_learner(args, maml, model_name)
+    data = quietly(load_data, DataConfig.from_args(args))
+    learner = our_learner(args, maml, model_name, data.num_items)
     J = args.num_inner_steps
-    batch = TaskSampler(data, args).fixed_tasks("test")[:num_tasks]
+    batch = TaskSampler(data, TaskConfig.from_args(args)).fixed_tasks("test")[:num_tasks]
     batch.support_ratings, batch.query_ratings = batch.support_ratings.double(), batch.query_ratings.double()
     tasks = [reference_task(maml, batch, t) for t in range(num_tasks)]
     errors = {}
@@ -418,13 +419,11 @@ def spread(tensor):
 def initialisation(reference, model_name, data_flags, seeds):
     flags = [f"--model={model_name}", *data_flags, *SHARED_FLAGS]
     args = parse_args([*flags, *OUR_FLAGS])
-    data = quietly(load_data, args)
-    args.num_users, args.num_items = data.num_users, data.num_items
+    data = quietly(load_data, DataConfig.from_args(args))
     reference_args = copy.copy(reference.args)
-    for name in ("model", "num_items", "num_users"):
-        setattr(reference_args, name, getattr(args, name))
+    reference_args.model, reference_args.num_items, reference_args.num_users = args.model, data.num_items, data.num_users
     reference_args.device = "cpu"  # set by the reference's MAML, read by its NARM
-    support = TaskSampler(data, args).fixed_tasks("test")[:1]
+    support = TaskSampler(data, TaskConfig.from_args(args)).fixed_tasks("test")[:1]
     real = support.support_items[0][:, -1] > 0
     items, ratings = support.support_items[0][real], support.support_ratings[0][real].double()
     inputs = (torch.zeros(len(items), 1, dtype=torch.long), items[:, :-1], items[:, -1:], ratings[:, :-1])
@@ -432,8 +431,7 @@ def initialisation(reference, model_name, data_flags, seeds):
     for seed in seeds:
         torch.manual_seed(seed)
         theirs = reference.models.model_factory(copy.copy(reference_args)).double().eval()
-        args.model_init_seed = seed
-        ours = model_factory(args).double().eval()
+        ours = model_factory(replace(ModelConfig.from_args(args, data.num_items), model_init_seed=seed)).double().eval()
         their_params = dict(theirs.named_parameters())
         moves["reference"].append(one_step_move(lambda p: theirs(inputs, params=p), their_params, items, ratings,
                                                 args.inner_lr))
@@ -467,8 +465,7 @@ def main(argv=None):
         data_flags = [data_flag]
         reference = import_reference(options.reference, [*data_flags, *SHARED_FLAGS])
         args = parse_args([*data_flags, *SHARED_FLAGS, *OUR_FLAGS])
-        data = quietly(load_data, args)
-        args.num_users, args.num_items = data.num_users, data.num_items
+        data = quietly(load_data, DataConfig.from_args(args))
         data_ok = compare_data(reference_learner(reference, data_flags), data)
 
         print(f"\n2. Models and meta-gradients: relative error, float64, dropout off, "

@@ -9,14 +9,14 @@ from models.transformer import Transformer
 
 BUILDERS = {
     "sasrec": lambda a: Transformer(a.num_items, a.max_seq_len, a.bert_hidden_units, a.bert_num_blocks,
-                                    a.bert_num_heads, a.bert_dropout, causal=True),
+                                    a.bert_num_heads, a.dropout, causal=True),
     "bert4rec": lambda a: Transformer(a.num_items, a.max_seq_len, a.bert_hidden_units, a.bert_num_blocks,
-                                      a.bert_num_heads, a.bert_dropout, causal=False),
+                                      a.bert_num_heads, a.dropout, causal=False),
     "narm": lambda a: NARM(a.num_items, a.narm_embedding_dim, a.narm_hidden_size, a.narm_n_layers,
-                           a.bert_dropout),
+                           a.dropout),
     "gru4rec": lambda a: GRU4Rec(a.num_items, a.gru4rec_embedding_dim, a.gru4rec_hidden_size,
-                                 a.gru4rec_n_layers, a.bert_dropout),
-    "ncf": lambda a: NCF(a.num_items, a.bert_hidden_units, a.max_seq_len, a.bert_dropout),  # the reference has no NCF sizes
+                                 a.gru4rec_n_layers, a.dropout),
+    "ncf": lambda a: NCF(a.num_items, a.bert_hidden_units, a.max_seq_len, a.dropout),  # the reference has no NCF sizes
 }
 
 MODELS = tuple(BUILDERS)
@@ -27,16 +27,16 @@ MODELS = tuple(BUILDERS)
 PADDING_FREE_MODELS = ("bert4rec", "ncf")
 
 
-def model_factory(args):
-    """The recommender named by ``args.model``, initialised from ``args.model_init_seed``
-    without touching the global random state. ``args`` is only read."""
-    if args.model not in BUILDERS:
-        raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(BUILDERS)}")
-    if args.num_items < 1:
-        raise ValueError(f"num_items is {args.num_items}: set it from the data before building the model")
+def model_factory(config):
+    """The recommender of a config.ModelConfig, initialised from its ``model_init_seed``
+    without touching the global random state."""
+    if config.model not in BUILDERS:
+        raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(BUILDERS)}")
+    if config.num_items < 1:
+        raise ValueError(f"num_items is {config.num_items}: give the number of items of the data")
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(args.model_init_seed)
-        return BUILDERS[args.model](args)
+        torch.default_generator.manual_seed(config.model_init_seed)
+        return BUILDERS[config.model](config)
 
 
 __all__ = ["model_factory", "MODELS", "PADDING_FREE_MODELS", "Transformer", "GRU4Rec", "NARM", "NCF",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from config import DataConfig, ModelConfig
 from dataloader import load_data
 from fixtures import write_ratings
 from options import parse_args
@@ -32,7 +33,7 @@ def device_check():
 def data(tmp_path_factory, device_check):
     path = write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m",
                          num_users=300, num_items=200, seed=0)
-    return path, load_data(parse_args([f"--data_path={path}", *device_check.SMALL]))
+    return path, load_data(DataConfig.from_args(parse_args([f"--data_path={path}", *device_check.SMALL])))
 
 
 def test_device_check_passes_on_the_cpu(device_check, data, capsys):
@@ -105,8 +106,7 @@ def test_reference_names_map_onto_every_parameter(reference_parity):
     import torch
     from models import model_factory
     args = parse_args(["--model=narm"])
-    args.num_items = 10
-    ours = dict(model_factory(args).named_parameters())
+    ours = dict(model_factory(ModelConfig.from_args(args, num_items=10)).named_parameters())
     hidden = args.narm_hidden_size
     reference = {"embedding.embedding.weights": torch.zeros(12, 32), "gru.h0": torch.ones(1, hidden),
                  "gru.layer_dict.gru0.x2h.weights": torch.zeros(3 * hidden, 32),

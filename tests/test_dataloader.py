@@ -14,6 +14,7 @@ import torch
 
 import dataloader
 import download
+from config import DataConfig, TaskConfig
 from dataloader import DataError, PretrainDataset, TaskSampler, load_data
 from fixtures import (FORMAT_MODES, FORMATS, Payload, file_name, loopback_server,
                       make_ratings_frame, movielens_zip, write_ratings)
@@ -57,7 +58,7 @@ def ml_data(tmp_path_factory):
     path = write_ratings(tmp_path_factory.mktemp("ml") / "ratings.dat", "ml-1m",
                          make_ratings_frame(num_users=60, num_items=80, seed=0))
     args = make_args(path)
-    return load_data(args), args
+    return load_data(DataConfig.from_args(args)), args
 
 
 # --------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def test_reads_every_format(tmp_path, fmt):
                                half_stars=fmt in HALF_STAR_FORMATS,
                                string_ids=fmt in STRING_ID_FORMATS)
     path = write_ratings(tmp_path / file_name(fmt), fmt, frame)
-    data = load_data(make_args(path, FORMAT_MODES[fmt], "--min_item=3", "--stable_date_sort=True"))
+    data = load_data(DataConfig.from_args(make_args(path, FORMAT_MODES[fmt], "--min_item=3", "--stable_date_sort=True")))
 
     expected = expected_sequences(frame, min_item=3, min_sequence=5)
     assert sum(len(items) for items, _ in expected.values()) < len(frame), "rare items dropped"
@@ -88,12 +89,12 @@ def test_default_date_sort_orders_ties_as_the_reference(tmp_path):
     reference_order = expected_sequences(frame, min_item=3, min_sequence=5, kind="quicksort")
     file_order = expected_sequences(frame, min_item=3, min_sequence=5, kind="stable")
     assert reference_order != file_order, "the fixture must have ties that the two sorts order differently"
-    assert loaded_sequences(load_data(make_args(path, "ml-1m", "--min_item=3"))) == reference_order
+    assert loaded_sequences(load_data(DataConfig.from_args(make_args(path, "ml-1m", "--min_item=3")))) == reference_order
 
 
 def test_string_ids_keep_leading_zeros_and_are_sorted(tmp_path):
     frame = make_ratings_frame(num_users=30, num_items=40, seed=1, string_ids=True)
-    data = load_data(make_args(write_ratings(tmp_path / "r.csv", "amazon", frame), "amazon"))
+    data = load_data(DataConfig.from_args(make_args(write_ratings(tmp_path / "r.csv", "amazon", frame), "amazon")))
     assert data.item_ids.dtype.kind == "U"
     assert all(len(i) == 10 and i.isdigit() for i in data.item_ids)      # '0000000042', not 42
     assert data.item_ids.tolist() == sorted(frame.item.unique())
@@ -111,8 +112,8 @@ def test_item_filter_comes_before_user_filter(tmp_path):
     frame = sequence_frame([5, 6, 5, 5, 5, 5, 5, 5])
     frame.loc[frame.user == 1, "item"] = [1, 2, 3, 4, 99]     # items 98, 99: one rating each
     frame.loc[frame.user == 2, "item"] = [1, 2, 3, 4, 5, 98]
-    data = load_data(make_args(write_ratings(tmp_path / "r.dat", "ml-1m", frame), "ml-1m",
-                               "--min_item=2", "--num_test_data=1", "--val_size=1"))
+    data = load_data(DataConfig.from_args(make_args(write_ratings(tmp_path / "r.dat", "ml-1m", frame), "ml-1m",
+                               "--min_item=2", "--num_test_data=1", "--val_size=1")))
     assert data.user_ids.tolist() == [2, 3, 4, 5, 6, 7, 8]    # user 1 is left with 4 ratings
     assert data.item_ids.tolist() == [1, 2, 3, 4, 5]
     assert data.item_ids[data.item_seqs[0] - 1].tolist() == [1, 2, 3, 4, 5]
@@ -147,7 +148,7 @@ def test_split_is_disjoint_complete_and_reproducible(ml_data):
     assert len(train) == round(0.85 * (data.num_users - len(test)))
     assert not set(train) & set(valid) and not set(train) & set(test) and not set(valid) & set(test)
     assert sorted([*train, *valid, *test]) == list(range(data.num_users))
-    again = load_data(args)
+    again = load_data(DataConfig.from_args(args))
     for first, second in ((train, again.train_users), (valid, again.valid_users),
                           (test, again.test_users)):
         np.testing.assert_array_equal(first, second)
@@ -155,14 +156,14 @@ def test_split_is_disjoint_complete_and_reproducible(ml_data):
 
 def test_split_follows_the_seed(ml_data):
     data, args = ml_data
-    other = load_data(make_args(args.data_path, "ml-1m", "--random_seed=7"))
+    other = load_data(DataConfig.from_args(make_args(args.data_path, "ml-1m", "--random_seed=7")))
     assert data.test_users.tolist() != other.test_users.tolist()
 
 
 def test_statistics(tmp_path, capsys):
     frame = sequence_frame([4, 40, 10, 5, 5, 5, 5, 5])
-    data = load_data(make_args(write_ratings(tmp_path / "r.dat", "ml-1m", frame), "ml-1m",
-                               "--min_sequence=4", "--num_test_data=1", "--val_size=1"))
+    data = load_data(DataConfig.from_args(make_args(write_ratings(tmp_path / "r.dat", "ml-1m", frame), "ml-1m",
+                               "--min_sequence=4", "--num_test_data=1", "--val_size=1")))
     stats = data.stats
     assert (stats["num_users"], stats["num_items"], stats["num_ratings"]) == (8, 40, 79)
     assert stats["avg_seq_len"] == pytest.approx((4 + 30 + 10 + 25) / 8)   # truncated at L=30
@@ -237,7 +238,7 @@ def check_task(batch, t, data, args, last_window, full_window=True):
 
 def test_train_tasks_follow_the_design(ml_data):
     data, args = ml_data
-    sampler = TaskSampler(data, args)
+    sampler = TaskSampler(data, TaskConfig.from_args(args))
     for _ in range(4):
         batch = sampler.train_batch(16)
         assert batch.support_items.shape == (16, args.num_samples, args.max_seq_len)
@@ -252,7 +253,7 @@ def test_fixed_tasks_follow_the_design_with_default_rating(ml_data):
     data, _ = ml_data
     args = make_args(ml_data[1].data_path, "ml-1m", "--default_rating=1", "--num_samples=40",
                      "--num_query_set=5", "--min_sub_window_size=3", "--max_seq_len=10")
-    sampler = TaskSampler(data, args)
+    sampler = TaskSampler(data, TaskConfig.from_args(args))
     test = sampler.fixed_tasks("test")
     assert test.users.tolist() == data.test_users.tolist()
     assert any(len(data.item_seqs[u]) > 10 for u in data.test_users), "windows must be cut"
@@ -271,8 +272,8 @@ def test_counts_follow_num_samples_and_num_query_set(tmp_path):
     path = write_ratings(tmp_path / "r.dat", "ml-1m", frame)
     args = make_args(path, "ml-1m", "--min_sequence=4", "--num_samples=8", "--num_query_set=3",
                      "--num_test_data=3", "--val_size=1")
-    data = load_data(args)
-    batch = TaskSampler(data, args).train_batch(len(data.train_users))
+    data = load_data(DataConfig.from_args(args))
+    batch = TaskSampler(data, TaskConfig.from_args(args)).train_batch(len(data.train_users))
     for t in range(len(batch)):
         n = min(len(data.item_seqs[int(batch.users[t])]), args.max_seq_len)
         assert batch.query_row_mask[t].sum() == min(3, n - 2)
@@ -286,7 +287,7 @@ def test_random_sequence_length_windows(ml_data):
     data, _ = ml_data
     args = make_args(ml_data[1].data_path, "ml-1m", "--use_random_sequence_length=True",
                      "--max_seq_len=12")
-    sampler = TaskSampler(data, args)
+    sampler = TaskSampler(data, TaskConfig.from_args(args))
     for _ in range(10):
         batch = sampler.train_batch(16)
         for t in range(16):
@@ -313,7 +314,7 @@ def test_subwindow_numbering_covers_each_window_once():
 def test_support_and_query_sampling_is_uniform(tmp_path):
     path = write_ratings(tmp_path / "r.dat", "ml-1m", sequence_frame([8] * 30))
     args = make_args(path, "ml-1m", "--max_seq_len=8", "--num_samples=5", "--num_query_set=3")
-    sampler = TaskSampler(load_data(args), args)
+    sampler = TaskSampler(load_data(DataConfig.from_args(args)), TaskConfig.from_args(args))
     batches = [sampler.train_batch(16) for _ in range(600)]
     support_lengths = torch.cat([(b.support_items != 0).sum(-1) for b in batches]).flatten()
     support_starts = torch.cat([b.support_items[..., -1] - 1 for b in batches]).flatten() \
@@ -334,7 +335,7 @@ def test_support_and_query_sampling_is_uniform(tmp_path):
 
 def test_train_epochs_visit_every_user_once(ml_data):
     data, args = ml_data
-    sampler = TaskSampler(data, args)
+    sampler = TaskSampler(data, TaskConfig.from_args(args))
     users = torch.cat([sampler.train_batch(7).users for _ in range(len(data.train_users) // 7 + 1)])
     epoch = users[:len(data.train_users)].tolist()
     assert sorted(epoch) == data.train_users.tolist()
@@ -342,7 +343,7 @@ def test_train_epochs_visit_every_user_once(ml_data):
 
 def test_state_dict_resumes_the_train_stream(ml_data):
     data, args = ml_data
-    first = TaskSampler(data, args)
+    first = TaskSampler(data, TaskConfig.from_args(args))
     for _ in range(9):                            # past the end of the first epoch
         first.train_batch(7)
     buffer = io.BytesIO()
@@ -350,7 +351,7 @@ def test_state_dict_resumes_the_train_stream(ml_data):
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     expected = [first.train_batch(7) for _ in range(6)]
-    resumed = TaskSampler(data, args)
+    resumed = TaskSampler(data, TaskConfig.from_args(args))
     resumed.load_state_dict(state)
     for want, got in zip(expected, (resumed.train_batch(7) for _ in range(6))):
         assert torch.equal(want.users, got.users)
@@ -360,20 +361,20 @@ def test_state_dict_resumes_the_train_stream(ml_data):
 
 def test_fixed_tasks_are_the_same_for_every_sampler(ml_data):
     data, args = ml_data
-    first, second = TaskSampler(data, args), TaskSampler(data, args)
+    first, second = TaskSampler(data, TaskConfig.from_args(args)), TaskSampler(data, TaskConfig.from_args(args))
     second.train_batch(16)                        # the train stream does not matter
     for split in ("valid", "test"):
         a, b = first.fixed_tasks(split), second.fixed_tasks(split)
         for name in ("users", "support_items", "support_ratings", "query_items", "query_ratings"):
             assert torch.equal(getattr(a, name), getattr(b, name))
-    other_seed = TaskSampler(data, make_args(args.data_path, "ml-1m", "--random_seed=5"))
+    other_seed = TaskSampler(data, TaskConfig.from_args(make_args(args.data_path, "ml-1m", "--random_seed=5")))
     assert not torch.equal(first.fixed_tasks("test").support_items,
                            other_seed.fixed_tasks("test").support_items)
 
 
 def test_task_batch_helpers(ml_data):
     data, args = ml_data
-    batch = TaskSampler(data, args).train_batch(6)
+    batch = TaskSampler(data, TaskConfig.from_args(args)).train_batch(6)
     part = batch[2:5]
     assert len(part) == 3 and torch.equal(part.query_items, batch.query_items[2:5])
     assert batch[-1].support_items.shape == (1, args.num_samples, args.max_seq_len)
@@ -390,7 +391,7 @@ def test_task_batch_helpers(ml_data):
 # --------------------------------------------------------------------------------------
 def test_pretrain_dataset(ml_data):
     data, args = ml_data
-    dataset = PretrainDataset(data, data.train_users, args, seed=4)
+    dataset = PretrainDataset(data, data.train_users, TaskConfig.from_args(args), seed=4)
     assert len(dataset) == len(data.train_users)
     shorter_than_window = 0
     for index in range(len(dataset)):
@@ -402,7 +403,7 @@ def test_pretrain_dataset(ml_data):
         assert args.min_sub_window_size <= length <= window
         shorter_than_window += length < window
     assert shorter_than_window > len(dataset) // 2, "sub-windows of random length"
-    draw = lambda seed: torch.stack([PretrainDataset(data, data.train_users, args, seed)[i][0]
+    draw = lambda seed: torch.stack([PretrainDataset(data, data.train_users, TaskConfig.from_args(args), seed)[i][0]
                                      for i in range(len(data.train_users))])
     assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
     items, ratings = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)))
@@ -414,29 +415,29 @@ def test_pretrain_dataset(ml_data):
 # --------------------------------------------------------------------------------------
 def test_missing_file_names_it_and_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"nope\.csv.*Data/README\.md"):
-        load_data(make_args(tmp_path / "nope.csv", "amazon"))
+        load_data(DataConfig.from_args(make_args(tmp_path / "nope.csv", "amazon")))
     with pytest.raises(DataError, match="downloaded automatically"):   # outside Data/: no download
-        load_data(make_args(tmp_path / "ratings.dat", "ml-1m"))
+        load_data(DataConfig.from_args(make_args(tmp_path / "ratings.dat", "ml-1m")))
 
 
 def test_misnamed_columns_say_expected_and_found(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("score,reviewer,product_id,date\n5,a,b,1\n")
     with pytest.raises(DataError, match=r"'score', 'reviewer'.*reviewerID, product_id, rating, date"):
-        load_data(make_args(path, "amazon"))
+        load_data(DataConfig.from_args(make_args(path, "amazon")))
     path.write_text('{"user": "a", "item": "b"}\n')
     with pytest.raises(DataError, match="JSON fields"):
-        load_data(make_args(path, "amazon"))
+        load_data(DataConfig.from_args(make_args(path, "amazon")))
 
 
 def test_malformed_files_give_a_data_error(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text('rating,reviewerID,product_id,date\n5,"abc,def,1\n4,x,y,2\n')
     with pytest.raises(DataError, match="cannot parse it as amazon-csv"):
-        load_data(make_args(path, "amazon"))
+        load_data(DataConfig.from_args(make_args(path, "amazon")))
     path.write_bytes(b"1::2::3::4\n\xff\xfe::1::3::4\n")
     with pytest.raises(DataError, match="cannot read .* as text"):
-        load_data(make_args(path))
+        load_data(DataConfig.from_args(make_args(path)))
 
 
 def test_bad_ratings_are_dropped_and_counted(tmp_path, capsys):
@@ -447,7 +448,7 @@ def test_bad_ratings_are_dropped_and_counted(tmp_path, capsys):
         lines[row] = rating + lines[row][lines[row].index(","):]
     lines[5] = "4,," + lines[5].split(",", 3)[3]           # no user, no item
     path.write_text("\n".join(lines) + "\n")
-    data = load_data(make_args(path, "amazon"))
+    data = load_data(DataConfig.from_args(make_args(path, "amazon")))
     out = capsys.readouterr().out
     assert f"dropped 5 of {len(frame):,} rows" in out
     assert "1 with a non-numeric rating" in out and "3 with a rating outside 0.5..5" in out
@@ -460,7 +461,7 @@ def test_broken_json_lines_are_dropped_and_counted(tmp_path, capsys):
     frame = make_ratings_frame(num_users=30, num_items=40, seed=11, string_ids=True)
     path = write_ratings(tmp_path / "review.json", "yelp-review-json", frame)
     path.write_text(path.read_text() + '{"user_id": "cut off\n')
-    data = load_data(make_args(path, "yelp"))
+    data = load_data(DataConfig.from_args(make_args(path, "yelp")))
     assert f"dropped 1 of {len(frame) + 1:,} rows" in capsys.readouterr().out
     assert loaded_sequences(data) == expected_sequences(frame, 1, 5, kind="quicksort")
 
@@ -469,23 +470,23 @@ def test_no_usable_rating_is_an_error(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("rating,reviewerID,product_id,date\nfive,a,b,1\n9,a,c,2\n")
     with pytest.raises(DataError, match="none of its 2 rows is usable"):
-        load_data(make_args(path, "amazon"))
+        load_data(DataConfig.from_args(make_args(path, "amazon")))
 
 
 def test_nothing_left_after_filtering_names_the_threshold(ml_data):
     path = ml_data[1].data_path
     with pytest.raises(DataError, match="lower --min_item"):
-        load_data(make_args(path, "ml-1m", "--min_item=10000"))
+        load_data(DataConfig.from_args(make_args(path, "ml-1m", "--min_item=10000")))
     with pytest.raises(DataError, match="lower --min_sequence"):
-        load_data(make_args(path, "ml-1m", "--min_sequence=1000"))
+        load_data(DataConfig.from_args(make_args(path, "ml-1m", "--min_sequence=1000")))
 
 
 def test_split_sizes_larger_than_the_users(ml_data):
     data, args = ml_data
     with pytest.raises(DataError, match=f"{data.num_users} users after filtering"):
-        load_data(make_args(args.data_path, "ml-1m", "--num_test_data=1000"))
+        load_data(DataConfig.from_args(make_args(args.data_path, "ml-1m", "--num_test_data=1000")))
     with pytest.raises(DataError, match=f"{len(data.valid_users)} validation users"):
-        load_data(make_args(args.data_path, "ml-1m", "--val_size=100"))
+        load_data(DataConfig.from_args(make_args(args.data_path, "ml-1m", "--val_size=100")))
 
 
 # --------------------------------------------------------------------------------------
@@ -507,12 +508,12 @@ def test_download_unpacks_into_data(workdir, mode, folder):
     (workdir / "Data" / mode).mkdir(parents=True)
     (workdir / "Data" / mode / "movies.dat").write_text("left over\n")  # lacks ratings.dat
     with loopback_server({"/m.zip": movielens_zip(frame, folder)}) as base:
-        data = load_data(download_args(mode, f"{base}/m.zip"))
+        data = load_data(DataConfig.from_args(download_args(mode, f"{base}/m.zip")))
     assert loaded_sequences(data) == expected_sequences(frame, 1, 5, kind="quicksort")
     assert sorted(os.listdir(workdir / "Data")) == [mode]             # no temporary leftovers
     assert sorted(os.listdir(workdir / "Data" / mode)) == ["README", "movies.dat", "ratings.dat"]
     with loopback_server({}) as base:                                  # present now: no download
-        assert load_data(download_args(mode, f"{base}/m.zip")).num_users == data.num_users
+        assert load_data(DataConfig.from_args(download_args(mode, f"{base}/m.zip"))).num_users == data.num_users
 
 
 def closed_port_url():
@@ -534,7 +535,7 @@ def truncated_zip():
 ])
 def test_failed_download_leaves_nothing(workdir, routes, path, message):
     with loopback_server(routes) as base, pytest.raises(DataError, match=message) as error:
-        load_data(download_args("ml-1m", base + path))
+        load_data(DataConfig.from_args(download_args("ml-1m", base + path)))
     assert "Data/ml-1m/ratings.dat" in str(error.value)                # where to put it by hand
     assert os.listdir(workdir / "Data") == []
 
@@ -551,7 +552,7 @@ def test_interrupted_move_leaves_no_ratings_file(workdir, monkeypatch):
     monkeypatch.setattr(download.os, "replace", replace_then_interrupt)
     archive = movielens_zip(make_ratings_frame(num_users=30, seed=10))
     with loopback_server({"/m.zip": archive}) as base, pytest.raises(KeyboardInterrupt):
-        load_data(download_args("ml-1m", f"{base}/m.zip"))
+        load_data(DataConfig.from_args(download_args("ml-1m", f"{base}/m.zip")))
     assert os.listdir(workdir / "Data") == ["ml-1m"]                   # temporary folder gone
     assert "ratings.dat" not in os.listdir(workdir / "Data" / "ml-1m")  # so it downloads again
 
@@ -560,13 +561,13 @@ def test_archive_without_ratings_is_refused(workdir):
     frame = make_ratings_frame(num_users=30, seed=8)
     archive = movielens_zip(frame).replace(b"ratings.dat", b"ratingz.dat")
     with loopback_server({"/m.zip": archive}) as base, pytest.raises(DataError, match="no ratings.dat"):
-        load_data(download_args("ml-1m", f"{base}/m.zip"))
+        load_data(DataConfig.from_args(download_args("ml-1m", f"{base}/m.zip")))
     assert os.listdir(workdir / "Data") == []
 
 
 def test_no_network_says_where_to_put_the_files(workdir):
     with pytest.raises(DataError, match=r"no network.*by hand.*Data/ml-1m/ratings\.dat"):
-        load_data(download_args("ml-1m", closed_port_url()))
+        load_data(DataConfig.from_args(download_args("ml-1m", closed_port_url())))
     assert os.listdir(workdir / "Data") == []
 
 
@@ -594,12 +595,12 @@ REAL_FILES = [  # path, mode, flags, (users, items, ratings) from SOURCES.md
 def test_real_files(relative_path, mode, flags, expected, capsys):
     args = parse_args(["--data_path", str(SHARED_DATA / relative_path), f"--mode={mode}",
                        "--num_test_data=50", "--val_size=30", *flags])
-    data = load_data(args)
+    data = load_data(DataConfig.from_args(args))
     stats = data.stats
     assert (stats["num_users"], stats["num_items"], stats["num_ratings"]) == expected
     assert 0.5 < stats["balance_score"] < 1
     assert "balance score" in capsys.readouterr().out
-    sampler = TaskSampler(data, args)
+    sampler = TaskSampler(data, TaskConfig.from_args(args))
     assert sampler.train_batch(16).support_items.shape == (16, 25, 30)
     test = sampler.fixed_tasks("test")
     assert len(test) == 50 and test.query_row_mask.sum() == 150
@@ -610,8 +611,8 @@ def test_real_files(relative_path, mode, flags, expected, capsys):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not here")
 def test_real_string_ids_keep_leading_zeros():
     path = SHARED_DATA / "amazon-videogames-p4r" / "amazon_videogames_p4r_ratings.csv"
-    data = load_data(parse_args(["--data_path", str(path), "--mode=amazon", "--min_item=1",
-                                 "--num_test_data=50", "--val_size=30"]))
+    data = load_data(DataConfig.from_args(parse_args(["--data_path", str(path), "--mode=amazon", "--min_item=1",
+                                 "--num_test_data=50", "--val_size=30"])))
     assert "0700026657" in data.item_ids
     assert data.item_ids.tolist() == sorted(data.item_ids.tolist())
 
@@ -620,11 +621,11 @@ def test_duplicate_rows_are_counted_kept_by_default_and_dropped_on_request(tmp_p
     frame = make_ratings_frame(num_users=40, num_items=60, seed=1)
     doubled = pd.concat([frame, frame.iloc[:25]], ignore_index=True)
     path = write_ratings(tmp_path / "ratings.dat", "ml-1m", doubled)
-    kept = load_data(make_args(path, "ml-1m", "--stable_date_sort=True"))
+    kept = load_data(DataConfig.from_args(make_args(path, "ml-1m", "--stable_date_sort=True")))
     assert "25 rows repeat an earlier row exactly" in capsys.readouterr().out
     assert kept.stats["duplicate_rows"] == 25
     assert kept.stats["num_ratings"] == len(doubled)
-    dropped = load_data(make_args(path, "ml-1m", "--stable_date_sort=True", "--drop_duplicates=True"))
+    dropped = load_data(DataConfig.from_args(make_args(path, "ml-1m", "--stable_date_sort=True", "--drop_duplicates=True")))
     assert "dropped (--drop_duplicates=True)" in capsys.readouterr().out
     assert dropped.stats["num_ratings"] == len(frame)
     assert loaded_sequences(dropped) == expected_sequences(frame, min_item=1, min_sequence=5)

@@ -1,6 +1,5 @@
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,7 +48,7 @@ def test_a_user_without_real_queries_is_an_error():
 def test_results_are_written_with_the_configuration(tmp_path):
     metrics = evaluation.evaluate(np.array([[4.0]]), np.array([[5.0]]), np.array([[1]]))
     path = tmp_path / "result.json"
-    evaluation.write_results(path, metrics, SimpleNamespace(model="bert4rec", device=object()), method="melo")
+    evaluation.write_results(path, metrics, {"model": "bert4rec", "device": object()}, method="melo")
     record = json.loads(path.read_text())
     assert record["metrics"]["rmse"] == pytest.approx(1.0)
     assert record["config"]["model"] == "bert4rec" and record["method"] == "melo"

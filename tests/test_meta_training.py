@@ -8,6 +8,7 @@ import torch
 
 import main
 import train_original
+from config import DataConfig, MethodConfig, ModelConfig, TaskConfig
 from dataloader import TaskSampler, load_data
 from experiment import UserError, setup
 from fixtures import run_dir, write_ratings
@@ -37,10 +38,10 @@ def tiny_args(ratings_file, *extra):
 
 def tiny_learner(ratings_file, *extra, dtype=torch.float32):
     args = tiny_args(ratings_file, *extra)
-    data = load_data(args)
-    args.num_users, args.num_items = data.num_users, data.num_items
-    learner = MetaLearner(model_factory(args), args).to(dtype)
-    batch = TaskSampler(data, args).train_batch(3)
+    data = load_data(DataConfig.from_args(args))
+    learner = MetaLearner(model_factory(ModelConfig.from_args(args, data.num_items)),
+                          MethodConfig.from_args(args)).to(dtype)
+    batch = TaskSampler(data, TaskConfig.from_args(args)).train_batch(3)
     batch.support_ratings, batch.query_ratings = (batch.support_ratings.to(dtype),
                                                   batch.query_ratings.to(dtype))
     return args, learner, batch
@@ -245,8 +246,7 @@ def test_meta_training_lowers_the_query_loss_on_a_fixed_batch(ratings_file, tmp_
                                                               use_adaptive_loss):
     args = tiny_args(ratings_file, f"--model={model}", "--bert_dropout=0", "--outer_lr=0.01",
                      f"--use_adaptive_loss={use_adaptive_loss}", f"--log_dir={tmp_path}")
-    data = load_data(args)
-    args.num_users, args.num_items = data.num_users, data.num_items
+    data = load_data(DataConfig.from_args(args))
     trainer = main.MetaTrainer(args, data, torch.device("cpu"))
     batch = trainer.sampler.train_batch(4)
     before = trainer.outer_loss(batch, iteration=0)[0].item()
@@ -478,8 +478,7 @@ def test_passes_of_fewer_tasks_give_the_same_outer_step(ratings_file, tmp_path):
     for tasks_per_pass in ("4", "1"):
         args = tiny_args(ratings_file, "--bert_dropout=0", f"--tasks_per_pass={tasks_per_pass}",
                          f"--log_dir={tmp_path}")
-        data = load_data(args)
-        args.num_users, args.num_items = data.num_users, data.num_items
+        data = load_data(DataConfig.from_args(args))
         torch.manual_seed(0)  # the encoder's initialisation
         trainer = main.MetaTrainer(args, data, torch.device("cpu"))
         metrics = trainer.train_step(trainer.sampler.train_batch(4))

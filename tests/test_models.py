@@ -1,11 +1,13 @@
 """Recommenders and loss-weighting networks: parametrisation, shapes, masking, functional_call,
 vmap, second order."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+from config import ModelConfig
 from models import LossNetwork, TaskInfoMLP, TaskStateEncoder, model_factory
 from models.layers import Dropout
 from models.loss_weighting import rating_ids
@@ -13,17 +15,21 @@ from options import MODELS, PADDING_FREE_MODELS, parse_args
 
 PADDING_READING_MODELS = [name for name in MODELS if name not in PADDING_FREE_MODELS]
 
-TINY = ["--num_items=6", "--max_seq_len=4", "--bert_hidden_units=4", "--bert_num_heads=2",
+TINY = ["--max_seq_len=4", "--bert_hidden_units=4", "--bert_num_heads=2",
         "--bert_num_blocks=1", "--narm_hidden_size=3", "--narm_embedding_dim=3",
         "--gru4rec_hidden_size=3", "--gru4rec_embedding_dim=3", "--gru4rec_n_layers=2"]
-SMALL = ["--num_items=20", "--max_seq_len=6", "--bert_hidden_units=8", "--bert_num_heads=2",
+SMALL = ["--max_seq_len=6", "--bert_hidden_units=8", "--bert_num_heads=2",
          "--bert_num_blocks=2", "--narm_hidden_size=6", "--narm_embedding_dim=5",
          "--gru4rec_hidden_size=6", "--gru4rec_embedding_dim=5"]
 
 
-def build(model, flags=SMALL, dtype=torch.float64, **overrides):
+def model_config(model, flags=SMALL, num_items=20, **overrides):
     args = parse_args([f"--model={model}", *flags, *(f"--{k}={v}" for k, v in overrides.items())])
-    return model_factory(args).to(dtype)
+    return ModelConfig.from_args(args, num_items)
+
+
+def build(model, flags=SMALL, num_items=20, dtype=torch.float64, **overrides):
+    return model_factory(model_config(model, flags, num_items, **overrides)).to(dtype)
 
 
 def sequences(num_rows, length, num_items, generator):
@@ -78,7 +84,7 @@ def xavier_std(weight):
 def test_parameters_start_as_the_references(name):
     """xavier_uniform_ on every linear weight and embedding, zero biases, N(0, 1) initial
     GRU states, LayerNorm at the identity."""
-    model = build(name, flags=["--num_items=600"], dtype=torch.float32)  # ML-100K's scale
+    model = build(name, flags=[], num_items=600, dtype=torch.float32)  # ML-100K's scale
     items = model.embedding.items.weight
     assert abs(items.std().item() / xavier_std(items) - 1) < 0.1
     assert abs(items.std().item() - 0.056) < 0.003  # 601 ids x 32: PyTorch's default would be 1
@@ -121,26 +127,21 @@ def test_encoder_starts_as_the_references():
 
 
 def test_factory_rejects_unknown_model_and_missing_items():
-    args = parse_args(["--num_items=5"])
-    args.model = "transformerxl"
     with pytest.raises(ValueError, match="sasrec, bert4rec, narm, gru4rec, ncf"):
-        model_factory(args)
+        model_factory(replace(model_config("bert4rec"), model="transformerxl"))
     with pytest.raises(ValueError, match="num_items"):
-        model_factory(parse_args(["--model=narm"]))
+        model_factory(model_config("narm", num_items=0))
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_factory_is_seeded_leaves_rng_and_args_alone(name):
-    args = parse_args([f"--model={name}", *SMALL])
-    before = dict(vars(args))
+def test_factory_is_seeded_and_leaves_the_rng_alone(name):
+    config = model_config(name)
     rng = torch.get_rng_state()
-    first, second = model_factory(args), model_factory(args)
+    first, second = model_factory(config), model_factory(config)
     assert torch.equal(torch.get_rng_state(), rng)
-    assert vars(args) == before
     for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), key
-    args.model_init_seed += 1
-    other = model_factory(args)
+    other = model_factory(replace(config, model_init_seed=config.model_init_seed + 1))
     last = [key for key in first.state_dict() if key.endswith("weight")][-1]  # biases start at 0
     assert not torch.equal(first.state_dict()[last], other.state_dict()[last])
 
@@ -219,7 +220,7 @@ def test_functional_call_reproduces_the_module(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_second_order_meta_gradient_passes_gradcheck(name):
-    model = build(name, flags=TINY).eval()
+    model = build(name, flags=TINY, num_items=6).eval()
     names = [n for n, _ in model.named_parameters()]
     initial = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
     g = torch.Generator().manual_seed(0)

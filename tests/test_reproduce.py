@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import reproduce
+from config import DataConfig
 from dataloader import load_data
 from experiment import UserError, run_cli
 from fixtures import write_ratings
@@ -245,7 +246,7 @@ def test_improvements_are_relative_to_the_other_method():
 
 
 def test_dataset_table_equals_the_statistics_of_load_data(study):
-    stats = load_data(parse_args([f"--data_path={study.ratings}", *DATA, *RUN_FLAGS])).stats
+    stats = load_data(DataConfig.from_args(parse_args([f"--data_path={study.ratings}", *DATA, *RUN_FLAGS]))).stats
     row = table_rows((study.dir / "dataset.md").read_text())["tiny"]
     assert int(row["#Users"].replace(",", "")) == stats["num_users"] == 60
     assert int(row["#Items"].replace(",", "")) == stats["num_items"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_original
+from config import ModelConfig
 from experiment import UserError, setup
 from fixtures import make_ratings_frame, run_dir, write_ratings
 from models import model_factory
@@ -44,9 +45,8 @@ def test_train_save_pretrained_and_test_from_the_checkpoint(ratings_file, tmp_pa
     assert set(embedding) == {"items.weight", "positions.weight"}
     assert torch.equal(embedding["items.weight"], saved["embedding.items.weight"])
     assert all(torch.equal(whole[k], saved[k]) for k in saved)
-    args = parse_args([*TINY])
-    args.num_items = embedding["items.weight"].shape[0] - 1
-    model_factory(args).embedding.load_state_dict(embedding)  # fits the model main.py builds
+    num_items = embedding["items.weight"].shape[0] - 1
+    model_factory(ModelConfig.from_args(parse_args([*TINY]), num_items)).embedding.load_state_dict(embedding)  # fits
 
     metrics = run(ratings_file, tmp_path, "--test", f"--checkpoint_step={best_epoch}")
     assert math.isfinite(metrics["rmse"]) and math.isfinite(metrics["mae"])

@@ -1,0 +1,121 @@
+"""What each part of the project needs from the command line, as small frozen objects built
+once from the parsed flags (options.py) by the scripts: the data (``DataConfig``), the
+tasks (``TaskConfig``), the recommender (``ModelConfig``) and the method (``MethodConfig``).
+Their fields carry the names of the flags they come from, unless said otherwise."""
+from dataclasses import dataclass, fields
+
+def _from_flags(cls, args, **derived):
+    """``cls`` with each field not in ``derived`` read from the flag of the same name."""
+    return cls(**{field.name: derived[field.name] if field.name in derived else getattr(args, field.name)
+                  for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The rating file, how it is read and filtered, and how its users are split."""
+    data_path: str
+    mode: str
+    min_item: int
+    min_sequence: int
+    num_test_data: int
+    val_size: int
+    random_seed: int
+    drop_duplicates: bool
+    stable_date_sort: bool
+    max_seq_len: int
+    download_url: str | None = None
+
+    @classmethod
+    def from_args(cls, args):
+        return _from_flags(cls, args)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """How a user becomes a task: windows, support and query sequences, their random draws."""
+    max_seq_len: int
+    num_samples: int
+    num_query_set: int
+    min_sub_window_size: int
+    min_sequence: int
+    use_random_sequence_length: bool
+    default_rating: int
+    random_seed: int
+    val_size: int
+
+    @classmethod
+    def from_args(cls, args):
+        return _from_flags(cls, args)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The recommender: its kind, sizes, dropout and initialisation seed. ``num_items`` comes
+    from the data; ``dropout`` from --bert_dropout, which the reference uses for every model."""
+    model: str
+    num_items: int
+    max_seq_len: int
+    dropout: float
+    model_init_seed: int
+    bert_hidden_units: int
+    bert_num_blocks: int
+    bert_num_heads: int
+    narm_embedding_dim: int
+    narm_hidden_size: int
+    narm_n_layers: int
+    gru4rec_embedding_dim: int
+    gru4rec_hidden_size: int
+    gru4rec_n_layers: int
+
+    @classmethod
+    def from_args(cls, args, num_items):
+        return _from_flags(cls, args, num_items=num_items, dropout=args.bert_dropout)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """MAML++ with or without MELO's weighting, and how its inner loop runs.
+
+    ``weighting`` is None for MAML, else MELO's task-state encoder: "lstm" (--use_lstm,
+    which takes precedence, as in the reference) or "mlp" (--use_mlp); with
+    ``use_loss_network`` (--use_mlp_mean, or MELO with neither encoder) the loss network
+    aggregates each support sequence's weighted losses. ``task_info_features`` are the
+    MLP encoder's inputs that the --task_info_* flags switch on. ``recompute_inner_steps``
+    and ``support_chunks`` are None when not given (their defaults depend on the device)."""
+    model: str
+    max_seq_len: int
+    num_inner_steps: int
+    inner_lr: float
+    use_learnable_params: bool
+    weighting: str | None
+    use_loss_network: bool
+    lstm_input_size: int
+    lstm_hidden: int
+    lstm_num_layers: int
+    use_softmax: bool
+    task_info_features: tuple
+    normalize_weights: bool
+    normalize_loss: bool
+    use_focal_loss: bool
+    loss_num_layers: int
+    use_step_loss: bool
+    support_chunks: int | None
+    recompute_inner_steps: int | None
+
+    @property
+    def method(self):
+        """The method's name in file names and reports."""
+        return "maml" if self.weighting is None and not self.use_loss_network else "melo"
+
+    @classmethod
+    def from_args(cls, args):
+        adaptive = args.use_adaptive_loss
+        weighting = ("lstm" if args.use_lstm else "mlp" if args.use_mlp else None) if adaptive else None
+        use_loss_network = adaptive and (args.use_mlp_mean or (not args.use_lstm and not args.use_mlp))
+        features = tuple(name for name, used in (("rating_mean", args.task_info_rating_mean),
+                                                 ("rating_std", args.task_info_rating_std),
+                                                 ("labels", args.task_info_labels),
+                                                 ("predictions", args.task_info_predictions),
+                                                 ("loss", args.task_info_loss)) if used)
+        return _from_flags(cls, args, weighting=weighting, use_loss_network=use_loss_network,
+                           task_info_features=features)
