@@ -15,7 +15,7 @@ import torch
 
 from config import DataConfig
 from dataloader import DataError, load_data
-from options import parse_args
+from options import FlagError, parse_args
 
 
 
@@ -29,6 +29,9 @@ def run_cli(main):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main()
+    except FlagError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error} (--help lists the flags)", file=sys.stderr)
+        sys.exit(2)
     except (UserError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

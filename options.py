@@ -39,11 +39,16 @@ LEARNING_RATES = ("inner_lr", "outer_lr", "loss_lr", "task_info_lr", "lstm_lr", 
 NON_NEGATIVE = ("min_outer_lr", "loss_weight_decay")
 
 
+class FlagError(ValueError):
+    """A flag with a wrong name or value; the scripts report it in one line (exit status 2)."""
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (``--help`` still shows the usage)."""
+    """An ArgumentParser that raises FlagError instead of printing its usage and exiting
+    (``--help`` still shows the usage)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        raise FlagError(message)
 
 
 def build_parser():

@@ -20,8 +20,6 @@ MAML/MELO training resumes from its last checkpoint, an interrupted Basic traini
 over.
 """
 import argparse
-import contextlib
-import io
 import json
 import os
 import shlex
@@ -136,18 +134,16 @@ def default_name(data_path, mode):
 
 
 def parse_run_flags(parse, argv):
-    """``parse(argv)`` with an argparse parser of the runs' flags; its error becomes one line."""
-    errors = io.StringIO()
+    """``parse(argv)`` with a parser of the runs' flags; a bad flag is a UserError."""
     try:
-        with contextlib.redirect_stderr(errors):
-            return parse(argv)
-    except SystemExit:
-        message = errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-        raise UserError(f"flags for the runs: {message}") from None
+        return parse(argv)
+    except options.FlagError as error:
+        raise UserError(f"flags for the runs: {error}") from None
 
 
 def options_given(argv):
-    """Names of the run options that ``argv`` sets (abbreviations resolved as argparse does)."""
+    """Names of the run options that ``argv`` sets (abbreviations resolved as argparse does):
+    those whose value is not the default, an object that no flag can give."""
     parser = options.build_parser()
     unset = object()
     parser.set_defaults(**{name: unset for name in vars(parser.parse_args([]))})

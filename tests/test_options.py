@@ -1,6 +1,7 @@
 """The command line: every flag is checked when it is parsed, a bad one is a one-line error,
 an unwritable output folder is found before the data is read, and Ctrl-C never prints a
 traceback."""
+import re
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import main
 import train_original
 from experiment import UserError
-from options import parse_args
+from options import FlagError, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +48,10 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flag, message", BAD_FLAGS)
 def test_a_bad_flag_is_a_one_line_error(flag, message, capsys):
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(FlagError, match=re.escape(message)):
         parse_args(flag.split())
+    with pytest.raises(SystemExit) as stopped:
+        main.run_cli(lambda: main.main(flag.split()))
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert message in error
