@@ -630,6 +630,7 @@ def main(argv=None):
     first_seed_args = check_run_flags(study)
     study_dir = Path(study.results_dir) / study.name
     runs_dir = study_dir / "runs"
+    # read once here: a bad file or setting stops the study before any run starts
     stats = load_data(DataConfig.from_args(first_seed_args)).stats
     check_same_study(runs_dir, study_flags(study))
     runs = plan_runs(study, runs_dir)
