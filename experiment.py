@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import distributed
 from config import DataConfig
 from dataloader import DataError, load_data
 from options import FlagError, parse_args
@@ -29,6 +30,9 @@ def run_cli(main):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main()
+    except distributed.PeerFailure as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except FlagError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error} (--help lists the flags)", file=sys.stderr)
         sys.exit(2)
@@ -38,6 +42,8 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("\ninterrupted: the checkpoints already written are kept", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.stop()
 
 
 def setup(argv=None, output_dir=lambda args: args.log_dir):
@@ -45,7 +51,7 @@ def setup(argv=None, output_dir=lambda args: args.log_dir):
     device, seed everything and load the data."""
     args = parse_args(argv)
     make_dirs(output_dir(args))  # before the data: a bad folder should not cost a load
-    device = select_device(args.device)
+    device = distributed.start(select_device(args.device))
     seed_everything(args.random_seed)
     return args, device, load_data(DataConfig.from_args(args))
 

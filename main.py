@@ -17,9 +17,9 @@ import shutil
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import distributed
 import evaluation
 from atomic_files import atomic_save
 from config import MethodConfig, ModelConfig, TaskConfig
@@ -132,43 +132,51 @@ class MetaTrainer:
         return query_losses[:, -1].mean(), predictions
 
     def train_step(self, batch):
-        """One outer update of every meta-parameter on a batch of tasks."""
+        """One outer update of every meta-parameter on a batch of tasks. Under torchrun each
+        process adapts its share of the batch and the gradients are summed over them."""
         self.iteration += 1
         self.learner.train()
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         # the batch mean of the outer loss, accumulated over passes of at most
         # --tasks_per_pass tasks: the same gradient, a smaller graph at a time
-        predictions = []
+        start, stop = distributed.share(len(batch))
+        predictions = [batch.target_ratings[:0].cpu()]   # [0, Q]: a process may have no task
+        loss_sum = 0.0
         tasks_per_pass = self.args.tasks_per_pass or len(batch)
-        for start in range(0, len(batch), tasks_per_pass):
-            tasks = batch[start:start + tasks_per_pass]
+        for first in range(start, stop, tasks_per_pass):
+            tasks = batch[first:min(first + tasks_per_pass, stop)]
             loss, task_predictions = self.outer_loss(tasks, self.iteration)
-            if not torch.isfinite(loss):
-                self._stop_diverged(f"the meta-loss became {loss.item()}")
             (loss * len(tasks) / len(batch)).backward()
-            predictions.append(task_predictions.detach())
-        predictions = torch.cat(predictions)
+            loss_sum += loss.item() * len(tasks)
+            predictions.append(task_predictions.detach().cpu())
+        loss_sum = distributed.sum_over_ranks(loss_sum)
+        if not math.isfinite(loss_sum):
+            self._stop_diverged(f"the meta-loss became {loss_sum / len(batch)}")
+        distributed.all_reduce_gradients(p for p in self.learner.parameters() if p.requires_grad)
         torch.nn.utils.clip_grad_norm_(self.learner.model.parameters(), max_norm=GRADIENT_CLIP_NORM)
         for optimizer in self.optimizers.values():
             optimizer.step()
         for scheduler in self.schedulers.values():
             scheduler.step()
+        predictions = distributed.gather(torch.cat(predictions))
         return evaluation.evaluate(predictions, batch.target_ratings, batch.query_row_mask)
 
     # --- evaluation ----------------------------------------------------------------------
     def evaluate(self, batch):
-        """Adapt to each task (no outer graph) and score the final-step target predictions."""
+        """Adapt to each task (no outer graph) and score the final-step target predictions;
+        under torchrun each process adapts its share of the users."""
         self.learner.eval()
-        predictions = []
+        start, stop = distributed.share(len(batch))
+        predictions = [batch.target_ratings[:0].cpu()]
         with torch.no_grad():
-            for start in range(0, len(batch), EVALUATION_CHUNK):
-                chunk = batch[start:start + EVALUATION_CHUNK].to(self.device)
+            for first in range(start, stop, EVALUATION_CHUNK):
+                chunk = batch[first:min(first + EVALUATION_CHUNK, stop)].to(self.device)
                 _, chunk_predictions = self.learner(chunk, (self.args.num_inner_steps - 1,),
                                                     first_order=True, use_vmap=self.args.use_vmap)
                 predictions.append(chunk_predictions.cpu())
-        return evaluation.evaluate(torch.cat(predictions), batch.target_ratings, batch.query_row_mask,
-                                   rating_values=self.data.rating_values, users=batch.users)
+        return evaluation.evaluate(distributed.gather(torch.cat(predictions)), batch.target_ratings,
+                                   batch.query_row_mask, rating_values=self.data.rating_values, users=batch.users)
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self):
@@ -189,6 +197,8 @@ class MetaTrainer:
         }
 
     def save(self, best):
+        if not distributed.is_main():
+            return
         pattern = self.best_pattern if best else self.every_pattern
         atomic_save(self.state_dict(), self.save_dir / pattern.format(step=self.iteration))
 
@@ -262,13 +272,16 @@ class MetaTrainer:
         events = self.run_dir / "runs" / f"{args.model}_{args.mode}_{self.method}"
         if self.iteration == 0:
             refuse_earlier_run(self.save_dir, [self.every_pattern, self.best_pattern], args, self.method.upper())
-            shutil.rmtree(events, ignore_errors=True)  # a dead run's curves, which had no checkpoint
+            if distributed.is_main():
+                shutil.rmtree(events, ignore_errors=True)  # a dead run's curves, which had no checkpoint
         valid_tasks = self.sampler.fixed_tasks("valid")
         # resumed: the curves after the checkpoint's iteration were a killed run's; drop them
-        writer = SummaryWriter(str(events), purge_step=self.iteration + 1 if self.iteration else None)
+        writer = distributed.summary_writer(str(events), purge_step=self.iteration + 1 if self.iteration else None)
+        distributed.broadcast_parameters(self.learner)
         print(f"Starting {self.method.upper()} training at iteration {self.iteration}")
         progress = tqdm(range(self.iteration + 1, args.num_train_iterations + 1),
-                        initial=self.iteration, total=args.num_train_iterations, desc=self.method.upper())
+                        initial=self.iteration, total=args.num_train_iterations, desc=self.method.upper(),
+                        disable=not distributed.is_main())
         for _ in progress:
             batch = self.sampler.train_batch(args.batch_size).to(self.device)
             metrics = self.train_step(batch)
@@ -284,6 +297,7 @@ class MetaTrainer:
         print("Done.")
 
     def _validate(self, writer, valid_tasks, train_batch):
+        distributed.check_same_parameters(self.learner)
         metrics = self.evaluate(valid_tasks)
         tqdm.write(evaluation.format_metrics("\tValidation: ", metrics, label="Val "))
         if not evaluation.is_finite(metrics):
@@ -314,6 +328,8 @@ class MetaTrainer:
         if not evaluation.is_finite(metrics):
             raise UserError(f"the test RMSE of the checkpoint of iteration {step} is {metrics['rmse']}: "
                             "its parameters do not give finite predictions; no result is written")
+        if not distributed.is_main():
+            return metrics
         pattern = self.best_pattern if self.args.test_best else self.every_pattern
         path = self.save_dir / test_results_name(pattern.format(step=step))
         evaluation.report_test(metrics, f"{self.method.upper()} test (step {step})", path, vars(self.args),
@@ -325,6 +341,8 @@ def test_mean_rating(args, data):
     """The mean-rating baseline: predict the training users' mean rating for every target."""
     sampler = TaskSampler(data, TaskConfig.from_args(args))
     metrics = evaluation.mean_rating_metrics(sampler.fixed_tasks("test"), data)
+    if not distributed.is_main():
+        return metrics
     folder = run_folder(args, args.log_dir)
     make_dirs(folder)
     path = folder / mean_rating_results_name(args.mode)

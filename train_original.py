@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import distributed
 import evaluation
 from atomic_files import atomic_save
 from config import ModelConfig, TaskConfig
@@ -172,6 +173,9 @@ class BasicTrainer:
 
 def main(argv=None):
     args, device, data = setup(argv, output_dir=lambda args: args.pretrain_log_dir)
+    if distributed.world_size() > 1:
+        raise UserError("train_original.py runs as one process: start it without torchrun "
+                        "(Basic trains in minutes; main.py is the one to spread over processes)")
     trainer = BasicTrainer(args, data, device)
     if args.test:
         step = step_to_test(args, trainer.save_dir, trainer.pattern, "train_original.py (or give --pretrain_log_dir)")

@@ -6,8 +6,8 @@ seconds that testing 1,000 users takes.
     python benchmarks/meta_iteration.py --quick               # tiny sizes, a few iterations (CI)
 
 Each configuration runs in a fresh subprocess, so its peak memory is its own (RSS on the
-CPU, ``torch.cuda.max_memory_allocated`` on a GPU).  Data: ``../shared/data/ml-100k``
-(through the ml-1m reader) when present, else a generated file of the same shape.  The
+CPU, ``torch.cuda.max_memory_allocated`` on a GPU).  Data: ``--data_path``, by default
+``../shared/data/ml-100k`` (through the ml-1m reader).  The
 configuration is the default one (16 tasks, 25 support sequences of length 30, 3 second-
 order inner steps, multi-step loss) unless ``--flags`` adds others.
 """
