@@ -28,7 +28,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -108,6 +109,9 @@ def build_parser():
     add("--reference_results", default=None, metavar="DIR",
         help="per-user test errors of the reference code's MAML and MELO on the same users, as "
         "benchmarks/reference_study.py writes them: table.md sets its MELO − MAML beside ours")
+    add("--jobs", type=int, default=1, metavar="N",
+        help="runs at once, each with its share of the cores (OMP_NUM_THREADS); Basic and the "
+        "baselines first, then MAML and MELO (default: %(default)s)")
     add("--name", default=None,
         help="dataset name in the results folder (default: the data file's folder and --mode)")
     add("--results_dir", default="results", help="where NAME/ goes (default: %(default)s)")
@@ -121,6 +125,8 @@ def parse_command_line(argv=None):
     study = build_parser().parse_args(argv[:split])
     study.models = list(dict.fromkeys(study.models))
     study.seeds = list(dict.fromkeys(study.seeds))
+    if study.jobs < 1:
+        raise UserError(f"--jobs={study.jobs}: give at least 1")
     study.run_flags = argv[split + 1:]
     study.methods = [*METHODS, *([NORMALIZED_MELO] if study.normalized_melo else [])]
     study.command = shlex.join(["python", "reproduce.py", *argv])
@@ -209,6 +215,7 @@ class Run:
     test_results: str                # the test's JSON file under work_dir, may hold {step}
     checkpoint_pattern: str | None = None   # MAML/MELO every-validation checkpoints
     final_step: int = 0
+    threads: int | None = None       # with --jobs: the run's OMP_NUM_THREADS
 
     @property
     def label(self):
@@ -281,22 +288,23 @@ def execute(run, number, total):
         return record
     run.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    announce(f"{tag}:")
+    announce(run, f"{tag}:" if run.threads is None else f"{tag}: started\n")
     try:
         if run.train_command is not None:
             train(run)
-        announce(" testing")
+        announce(run, " testing")
         invoke(run.test_command, run, "test")
         metrics = read_test_results(run)["metrics"]
     except UserError:
-        print(" FAILED", flush=True)
+        print(" FAILED" if run.threads is None else f"{tag}: FAILED", flush=True)
         raise
     record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
               "commands": [as_typed(command) for command in (run.train_command, run.test_command)
                            if command is not None],
               "log": str(run.log_path)}
     write_json(run.record_path, record)
-    print(f": {metrics_summary(metrics)} ({format_duration(time.monotonic() - started)})", flush=True)
+    summary = f"{metrics_summary(metrics)} ({format_duration(time.monotonic() - started)})"
+    print(f": {summary}" if run.threads is None else f"{tag}: {summary}", flush=True)
     return record
 
 
@@ -306,15 +314,18 @@ def train(run):
     resume_step = last_checkpoint_step(run)
     if resume_step is None:
         shutil.rmtree(run.work_dir, ignore_errors=True)   # an interrupted Basic run's leftovers
-        announce(" training,")
+        announce(run, " training,")
         invoke(run.train_command, run, "training")
     elif resume_step < run.final_step:
-        announce(f" training (resumed from step {resume_step}),")
+        announce(run, f" training (resumed from step {resume_step}),")
         invoke([*run.train_command, f"--checkpoint_step={resume_step}"], run, "training")
 
 
-def announce(text):
-    print(text, end="", flush=True)
+def announce(run, text):
+    """A step of a run on the run's own line; with --jobs, where runs share the screen,
+    only its start and end."""
+    if run.threads is None or text.endswith("\n"):
+        print(text, end="", flush=True)
 
 
 def last_checkpoint_step(run):
@@ -333,12 +344,35 @@ def invoke(command, run, phase):
         log.flush()
         status = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+                                env=run_environment(run)).returncode
     if status != 0:
         how = f"exit status {status}" if status > 0 else f"killed by signal {-status}"
         raise UserError(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n"
                         f"{log_tail(run.log_path)}\n"
                         f"Finished runs are kept: fix the problem and run the same command again.")
+
+
+def run_environment(run):
+    """The scripts' environment: unbuffered output, and with --jobs the run's thread count."""
+    threads = {} if run.threads is None else {"OMP_NUM_THREADS": str(run.threads)}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **threads}
+
+
+def execute_all(runs, jobs):
+    """Every run's record, in the order of ``runs``: one after the other, or with ``jobs`` > 1
+    that many at once, each with its share of the cores — first the baselines and Basic,
+    then MAML and MELO, which start from Basic's embedding."""
+    if jobs == 1:
+        return [execute(run, number, len(runs)) for number, run in enumerate(runs, start=1)]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    numbered = [(number, replace(run, threads=threads)) for number, run in enumerate(runs, start=1)]
+    records = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for wave in ([pair for pair in numbered if pair[1].method in ("mean_rating", "basic")],
+                     [pair for pair in numbered if pair[1].method not in ("mean_rating", "basic")]):
+            for (number, _), record in zip(wave, pool.map(lambda pair: execute(pair[1], pair[0], len(runs)), wave)):
+                records[number] = record
+    return [records[number] for number, _ in numbered]
 
 
 def log_tail(path, lines=LOG_TAIL_LINES):
@@ -635,7 +669,7 @@ def main(argv=None):
     check_same_study(runs_dir, study_flags(study))
     runs = plan_runs(study, runs_dir)
     print(f"{len(runs)} runs; their logs and checkpoints go to {runs_dir}", flush=True)
-    records = [execute(run, number, len(runs)) for number, run in enumerate(runs, start=1)]
+    records = execute_all(runs, study.jobs)
     write_outputs(study, study_dir, stats, records)
     print(f"Results: {study_dir / 'table.md'}, {study_dir / 'dataset.md'}, "
           f"{study_dir / 'per_rating.png'}, {study_dir / 'results.json'}")

@@ -6,6 +6,8 @@ failures.
 """
 import json
 import statistics
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -340,3 +342,28 @@ def test_an_interrupted_meta_training_resumes_from_its_last_checkpoint(study, ca
     assert records[-2]["metrics"] == earlier["metrics"]      # resuming is exact
     now = file_times(study.dir / "runs")
     assert {path: now.get(path) for path in untouched} == untouched
+
+
+def test_jobs_run_at_once_with_their_share_of_the_cores_and_meta_runs_after_basic(study, monkeypatch):
+    runs = reproduce.plan_runs(reproduce.parse_command_line([*study.argv[:-len(RUN_FLAGS) - 1]]), study.dir / "runs")
+    running, events, lock = set(), [], threading.Lock()
+
+    def fake_execute(run, number, total):
+        with lock:
+            running.add(number)
+            events.append(("start", run.method, len(running), run.threads))
+        time.sleep(0.05)
+        with lock:
+            running.discard(number)
+            events.append(("end", run.method, len(running), run.threads))
+        return {"number": number}
+
+    monkeypatch.setattr(reproduce, "execute", fake_execute)
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 4)
+    records = reproduce.execute_all(runs, jobs=2)
+    assert [record["number"] for record in records] == list(range(1, len(runs) + 1))  # in the plan's order
+    assert {threads for *_, threads in events} == {2}                                   # 4 cores / 2 jobs
+    assert max(count for kind, _, count, _ in events if kind == "start") == 2           # two at once, no more
+    first_meta = next(i for i, (kind, method, *_) in enumerate(events) if method not in ("mean_rating", "basic"))
+    assert all(method in ("mean_rating", "basic") for _, method, *_ in events[:first_meta])
+    assert sum(kind == "end" for kind, *_ in events[:first_meta]) == len(SEEDS) * 2      # every Basic finished first
