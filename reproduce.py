@@ -112,6 +112,8 @@ def build_parser():
     add("--jobs", type=int, default=1, metavar="N",
         help="runs at once, each with its share of the cores (OMP_NUM_THREADS); Basic and the "
         "baselines first, then MAML and MELO (default: %(default)s)")
+    add("--nproc_per_node", type=int, default=1, metavar="N",
+        help="run MAML and MELO under torchrun with N processes each, e.g. one per GPU (default: %(default)s)")
     add("--name", default=None,
         help="dataset name in the results folder (default: the data file's folder and --mode)")
     add("--results_dir", default="results", help="where NAME/ goes (default: %(default)s)")
@@ -125,8 +127,9 @@ def parse_command_line(argv=None):
     study = build_parser().parse_args(argv[:split])
     study.models = list(dict.fromkeys(study.models))
     study.seeds = list(dict.fromkeys(study.seeds))
-    if study.jobs < 1:
-        raise UserError(f"--jobs={study.jobs}: give at least 1")
+    for flag in ("jobs", "nproc_per_node"):
+        if getattr(study, flag) < 1:
+            raise UserError(f"--{flag}={getattr(study, flag)}: give at least 1")
     study.run_flags = argv[split + 1:]
     study.methods = [*METHODS, *([NORMALIZED_MELO] if study.normalized_melo else [])]
     study.command = shlex.join(["python", "reproduce.py", *argv])
@@ -227,7 +230,7 @@ class Run:
     def work_dir(self):
         """The folder of the run's own files: the script's run folder for these flags
         (experiment.run_folder) under the --log_dir / --pretrain_log_dir given to it."""
-        return run_folder(options.parse_args(self.test_command[2:]), self.folder / self.method)
+        return run_folder(options.parse_args(script_flags(self.test_command)), self.folder / self.method)
 
     @property
     def log_path(self):
@@ -238,13 +241,29 @@ class Run:
         return self.folder / f"{self.method}.json"
 
 
-def script(name, *flags):
-    return [sys.executable, str(PROJECT_DIR / name), *flags]
+def script(name, *flags, processes=1):
+    """The command that runs one of the project's scripts, under torchrun with ``processes`` > 1."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                if processes > 1 else [sys.executable])
+    return [*launcher, str(PROJECT_DIR / name), *flags]
+
+
+def script_position(command):
+    """Where a ``script`` command names its script."""
+    return next(i for i, part in enumerate(command) if part.endswith(".py"))
+
+
+def script_flags(command):
+    """The flags that a ``script`` command gives its script."""
+    return command[script_position(command) + 1:]
 
 
 def as_typed(command):
-    """A command as a user types it in the repository: `python train_original.py …`."""
-    return shlex.join(["python", Path(command[1]).name, *command[2:]])
+    """A command as a user types it in the repository: `python train_original.py …`, or
+    `torchrun --standalone --nproc_per_node=2 main.py …`."""
+    position = script_position(command)
+    launcher = ["torchrun", *command[3:position]] if "torch.distributed.run" in command[:position] else ["python"]
+    return shlex.join([*launcher, Path(command[position]).name, *command[position + 1:]])
 
 
 def plan_runs(study, runs_dir):
@@ -269,7 +288,8 @@ def plan_runs(study, runs_dir):
                 meta = script("main.py", *model_flags, f"--log_dir={folder / method}",
                               f"--num_train_iterations={study.num_train_iterations}",
                               f"--log_interval={study.log_interval}", *study.run_flags,
-                              "--load_pretrained_embedding=True", *META_FLAGS[method])
+                              "--load_pretrained_embedding=True", *META_FLAGS[method],
+                              processes=study.nproc_per_node)
                 named = "maml" if method == "maml" else "melo"   # main.py's name of the method
                 runs.append(Run(seed, model, method, folder, meta, [*meta, "--test"],
                                 f"state/{test_results_name(checkpoint_pattern(model, study.mode, named))}",
