@@ -5,11 +5,12 @@
     python main.py ... --test --checkpoint_step=N                # test a checkpoint
     python main.py ... --checkpoint_step=N                       # resume training
 """
+import os
 import signal
-import sys
 
-if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit 130 (run_cli takes over)
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit 130 (run_cli takes over).
+    # os._exit, not sys.exit: an exception raised inside torch's C++ import code aborts the process.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 import math
 import random

@@ -8,11 +8,12 @@
 Basic is tested on the same fixed test tasks as MAML and MELO: it predicts
 the targets of their query sequences without adapting.
 """
+import os
 import signal
-import sys
 
-if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit 130 (run_cli takes over)
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit 130 (run_cli takes over).
+    # os._exit, not sys.exit: an exception raised inside torch's C++ import code aborts the process.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 import math
 import shutil
