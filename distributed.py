@@ -1,4 +1,4 @@
-"""Meta-training and testing across processes (``torchrun``), with torch.distributed.
+"""Training and testing across processes (``torchrun``), with torch.distributed.
 
 Without torchrun (no ``WORLD_SIZE`` in the environment, or 1) nothing here communicates and
 every function is the single-process one.  Under ``torchrun --nproc_per_node=N``:
@@ -10,7 +10,11 @@ every function is the single-process one.  Under ``torchrun --nproc_per_node=N``
 - the gradients of every meta-parameter are flattened in one fixed order (a missing one as
   zeros), all-reduced once and written back (``all_reduce_gradients``): every rank then
   steps identical optimisers;
+- Basic (train_original.py) is plain data parallelism in the same way: every rank loads the
+  same batch of users and predicts its share of the rows, its loss over the real positions
+  of the whole batch, the gradients summed;
 - validation and test users are sharded the same way and their predictions gathered;
+- each rank draws its own dropout masks (``own_dropout_stream``);
 - rank 0 alone prints progress, writes TensorBoard, checkpoints and results.
 
 DistributedDataParallel is not used: its hooks fire on ``.backward()`` through the wrapper's
@@ -121,6 +125,14 @@ def broadcast_parameters(module):
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             _collective(dist.broadcast, tensor.data, src=0)
+
+
+def own_dropout_stream():
+    """Move torch's global generator, which draws the dropout masks, to a stream of this
+    rank's own (derived from the current state; rank 0 keeps it). Every rank is seeded
+    alike, so without this each process would drop the same units in its share."""
+    if rank() > 0:
+        torch.manual_seed(int(torch.randint(0, 2 ** 62, ())) + rank())
 
 
 class _NoWriter:

@@ -279,6 +279,7 @@ class MetaTrainer:
         # resumed: the curves after the checkpoint's iteration were a killed run's; drop them
         writer = distributed.summary_writer(str(events), purge_step=self.iteration + 1 if self.iteration else None)
         distributed.broadcast_parameters(self.learner)
+        distributed.own_dropout_stream()
         print(f"Starting {self.method.upper()} training at iteration {self.iteration}")
         progress = tqdm(range(self.iteration + 1, args.num_train_iterations + 1),
                         initial=self.iteration, total=args.num_train_iterations, desc=self.method.upper(),

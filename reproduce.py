@@ -113,7 +113,8 @@ def build_parser():
         help="runs at once, each with its share of the cores (OMP_NUM_THREADS); Basic and the "
         "baselines first, then MAML and MELO (default: %(default)s)")
     add("--nproc_per_node", type=int, default=1, metavar="N",
-        help="run MAML and MELO under torchrun with N processes each, e.g. one per GPU (default: %(default)s)")
+        help="run Basic, MAML and MELO under torchrun with N processes each, e.g. one per GPU "
+        "(default: %(default)s)")
     add("--name", default=None,
         help="dataset name in the results folder (default: the data file's folder and --mode)")
     add("--results_dir", default="results", help="where NAME/ goes (default: %(default)s)")
@@ -281,7 +282,7 @@ def plan_runs(study, runs_dir):
             model_flags = [*shared, f"--model={model}", f"--pretrain_log_dir={folder / 'basic'}"]
             basic = script("train_original.py", *model_flags,
                            f"--pretrain_epochs={study.pretrain_epochs}", *study.run_flags,
-                           "--save_pretrained=True")
+                           "--save_pretrained=True", processes=study.nproc_per_node)
             runs.append(Run(seed, model, "basic", folder, basic, [*basic, "--test"],
                             f"state/{test_results_name(checkpoint_pattern(model, study.mode, 'basic'))}"))
             for method in study.methods[1:]:

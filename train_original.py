@@ -4,6 +4,7 @@
     python train_original.py --model=bert4rec ... --test --checkpoint_step=22   # test
     python train_original.py ... --save_pretrained=True   # also write the embedding and
                                                           # model that main.py starts from
+    torchrun --standalone --nproc_per_node=2 train_original.py ...  # data parallel
 
 Basic is tested on the same fixed test tasks as MAML and MELO: it predicts
 the targets of their query sequences without adapting.
@@ -20,7 +21,6 @@ import shutil
 
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import distributed
@@ -65,43 +65,54 @@ class BasicTrainer:
         self.save_dir = self.run_dir / "state"
         self.pattern = checkpoint_pattern(args.model, args.mode, "basic")
 
+    def parameters(self):
+        return [*self.model.parameters(), *(self.encoder.parameters() if self.encoder is not None else ())]
+
     def train_epoch(self):
-        """One pass over the training users: masked MSE over all real positions."""
+        """One pass over the training users: masked MSE over all real positions. Under
+        torchrun every process loads the same batches, predicts its share of the rows, and
+        the gradients are summed over the processes."""
         self.model.train()
-        squared_errors, absolute_errors = [], []
-        for items, ratings in tqdm(self.train_loader, desc="batches", leave=False):
+        target_errors = []
+        for items, ratings in tqdm(self.train_loader, desc="batches", leave=False, disable=not distributed.is_main()):
             items, ratings = items.to(self.device), ratings.to(self.device)
             mask = (items != 0).float()
+            real_positions = mask.sum()                                    # of the whole batch
+            start, stop = distributed.share(len(items))
+            items, ratings, mask = items[start:stop], ratings[start:stop], mask[start:stop]
             predictions = self.model(items)                                # [B, L]
             losses = rating_errors(predictions, ratings, self.loss_scale) * mask
             if self.encoder is not None:
                 losses = losses * self.encoder(ratings, mask)
-            loss = losses.sum() / mask.sum()
+            loss = losses.sum() / real_positions
             self.optimizer.zero_grad(set_to_none=True)
             if self.encoder is not None:
                 self.encoder_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_gradients(self.parameters())
             self.optimizer.step()
             if self.encoder is not None:
                 self.encoder_optimizer.step()
-            errors = (predictions[:, -1].detach() - ratings[:, -1] / MAX_RATING) * MAX_RATING
-            squared_errors.append(errors ** 2)
-            absolute_errors.append(errors.abs())
+            target_errors.append(((predictions[:, -1].detach() - ratings[:, -1] / MAX_RATING) * MAX_RATING).cpu())
         if self.encoder is not None:
             self.encoder_scheduler.step()
-        mse = torch.cat(squared_errors).mean().item()
-        return {"mse": mse, "rmse": math.sqrt(mse), "mae": torch.cat(absolute_errors).mean().item()}
+        errors = distributed.gather(torch.cat(target_errors))
+        mse = (errors ** 2).mean().item()
+        return {"mse": mse, "rmse": math.sqrt(mse), "mae": errors.abs().mean().item()}
 
     def evaluate(self, tasks):
-        """Predict the targets of the tasks' query sequences (no adaptation) and score them."""
+        """Predict the targets of the tasks' query sequences (no adaptation) and score them;
+        under torchrun each process predicts its share of the users."""
         self.model.eval()
         num_tasks, num_queries, length = tasks.query_items.shape
-        sequences = tasks.query_items.reshape(-1, length)
+        first, last = distributed.share(num_tasks)
+        sequences = tasks.query_items[first:last].reshape(-1, length)
         with torch.no_grad():
-            predictions = torch.cat([
+            predictions = torch.cat([sequences[:0, 0].float(), *(
                 self.model(sequences[start:start + PREDICTION_CHUNK].to(self.device))[:, -1].cpu()
-                for start in range(0, len(sequences), PREDICTION_CHUNK)])
-        return evaluation.evaluate(predictions.reshape(num_tasks, num_queries) * MAX_RATING,
+                for start in range(0, len(sequences), PREDICTION_CHUNK))])
+        predictions = distributed.gather(predictions.reshape(last - first, num_queries))
+        return evaluation.evaluate(predictions * MAX_RATING,
                                    tasks.target_ratings, tasks.query_row_mask,
                                    rating_values=self.data.rating_values, users=tasks.users)
 
@@ -109,17 +120,22 @@ class BasicTrainer:
         args = self.args
         make_dirs(self.save_dir)
         refuse_earlier_run(self.save_dir, [self.pattern], args, "Basic")
-        for path in (pretrained_embedding_path(args), pretrained_model_path(args)):
-            path.unlink(missing_ok=True)  # an earlier run's, which this run replaces (or, if it fails, none)
-        if args.save_pretrained:
-            make_dirs(pretrained_embedding_path(args).parent, pretrained_model_path(args).parent)
         events = self.run_dir / "runs" / f"{args.model}_{args.mode}_basic"
-        shutil.rmtree(events, ignore_errors=True)  # an earlier run's curves: this run replaces them
-        writer = SummaryWriter(str(events))
+        if distributed.is_main():
+            for path in (pretrained_embedding_path(args), pretrained_model_path(args)):
+                path.unlink(missing_ok=True)  # an earlier run's, which this run replaces (or, if it fails, none)
+            if args.save_pretrained:
+                make_dirs(pretrained_embedding_path(args).parent, pretrained_model_path(args).parent)
+            shutil.rmtree(events, ignore_errors=True)  # an earlier run's curves: this run replaces them
+        writer = distributed.summary_writer(str(events))
+        for module in (self.model, self.encoder):
+            if module is not None:
+                distributed.broadcast_parameters(module)
+        distributed.own_dropout_stream()
         valid_tasks = self.sampler.fixed_tasks("valid")
         best_rmse, best_epoch = math.inf, 0
         print(f"Starting Basic model training ({args.model}, {args.pretrain_epochs} epochs)")
-        for epoch in tqdm(range(1, args.pretrain_epochs + 1), desc="epochs"):
+        for epoch in tqdm(range(1, args.pretrain_epochs + 1), desc="epochs", disable=not distributed.is_main()):
             train_metrics = self.train_epoch()
             tqdm.write(evaluation.format_metrics(f"Epoch {epoch}: ", train_metrics))
             valid_metrics = self.evaluate(valid_tasks)
@@ -146,6 +162,8 @@ class BasicTrainer:
     def save(self, epoch, valid_rmse):
         """The best epoch's checkpoint in state/ (always: every run can be tested) and,
         with --save_pretrained=True, the embedding and whole model for main.py."""
+        if not distributed.is_main():
+            return
         identity = run_identity(self.args)
         state = {"model": self.model.state_dict(), "epoch": epoch, "valid_rmse": valid_rmse,
                  "args": vars(self.args), "identity": identity}
@@ -166,6 +184,8 @@ class BasicTrainer:
         if not evaluation.is_finite(metrics):
             raise UserError(f"the test RMSE of the checkpoint of epoch {step} is {metrics['rmse']}: "
                             "its parameters do not give finite predictions; no result is written")
+        if not distributed.is_main():
+            return metrics
         path = self.save_dir / test_results_name(self.pattern.format(step=step))
         evaluation.report_test(metrics, f"Basic test (epoch {step})", path, vars(self.args),
                                method="basic", checkpoint_step=step, identity=run_identity(self.args))
@@ -174,9 +194,6 @@ class BasicTrainer:
 
 def main(argv=None):
     args, device, data = setup(argv, output_dir=lambda args: args.pretrain_log_dir)
-    if distributed.world_size() > 1:
-        raise UserError("train_original.py runs as one process: start it without torchrun "
-                        "(Basic trains in minutes; main.py is the one to spread over processes)")
     trainer = BasicTrainer(args, data, device)
     if args.test:
         step = step_to_test(args, trainer.save_dir, trainer.pattern, "train_original.py (or give --pretrain_log_dir)")

@@ -1,6 +1,7 @@
-"""main.py under several processes (torch.distributed, gloo, loopback): the outer step and the
-test metrics equal one process's, the ranks stay in step, a checkpoint of 2 processes resumes
-in 1, and a rank that dies stops the others with a clear message."""
+"""main.py and train_original.py under several processes (torch.distributed, gloo, loopback):
+the outer step, a Basic epoch and the test metrics equal one process's, the ranks stay in
+step and draw their own dropout masks, a checkpoint of 2 processes resumes in 1, and a rank
+that dies stops the others with a clear message."""
 import os
 import signal
 import socket
@@ -15,8 +16,10 @@ import torch.multiprocessing as mp
 
 import distributed
 import main
+import train_original
 from config import DataConfig
 from dataloader import load_data
+from experiment import checkpoint_pattern, checkpoint_steps
 from fixtures import run_dir, write_ratings
 from options import parse_args
 
@@ -25,6 +28,7 @@ TINY = ["--mode=ml-1m", "--min_item=1", "--num_test_data=10", "--val_size=5", "-
         "--num_samples=4", "--num_query_set=2", "--bert_hidden_units=8", "--bert_num_blocks=1",
         "--bert_num_heads=2", "--lstm_hidden=8", "--lstm_input_size=4", "--bert_dropout=0", "--inner_lr=0.1"]
 METHODS = {"maml": ["--use_adaptive_loss=False"], "melo": []}
+BASIC = {"basic": [], "learned loss": ["--use_learned_loss_baseline=True"]}
 
 
 def free_port():
@@ -64,12 +68,42 @@ def outer_steps(ratings_file, log_dir):
     return results
 
 
+def basic_epochs(ratings_file, log_dir):
+    """For Basic and its learned-loss variant, in float64: the parameters and train metrics
+    after one epoch in batches of 16 users (uneven shares), and the test metrics."""
+    results = {}
+    for name, flags in BASIC.items():
+        args = parse_args([f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={log_dir}",
+                           "--pretraining_batch_size=16", *flags])
+        torch.manual_seed(0)
+        trainer = train_original.BasicTrainer(args, load_data(DataConfig.from_args(args)), torch.device("cpu"))
+        trainer.model.double()
+        if trainer.encoder is not None:
+            trainer.encoder.double()
+        initial = torch.cat([p.detach().flatten() for p in trainer.parameters()])
+        metrics = trainer.train_epoch()
+        results[name] = {"train": metrics, "initial": initial, "test": trainer.evaluate(trainer.sampler.fixed_tasks("test")),
+                         "parameters": torch.cat([p.detach().flatten() for p in trainer.parameters()])}
+    return results
+
+
+def dropout_masks():
+    """After own_dropout_stream, the mask of a dropout layer, and the generator state that
+    rank 0 must keep."""
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    distributed.own_dropout_stream()
+    kept = torch.equal(torch.get_rng_state(), state)
+    return {"dropout mask": torch.nn.functional.dropout(torch.ones(64), 0.5) > 0, "state kept": kept}
+
+
 def rank_main(rank, world_size, port, ratings_file, log_dir, out):
     os.environ.update(rank_environment(rank, world_size, port))
     torch.set_num_threads(1)
     distributed.start(torch.device("cpu"))
     try:
-        torch.save(outer_steps(ratings_file, log_dir), Path(out) / f"rank{rank}.pt")
+        torch.save({**outer_steps(ratings_file, log_dir), **basic_epochs(ratings_file, log_dir), **dropout_masks()},
+                   Path(out) / f"rank{rank}.pt")
     finally:
         distributed.stop()
 
@@ -88,7 +122,8 @@ def two_ranks(ratings_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(ratings_file, tmp_path_factory):
-    return outer_steps(ratings_file, tmp_path_factory.mktemp("one") / "log")
+    log_dir = tmp_path_factory.mktemp("one") / "log"
+    return {**outer_steps(ratings_file, log_dir), **basic_epochs(ratings_file, log_dir)}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -117,6 +152,24 @@ def test_the_ranks_stay_in_step_and_test_as_one_process(two_ranks, one_process, 
         assert metrics["mae"] == pytest.approx(expected["mae"], rel=1e-9)
 
 
+@pytest.mark.parametrize("variant", BASIC)
+def test_two_ranks_train_a_basic_epoch_as_one_process(two_ranks, one_process, variant):
+    expected = one_process[variant]
+    for rank in two_ranks:
+        got = rank[variant]
+        torch.testing.assert_close(got["parameters"], expected["parameters"], rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(got["parameters"], got["initial"], rtol=1e-3, atol=1e-3)  # the epoch trained
+        for split in ("train", "test"):
+            for metric in ("rmse", "mae"):
+                assert got[split][metric] == pytest.approx(expected[split][metric], rel=1e-9), (split, metric)
+        assert got["test"]["per_user"]["user"] == expected["test"]["per_user"]["user"]
+
+
+def test_each_rank_draws_its_own_dropout_masks(two_ranks):
+    assert two_ranks[0]["state kept"] and not two_ranks[1]["state kept"]
+    assert not torch.equal(two_ranks[0]["dropout mask"], two_ranks[1]["dropout mask"])
+
+
 def start_ranks(command, world_size, **popen):
     port = free_port()
     return [subprocess.Popen(command, env={**os.environ, **rank_environment(rank, world_size, port)},
@@ -134,6 +187,19 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(ratings_file, tmp_path):
     resumed = main.main([*flags[:-1], "--num_train_iterations=4", "--checkpoint_step=2"])
     assert resumed.iteration == 4
     assert (run_dir(tmp_path) / "state" / "bert4rec_4_ml-1m_melo.pt").is_file()
+
+
+def test_basic_trains_in_two_processes_and_tests_in_one(ratings_file, tmp_path):
+    flags = [f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path}", "--pretrain_epochs=2",
+             "--save_pretrained=True"]
+    ranks = start_ranks([sys.executable, str(ROOT / "train_original.py"), *flags], 2)
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert "Epoch 2:" in outputs[0][0] and outputs[1][0] == ""   # rank 0 alone prints
+    assert len(list(run_dir(tmp_path).glob("embedding/bert4rec_embedding_*"))) == 1
+    step = checkpoint_steps(run_dir(tmp_path) / "state", checkpoint_pattern("bert4rec", "ml-1m", "basic"))[-1]
+    metrics = train_original.main([*flags, "--test", f"--checkpoint_step={step}"])
+    assert metrics["num_users"] == 10
 
 
 def test_a_rank_that_dies_stops_the_others_with_a_message(ratings_file, tmp_path):

@@ -369,14 +369,15 @@ def test_jobs_run_at_once_with_their_share_of_the_cores_and_meta_runs_after_basi
     assert sum(kind == "end" for kind, *_ in events[:first_meta]) == len(SEEDS) * 2      # every Basic finished first
 
 
-def test_meta_runs_go_to_torchrun_with_nproc_per_node(study):
+def test_runs_go_to_torchrun_with_nproc_per_node(study):
     argv = [*study.argv[:-len(RUN_FLAGS) - 1], "--nproc_per_node=2"]
     runs = reproduce.plan_runs(reproduce.parse_command_line(argv), study.dir / "runs")
     for run in runs:
         typed = [reproduce.as_typed(command) for command in (run.train_command, run.test_command) if command]
-        if run.method in ("mean_rating", "basic"):
-            assert all(command.startswith("python ") for command in typed)
+        if run.method == "mean_rating":
+            assert all(command.startswith("python main.py ") for command in typed)
         else:
-            assert all(command.startswith("torchrun --standalone --nproc_per_node=2 main.py --mode=ml-1m")
+            script = "train_original.py" if run.method == "basic" else "main.py"
+            assert all(command.startswith(f"torchrun --standalone --nproc_per_node=2 {script} --mode=ml-1m")
                        for command in typed)
             assert reproduce.script_flags(run.test_command)[-1] == "--test"
