@@ -53,6 +53,15 @@ def reference_args(reference, flags):
     return args
 
 
+def train_reference_basic(reference, seed, epochs):
+    """The reference's Basic with --save_pretrained=True (its embedding and model written under
+    its --pretrain_log_dir), torch seeded; call it inside ``clock_reseeds_seeded``."""
+    torch.manual_seed(seed)
+    basic = reference.train_original.Basic(reference_args(reference, ["--save_pretrained=True"]))
+    basic.train(epochs=epochs)
+    return basic
+
+
 def test_per_user(maml):
     """Run the reference's test and keep each test task's target MSE and MAE by user."""
     errors = {}
@@ -103,9 +112,7 @@ def main(argv=None):
                  f"--num_train_iterations={options.num_train_iterations}", *options.flags]
         reference = import_reference(options.reference, flags)
         with clock_reseeds_seeded(options.seed):
-            torch.manual_seed(options.seed)
-            basic = reference.train_original.Basic(reference_args(reference, ["--save_pretrained=True"]))
-            basic.train(epochs=options.pretrain_epochs)
+            train_reference_basic(reference, options.seed, options.pretrain_epochs)
             for method, adaptive in (("maml", False), ("melo", True)):
                 torch.manual_seed(options.seed)
                 np.random.seed(options.seed)

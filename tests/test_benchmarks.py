@@ -140,3 +140,26 @@ def test_reference_study_seeds_the_references_clock_reseeds():
     np.testing.assert_array_equal(explicit, np.random.rand(3))
     np.random.seed()
     assert not np.array_equal(np.random.rand(3), drawn), "outside the block the clock is back"
+
+
+@pytest.mark.parametrize("model_name", ["bert4rec", "gru4rec"])
+def test_the_references_basic_embedding_is_renamed_into_ours(model_name):
+    """Its embedding state (module-relative names, one vocabulary row more) becomes our
+    model's embedding state: every tensor, in our shapes, the same rows."""
+    import torch
+    from models import model_factory
+    tool = benchmark_module("reference_embedding")
+    args = parse_args([f"--model={model_name}"])
+    ours = model_factory(ModelConfig.from_args(args, num_items=10)).embedding.state_dict()
+    width = ours["items.weight"].shape[1]
+    items = torch.arange(12 * width, dtype=torch.float).reshape(12, width)
+    reference = {"embedding.weights": items}
+    if model_name == "bert4rec":
+        reference["position.weights"] = torch.ones(args.max_seq_len, width)
+    renamed = tool.in_our_layout(reference, model_name, ours)
+    assert renamed.keys() == ours.keys()
+    assert torch.equal(renamed["items.weight"], items[:11])                # padding row 0 and items 1..10
+    if model_name == "bert4rec":
+        assert torch.equal(renamed["positions.weight"], torch.ones(args.max_seq_len, width))
+        with pytest.raises(KeyError, match="no reference tensor maps to"):
+            tool.in_our_layout({"embedding.weights": items}, model_name, ours)
