@@ -17,7 +17,6 @@ more) and saved with the identity of a run with the same data flags, in the run 
 that main.py computes for ``--pretrain_log_dir``. The data flags given here (and only
 these) must be given to main.py too.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from dataloader import load_data  # noqa: E402
 from experiment import make_dirs, pretrained_embedding_path, run_identity  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import parse_args  # noqa: E402
-from reference_parity import NAMES, SHARED_ML100K, fit, import_reference, our_name, reference_workdir  # noqa: E402
-from reference_study import clock_reseeds_seeded, train_reference_basic  # noqa: E402
+from reference_parity import NAMES, fit, import_reference, our_name, reference_workdir  # noqa: E402
+from reference_study import clock_reseeds_seeded, reference_run_parser, train_reference_basic  # noqa: E402
 
 # where each reference model keeps the embedding that its Basic saves
 EMBEDDING_MODULE = {"bert4rec": "bert.bert_embedding.", "sasrec": "bert.bert_embedding."}
@@ -54,14 +53,7 @@ def in_our_layout(reference_state, model_name, ours):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference", required=True, help="folder of the reference code (YangYongJin/MELO)")
-    parser.add_argument("--data_path", default=str(SHARED_ML100K), help="a ratings.dat (ml-1m layout)")
-    parser.add_argument("--model", default="bert4rec")
-    parser.add_argument("--seed", type=int, default=222, help="--random_seed, and the seed of torch and numpy")
-    parser.add_argument("--num_test_data", type=int, default=150)
-    parser.add_argument("--val_size", type=int, default=100)
-    parser.add_argument("--pretrain_epochs", type=int, default=20)
+    parser = reference_run_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain_log_dir", required=True, help="main.py's --pretrain_log_dir")
     options = parser.parse_args(argv)
     data_flags = [f"--data_path={Path(options.data_path).resolve()}", "--mode=ml-1m", f"--model={options.model}",

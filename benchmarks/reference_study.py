@@ -85,8 +85,9 @@ def test_per_user(maml):
                          "absolute_error": absolute}}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def reference_run_parser(description):
+    """The flags of a seeded reference run on a rating file (here and reference_embedding.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--reference", required=True, help="folder of the reference code (YangYongJin/MELO)")
     parser.add_argument("--data_path", default=str(SHARED_ML100K), help="a ratings.dat (ml-1m layout)")
     parser.add_argument("--model", default="bert4rec")
@@ -94,6 +95,11 @@ def main(argv=None):
     parser.add_argument("--num_test_data", type=int, default=150)
     parser.add_argument("--val_size", type=int, default=100)
     parser.add_argument("--pretrain_epochs", type=int, default=20)
+    return parser
+
+
+def main(argv=None):
+    parser = reference_run_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--num_train_iterations", type=int, default=300)
     parser.add_argument("--out", required=True, help="folder for the JSON results")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
