@@ -315,11 +315,13 @@ def execute(run, number, total):
             train(run)
         announce(run, " testing")
         invoke(run.test_command, run, "test")
-        metrics = read_test_results(run)["metrics"]
+        tested = read_test_results(run)
     except UserError:
         print(" FAILED" if run.threads is None else f"{tag}: FAILED", flush=True)
         raise
+    metrics = tested["metrics"]
     record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
+              "checkpoint_step": tested.get("checkpoint_step"),   # Basic's epoch, MAML's / MELO's iteration
               "commands": [as_typed(command) for command in (run.train_command, run.test_command)
                            if command is not None],
               "log": str(run.log_path)}

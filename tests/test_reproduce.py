@@ -87,7 +87,12 @@ def test_every_run_is_recorded_with_the_metrics_its_test_wrote(study):
         assert json.loads((folder / f"{record['method']}.json").read_text()) == record
         written = list((folder / record["method"]).rglob("*_test.json"))
         assert len(written) == 1
-        assert json.loads(written[0].read_text())["metrics"] == record["metrics"]
+        tested = json.loads(written[0].read_text())
+        assert tested["metrics"] == record["metrics"]
+        assert record["checkpoint_step"] == tested.get("checkpoint_step")
+        assert (record["checkpoint_step"] is None) == (record["method"] == "mean_rating")
+        if record["checkpoint_step"] is not None:
+            assert f"_{record['checkpoint_step']}_" in written[0].name   # the checkpoint tested
         assert set(record["metrics"]["per_rating"]) == {"1", "2", "3", "4", "5"}
         assert (folder / f"{record['method']}.log").is_file()
 
