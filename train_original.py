@@ -108,7 +108,7 @@ class BasicTrainer:
         first, last = distributed.share(num_tasks)
         sequences = tasks.query_items[first:last].reshape(-1, length)
         with torch.no_grad():
-            predictions = torch.cat([sequences[:0, 0].float(), *(
+            predictions = torch.cat([sequences[:0, 0].float(), *(  # [0] first: a process may have no user
                 self.model(sequences[start:start + PREDICTION_CHUNK].to(self.device))[:, -1].cpu()
                 for start in range(0, len(sequences), PREDICTION_CHUNK))])
         predictions = distributed.gather(predictions.reshape(last - first, num_queries))

@@ -43,10 +43,11 @@ def in_our_layout(reference_state, model_name, ours):
     prefix = EMBEDDING_MODULE.get(model_name, "embedding.")
     state = {}
     for name, tensor in reference_state.items():
-        target = our_name(prefix + name, NAMES[model_name])
-        if not target.startswith("embedding.") or target[len("embedding."):] not in ours:
+        target = our_name(prefix + name, NAMES[model_name])   # e.g. embedding.items.weight
+        key = target.removeprefix("embedding.")
+        if key == target or key not in ours:
             raise KeyError(f"the reference's embedding tensor {name} maps to {target}, which our embedding lacks")
-        state[target[len("embedding."):]] = fit(target, tensor, ours[target[len("embedding."):]]).clone()
+        state[key] = fit(target, tensor, ours[key]).clone()
     if state.keys() != ours.keys():
         raise KeyError(f"no reference tensor maps to {sorted(set(ours) - set(state))}")
     return state
