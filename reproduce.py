@@ -305,7 +305,7 @@ def execute(run, number, total):
     tag = f"[{number}/{total}] {run.label}"
     if run.record_path.is_file():
         record = json.loads(run.record_path.read_text())
-        print(f"{tag}: done before: {metrics_summary(record['metrics'])}", flush=True)
+        announce(run, f"{tag}: done before: {metrics_summary(record['metrics'])}\n")
         return record
     run.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -317,7 +317,7 @@ def execute(run, number, total):
         invoke(run.test_command, run, "test")
         tested = read_test_results(run)
     except UserError:
-        print(" FAILED" if run.threads is None else f"{tag}: FAILED", flush=True)
+        announce(run, " FAILED\n" if run.threads is None else f"{tag}: FAILED\n")
         raise
     metrics = tested["metrics"]
     record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
@@ -327,7 +327,7 @@ def execute(run, number, total):
               "log": str(run.log_path)}
     write_json(run.record_path, record)
     summary = f"{metrics_summary(metrics)} ({format_duration(time.monotonic() - started)})"
-    print(f": {summary}" if run.threads is None else f"{tag}: {summary}", flush=True)
+    announce(run, f": {summary}\n" if run.threads is None else f"{tag}: {summary}\n")
     return record
 
 
@@ -346,7 +346,8 @@ def train(run):
 
 def announce(run, text):
     """A step of a run on the run's own line; with --jobs, where runs share the screen,
-    only its start and end."""
+    only its start and end, each line in one write (print() writes its end separately,
+    and the runs' threads would interleave the two)."""
     if run.threads is None or text.endswith("\n"):
         print(text, end="", flush=True)
 

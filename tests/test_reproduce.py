@@ -374,6 +374,18 @@ def test_jobs_run_at_once_with_their_share_of_the_cores_and_meta_runs_after_basi
     assert sum(kind == "end" for kind, *_ in events[:first_meta]) == len(SEEDS) * 2      # every Basic finished first
 
 
+def test_with_jobs_each_line_of_a_run_is_written_at_once(tmp_path, monkeypatch):
+    # Threads share the screen: a line written in two parts (print's text, then its end)
+    # lets another run's line land in the middle of it.
+    writes = []
+    monkeypatch.setattr(reproduce.sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
+    run = reproduce.Run(223, "gru4rec", "basic", tmp_path, None, ["python", "train_original.py"],
+                        "test.json", threads=1)
+    (tmp_path / "basic.json").write_text(json.dumps({"metrics": {"rmse": 1.0, "mae": 0.8}}))
+    reproduce.execute(run, 2, 9)
+    assert [text for text in writes if text] == ["[2/9] seed 223 gru4rec Basic: done before: RMSE 1.0000 | MAE 0.8000\n"]
+
+
 def test_runs_go_to_torchrun_with_nproc_per_node(study):
     argv = [*study.argv[:-len(RUN_FLAGS) - 1], "--nproc_per_node=2"]
     runs = reproduce.plan_runs(reproduce.parse_command_line(argv), study.dir / "runs")
