@@ -17,8 +17,9 @@ whose ``Data/ml-1m`` holds a link to the rating file, so the reference downloads
    and both run in float64 with dropout off on the same task batch: the predictions for
    the same item sequences, the LSTM weights, the support loss, the query loss after each
    inner step and the meta-gradient of one outer step (every step's query loss, second
-   order), and every parameter after one whole training iteration (the MAML++ step
-   weights, gradient clipping, the Adam steps and schedulers). Each is reported as the
+   order), and how every parameter moves over ``--iterations`` whole training iterations,
+   each on tasks of its own (the MAML++ step weights, gradient clipping, the Adam steps and
+   moments, the schedulers, run ``--iterations`` long). Each is reported as the
    relative error ||ours - reference|| / ||reference||; the script exits 1 when one
    exceeds ``--tolerance``. ``--flags`` adds settings to both (e.g. the ablations).
 3. **Initialisation.** Each codebase's own initialisation (5 seeds): the standard deviation
@@ -334,25 +335,33 @@ def our_parameters(learner):
     return torch.cat([p.detach().flatten() for p in learner.parameters() if p.requires_grad])
 
 
-def compare_training_iteration(reference, flags, model_name, data, num_tasks):
-    """How every meta-parameter moves in one whole training iteration of each codebase."""
-    maml = reference_learner(reference, flags)
-    args = parse_args([*flags, *OUR_FLAGS])
+def compare_training(reference, flags, model_name, data, num_tasks, iterations):
+    """How every meta-parameter moves in ``iterations`` whole training iterations of each
+    codebase, each on its own ``num_tasks`` test tasks: after each iteration, the relative
+    error of the change from the start. Run with schedules of ``iterations`` steps and the
+    multi-step loss ending half-way, so the cosine rates reach their ends and both kinds of
+    outer loss are taken."""
+    schedule = [f"--num_train_iterations={iterations}", f"--multi_step_loss_num_epochs={max(1, iterations // 2)}"]
+    maml = reference_learner(reference, [*flags, *schedule])
+    args = parse_args([*flags, *schedule, *OUR_FLAGS])
     trainer = MetaTrainer(args, data, torch.device("cpu"))
     our_learner(args, maml, model_name, data.num_items, trainer.learner)
-    batch = TaskSampler(data, TaskConfig.from_args(args)).fixed_tasks("test")[:num_tasks]
-    batch.support_ratings, batch.query_ratings = batch.support_ratings.double(), batch.query_ratings.double()
-    tasks = [reference_task(maml, batch, t) for t in range(num_tasks)]
+    tasks = TaskSampler(data, TaskConfig.from_args(args)).fixed_tasks("test")
+    tasks.support_ratings, tasks.query_ratings = tasks.support_ratings.double(), tasks.query_ratings.double()
     initial = our_parameters(trainer.learner).clone()
-    maml._train_step += 1  # what its train() does before each outer loop
-    quietly(maml._outer_loop, tasks, train=True)
-    trainer.train_step(batch)
-    theirs = in_our_layout(maml, trainer.learner, model_name, args.num_inner_steps,
-                           value=lambda p: p.detach(), fill=lambda p: p.detach())
-    return relative_error(our_parameters(trainer.learner) - initial, theirs - initial)
+    errors = []
+    for iteration in range(iterations):
+        batch = tasks[iteration * num_tasks:(iteration + 1) * num_tasks]
+        maml._train_step += 1  # what its train() does before each outer loop
+        quietly(maml._outer_loop, [reference_task(maml, batch, t) for t in range(len(batch))], train=True)
+        trainer.train_step(batch)
+        theirs = in_our_layout(maml, trainer.learner, model_name, args.num_inner_steps,
+                               value=lambda p: p.detach(), fill=lambda p: p.detach())
+        errors.append(relative_error(our_parameters(trainer.learner) - initial, theirs - initial))
+    return errors
 
 
-def compare_learners(reference, model_name, method, data_flags, num_tasks, extra_flags=()):
+def compare_learners(reference, model_name, method, data_flags, num_tasks, iterations, extra_flags=()):
     flags = [f"--model={model_name}", *data_flags, *SHARED_FLAGS, *METHODS[method], *extra_flags]
     maml = reference_learner(reference, flags)
     args = parse_args([*flags, *OUR_FLAGS])
@@ -392,7 +401,9 @@ def compare_learners(reference, model_name, method, data_flags, num_tasks, extra
                               for p in learner.parameters() if p.requires_grad])
     theirs = in_our_layout(maml, learner, model_name, J, value=gradient_of, fill=torch.zeros_like)
     errors["meta-gradient"] = relative_error(our_gradient, theirs)
-    errors["update"] = compare_training_iteration(reference, flags, model_name, data, num_tasks)
+    updates = compare_training(reference, flags, model_name, data, num_tasks, iterations)
+    errors["update"] = updates[0]
+    errors[f"{iterations} iterations"] = max(updates)
     return errors
 
 
@@ -451,6 +462,9 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--num_tasks", type=int, default=4, help="tasks in the compared outer step")
+    parser.add_argument("--iterations", type=int, default=10,
+                        help="whole training iterations compared, each on its own tasks (the largest "
+                        "error over them is reported)")
     parser.add_argument("--seeds", type=int, default=5, help="initialisations for the statistics")
     parser.add_argument("--tolerance", type=float, default=1e-6)
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
@@ -459,6 +473,8 @@ def main(argv=None):
     data_path = Path(options.data_path).resolve()
     if not data_path.is_file():
         sys.exit(f"error: --data_path={data_path} is not a file")
+    if options.iterations < 1:
+        sys.exit(f"error: --iterations={options.iterations}: give at least 1")
     torch.set_default_dtype(torch.float64)
 
     with reference_workdir(data_path) as data_flag:
@@ -474,7 +490,7 @@ def main(argv=None):
         for model_name in options.models:
             for method in options.methods:
                 errors = compare_learners(reference, model_name, method, data_flags, options.num_tasks,
-                                          options.flags)
+                                          options.iterations, options.flags)
                 worst = max(worst, *errors.values())
                 print(f"   {model_name:8s} {method:8s} " + " | ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
