@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))  # before benchmarks/: its distributed.py is not the project's
+sys.path.insert(0, str(ROOT))
 from atomic_files import atomic_save  # noqa: E402
 from config import DataConfig, ModelConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402

@@ -1,7 +1,7 @@
 """Seconds per outer meta-training iteration and tasks per second, in 1 and in 2 processes
 (torch.distributed, gloo on the CPU; one thread each), at task batches of 16 and 64.
 
-    python benchmarks/distributed.py [--model bert4rec] [--method melo] [--batch_sizes 16 64]
+    python benchmarks/processes_speed.py [--model bert4rec] [--method melo] [--batch_sizes 16 64]
 
 Each process adapts its share of every batch (distributed.py); the iterations are timed on
 rank 0 after one warm-up iteration.  Data: ``--data_path``, by default
