@@ -326,7 +326,8 @@ class MetaTrainer:
                         "--outer_lr / --inner_lr / --lstm_lr")
 
     def test(self, step):
-        metrics = self.evaluate(self.sampler.fixed_tasks("test"))
+        test_tasks = self.sampler.fixed_tasks("test")
+        metrics = self.evaluate(test_tasks)
         if not evaluation.is_finite(metrics):
             raise UserError(f"the test RMSE of the checkpoint of iteration {step} is {metrics['rmse']}: "
                             "its parameters do not give finite predictions; no result is written")
@@ -334,8 +335,11 @@ class MetaTrainer:
             return metrics
         pattern = self.best_pattern if self.args.test_best else self.every_pattern
         path = self.save_dir / test_results_name(pattern.format(step=step))
+        # what the LSTM encoder makes of each rating: its mean loss weight on the test support sets
+        weights = self.learner.mean_weight_per_rating(test_tasks.to(self.device)) or None
         evaluation.report_test(metrics, f"{self.method.upper()} test (step {step})", path, vars(self.args),
-                               method=self.method, checkpoint_step=step, identity=run_identity(self.args))
+                               method=self.method, checkpoint_step=step, identity=run_identity(self.args),
+                               encoder_weight_per_rating=weights)
         return metrics
 
 

@@ -322,6 +322,7 @@ def execute(run, number, total):
     metrics = tested["metrics"]
     record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
               "checkpoint_step": tested.get("checkpoint_step"),   # Basic's epoch, MAML's / MELO's iteration
+              "encoder_weight_per_rating": tested.get("encoder_weight_per_rating"),   # MELO's LSTM encoder
               "commands": [as_typed(command) for command in (run.train_command, run.test_command)
                            if command is not None],
               "log": str(run.log_path)}

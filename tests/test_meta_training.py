@@ -322,6 +322,16 @@ def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
     result = json.loads((run_dir(tmp_path / "log") / "state" / "bert4rec_2_best_ml-1m_melo_test.json").read_text())
     assert result["metrics"]["rmse"] == pytest.approx(melo["rmse"])
     assert result["config"]["num_test_data"] == 8
+    # the tested encoder's mean loss weight per rating of the test support sets
+    weights = result["encoder_weight_per_rating"]
+    assert set(weights) == {"1", "2", "3", "4", "5"} and all(w > 0 for w in weights.values())
+    args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}"])
+    tested = main.MetaTrainer(args, data, device)
+    tested.load(2, best=True, resume=False)
+    tested.learner.eval()
+    assert weights == pytest.approx(tested.learner.mean_weight_per_rating(tested.sampler.fixed_tasks("test")))
+    untrained = main.MetaTrainer(args, data, device).learner.eval()
+    assert weights != pytest.approx(untrained.mean_weight_per_rating(tested.sampler.fixed_tasks("test")))
 
     again = run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
     assert again["rmse"] == melo["rmse"]  # fixed test tasks: the same number every time

@@ -91,6 +91,8 @@ def test_every_run_is_recorded_with_the_metrics_its_test_wrote(study):
         assert tested["metrics"] == record["metrics"]
         assert record["checkpoint_step"] == tested.get("checkpoint_step")
         assert (record["checkpoint_step"] is None) == (record["method"] == "mean_rating")
+        assert record["encoder_weight_per_rating"] == tested.get("encoder_weight_per_rating")
+        assert (record["encoder_weight_per_rating"] is None) == (not record["method"].startswith("melo"))
         if record["checkpoint_step"] is not None:
             assert f"_{record['checkpoint_step']}_" in written[0].name   # the checkpoint tested
         assert set(record["metrics"]["per_rating"]) == {"1", "2", "3", "4", "5"}
