@@ -50,21 +50,25 @@ MOVIELENS_CSV = Layout("movielens-csv", "userId", "movieId", "rating", "timestam
 AMAZON_CSV = Layout("amazon-csv", "reviewerID", "product_id", "rating", "date")
 YELP_CSV = Layout("yelp-csv", "user_id", "business_id", "stars", "timestamp")
 AMAZON_RATINGS_CSV = Layout("amazon-ratings-csv", 0, 1, 2, 3, header=False)
+# RecBole's atomic files: tab-separated, each header field ``name:type``
+RECBOLE_INTER = Layout("recbole-inter", "user_id:token", "item_id:token", "rating:float", "timestamp:float",
+                       sep="\t")
 JSON_LAYOUTS = (  # first match wins
     Layout("amazon-json", "reviewerID", "asin", "overall", "unixReviewTime", json_lines=True),
     Layout("amazon-2023-jsonl", "user_id", "parent_asin", "rating", "timestamp", json_lines=True),
     Layout("amazon-2023-jsonl", "user_id", "asin", "rating", "timestamp", json_lines=True),
     Layout("yelp-review-json", "user_id", "business_id", "stars", "date", json_lines=True),
 )
-HEADER_CSV_LAYOUTS = (AMAZON_CSV, YELP_CSV, MOVIELENS_CSV)
+HEADER_CSV_LAYOUTS = (AMAZON_CSV, YELP_CSV, MOVIELENS_CSV, RECBOLE_INTER)
 MODE_LAYOUTS = {"ml-1m": MOVIELENS_DAT, "ml-10m": MOVIELENS_DAT, "amazon": AMAZON_CSV,
                 "yelp": YELP_CSV}
 MODES = tuple(MODE_LAYOUTS)  # the --mode readers
 RAW_FORMATS_HELP = ("Amazon review JSON lines (reviewerID, asin, overall, unixReviewTime), "
                     "Amazon 2023 JSONL (user_id, parent_asin or asin, rating, timestamp), "
                     "Yelp review.json (user_id, business_id, stars, date), a MovieLens CSV "
-                    "(userId,movieId,rating,timestamp) or a ratings-only CSV without header "
-                    "(user,item,rating,timestamp)")
+                    "(userId,movieId,rating,timestamp), a RecBole atomic .inter file (tab-separated "
+                    "user_id:token, item_id:token, rating:float, timestamp:float) or a ratings-only "
+                    "CSV without header (user,item,rating,timestamp)")
 
 
 @contextlib.contextmanager
@@ -126,7 +130,8 @@ def detect_layout(path: Path, mode: str) -> Layout:
         return _detect_json_layout(path, line)
     if "::" in line:
         return MOVIELENS_DAT
-    header = [name.strip() for name in next(csv.reader([line]))]
+    fields = line.split("\t") if "\t" in line else next(csv.reader([line]))
+    header = [name.strip() for name in fields]
     for layout in HEADER_CSV_LAYOUTS:
         if set(layout.source_fields) <= set(header):
             return layout

@@ -36,11 +36,13 @@ FORMAT_MODES = {
     "amazon-2023-jsonl": "amazon",
     "amazon-ratings-csv": "amazon",
     "yelp-review-json": "yelp",
+    "recbole-inter": "amazon",
 }
 FORMATS = tuple(FORMAT_MODES)
 FILE_NAMES = {"ml-1m": "ratings.dat", "ml-10m": "ratings.dat", "yelp-zip": "yelp.zip",
               "amazon-json": "reviews.json", "amazon-json-gz": "reviews.json.gz",
-              "amazon-2023-jsonl": "reviews.jsonl", "yelp-review-json": "review.json"}
+              "amazon-2023-jsonl": "reviews.jsonl", "yelp-review-json": "review.json",
+              "recbole-inter": "ratings.inter"}
 
 STAR_PROBABILITIES = [0.06, 0.11, 0.27, 0.34, 0.22]            # 1..5, MovieLens-like skew
 HALF_STAR_PROBABILITIES = [0.014, 0.028, 0.018, 0.075, 0.055,   # 0.5..5, ml-latest-like
@@ -116,6 +118,11 @@ def _csv_text(frame: pd.DataFrame, fmt: str) -> str:
                               "rating": frame.rating.map("{:.1f}".format),
                               "timestamp": frame.timestamp})
         return table.to_csv(index=False, header=False)
+    if fmt == "recbole-inter":   # an extra field, and the rating after the timestamp
+        table = pd.DataFrame({"user_id:token": frame.user, "item_id:token": frame.item,
+                              "timestamp:float": frame.timestamp, "label:float": 1.0,
+                              "rating:float": frame.rating.map("{:.1f}".format)})
+        return table.to_csv(index=False, sep="\t")
     raise ValueError(f"not a CSV format: {fmt}")
 
 
@@ -153,7 +160,7 @@ def write_ratings(path, fmt: str, frame: pd.DataFrame | None = None, **frame_opt
     elif fmt == "yelp-zip":
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("yelp_ratings.csv", _csv_text(frame, fmt))
-    elif fmt in ("ml-latest-csv", "amazon", "yelp", "amazon-ratings-csv"):
+    elif fmt in ("ml-latest-csv", "amazon", "yelp", "amazon-ratings-csv", "recbole-inter"):
         path.write_text(_csv_text(frame, fmt))
     elif fmt in FORMAT_MODES:
         text = "".join(json.dumps(record) + "\n" for record in _json_records(frame, fmt))

@@ -23,7 +23,7 @@ from options import parse_args
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HALF_STAR_FORMATS = ("ml-10m", "ml-latest-csv")
-STRING_ID_FORMATS = tuple(f for f in FORMATS if f.startswith(("amazon", "yelp")))
+STRING_ID_FORMATS = tuple(f for f in FORMATS if f.startswith(("amazon", "yelp", "recbole")))
 
 
 def make_args(data_path, mode="ml-1m", *flags):
@@ -586,6 +586,7 @@ REAL_FILES = [  # path, mode, flags, (users, items, ratings) from SOURCES.md
     ("amazon-magazine/magazine_ratings.csv", "amazon", ["--min_item=5"], (401, 734, 2_712)),
     ("amazon-videogames-p4r/amazon_videogames_p4r_ratings.csv", "amazon", ["--min_item=5"],
      (769, 2_599, 28_634)),
+    ("amazon-videogames-p4r/Amazon_Video_Games.inter", "amazon", ["--min_item=5"], (769, 2_599, 28_634)),
     ("ml-latest-small/ratings.csv", "ml-10m", [], (595, 450, 41_330)),
 ]
 
