@@ -1,4 +1,6 @@
 """Tests of dataloader.py: readers, download, filtering, split, tasks, pretraining data."""
+import gzip
+import hashlib
 import io
 import json
 import os
@@ -607,6 +609,17 @@ def test_real_files(relative_path, mode, flags, expected, capsys):
     assert len(test) == 50 and test.query_row_mask.sum() == 150
     if "ml-latest" in relative_path:
         assert 0.5 in data.rating_values and 4.5 in data.rating_values
+
+
+def test_bundled_latest_small_is_the_grouplens_file():
+    """The quick start's file: GroupLens' ratings.csv (100,836 rows), gzipped, read as it is."""
+    path = Path(__file__).resolve().parents[1] / "Data" / "ml-latest-small" / "ratings.csv.gz"
+    with gzip.open(path, "rb") as stream:
+        assert hashlib.sha256(stream.read()).hexdigest() == \
+            "aa289ca83157595d0df6aea1be6a4ded676ddc4385472e8313a8ed9805352646"
+    data = load_data(DataConfig.from_args(parse_args(["--data_path", str(path), "--mode=ml-10m",
+                                                      "--num_test_data=50", "--val_size=30"])))
+    assert (data.stats["num_users"], data.stats["num_items"], data.stats["num_ratings"]) == (595, 450, 41_330)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not here")
