@@ -54,8 +54,12 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(
         description="MELO: meta-learning with adaptive weighted loss for imbalanced "
-        "cold-start sequential recommendation")
+        "cold-start sequential recommendation",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
+
+    def add_bool(name, default, help):
+        add(name, type=str2bool, default=default, metavar="True|False", help=help)
 
     # logging and data
     add("--log_dir", type=str, default="./log", help="where meta-training logs and checkpoints go")
@@ -64,33 +68,34 @@ def build_parser():
         help=f"dataset reader: one of {', '.join(MODES)}")
     add("--test", action="store_true", help="test a checkpoint instead of training")
     add("--test_best", action="store_false",
-        help="give this flag to test the checkpoint of every validation rather than the best one")
+        help="give it to test the checkpoint of every validation instead of the best one "
+        "(the reference's inverted flag: giving it sets test_best to False)")
     add("--test_baseline", action="store_true", help="test the mean-rating baseline")
     add("--checkpoint_step", type=int, default=-1,
         help="checkpoint to load: test it with --test, resume training from it otherwise")
     add("--log_interval", type=int, default=50, help="validate and checkpoint every N iterations")
     add("--num_test_data", type=int, default=1000, help="number of test users")
     add("--min_sequence", type=int, default=5, help="drop users with fewer ratings")
-    add("--use_random_sequence_length", type=str2bool, default=False,
-        help="train on windows of random length instead of max_seq_len")
+    add_bool("--use_random_sequence_length", False,
+             "train on windows of random length instead of max_seq_len")
     add("--min_item", type=int, default=50, help="drop items with fewer ratings")
-    add("--drop_duplicates", type=str2bool, default=False,
-        help="(new) drop rows that repeat an earlier row exactly (user, item, rating, date); "
+    add_bool("--drop_duplicates", False,
+             "(new) drop rows that repeat an earlier row exactly (user, item, rating, date); "
              "False keeps them, as the reference does (their number is printed)")
-    add("--stable_date_sort", type=str2bool, default=False,
-        help="(new) keep ratings of the same date in file order; False sorts them as the "
+    add_bool("--stable_date_sort", False,
+             "(new) keep ratings of the same date in file order; False sorts them as the "
              "reference does (numpy's quicksort, whose order of ties depends on the CPU)")
     add("--random_seed", type=int, default=222, help="seed of the data split and the test tasks")
-    add("--overwrite", type=str2bool, default=False,
-        help="(new) start a run again whose checkpoints are already there, deleting them; "
+    add_bool("--overwrite", False,
+             "(new) start a run again whose checkpoints are already there, deleting them; "
              "without it such a run stops and says how to resume or test it")
     add("--download_url", type=str, default=None,
-        help="(new) URL of the MovieLens zip, for a mirror; GroupLens by default")
+        help="(new) URL of the MovieLens zip, for a mirror; GroupLens when not given")
 
     # training
     add("--num_inner_steps", type=int, default=3, help="inner-loop adaptation steps")
-    add("--use_learnable_params", type=str2bool, default=True,
-        help="learn the per-layer, per-step inner learning rates (MAML++ LSLR)")
+    add_bool("--use_learnable_params", True,
+             "learn the per-layer, per-step inner learning rates (MAML++ LSLR)")
     add("--inner_lr", type=float, default=1e-3, help="initial inner learning rate")
     add("--outer_lr", type=float, default=1e-3, help="meta learning rate of the recommender")
     add("--min_outer_lr", type=float, default=1e-4, help="end of the outer cosine schedule")
@@ -100,45 +105,42 @@ def build_parser():
     add("--learn_lr", type=float, default=1e-3, help="learning rate of the inner learning rates")
     add("--loss_weight_decay", type=float, default=0, help="weight decay of the loss network")
     add("--num_train_iterations", type=int, default=2000, help="outer iterations")
-    add("--first_order", type=str2bool, default=False,
-        help="(new) first-order meta-gradients: faster, not the paper's method")
+    add_bool("--first_order", False, "(new) first-order meta-gradients: faster, not the paper's method")
     add("--tasks_per_pass", type=int, default=None,
-        help="(new) adapt at most N tasks of a batch at once (default: all of them); the "
+        help="(new) adapt at most N tasks of a batch at once (None: all of them); the "
         "passes' gradients add up to the batch's, so this trades speed for memory only")
     add("--recompute_inner_steps", type=int, default=None,
         help="(new) keep the graphs of the first N inner steps out of memory and build them "
              "again in the outer backward: the same meta-gradient in less memory, for a "
-             "forward and backward pass more per step (default: 1 on the CPU, 0 on a GPU)")
+             "forward and backward pass more per step (None: 1 on the CPU, 0 on a GPU)")
     add("--support_chunks", type=int, default=None,
         help="(new) run the model on the support sequences in N groups of similar length, "
              "each without its all-padding columns: exact for bert4rec and ncf, whose "
-             "predictions ignore padding; less work on padding, more calls (default: 3 for "
+             "predictions ignore padding; less work on padding, more calls (None: 3 for "
              "those two when a task batch is vmapped on the CPU, else 1)")
-    add("--use_vmap", type=str2bool, default=True,
-        help="(new) adapt a task batch at once with torch.func.vmap; False loops over tasks")
-    add("--device", type=str, default=None,
-        help="(new) torch device; cuda when available, else cpu")
+    add_bool("--use_vmap", True, "(new) adapt a task batch at once with torch.func.vmap; False loops over tasks")
+    add("--device", type=str, default=None, help="(new) torch device (None: cuda when available, else cpu)")
 
     # task-state encoder
-    add("--lstm_hidden", type=int, default=32)
-    add("--lstm_num_layers", type=int, default=1)
-    add("--lstm_input_size", type=int, default=16)
-    add("--loss_num_layers", type=int, default=1)
+    add("--lstm_hidden", type=int, default=32, help="hidden size of the LSTM encoder")
+    add("--lstm_num_layers", type=int, default=1, help="layers of the LSTM encoder")
+    add("--lstm_input_size", type=int, default=16, help="size of the LSTM encoder's rating embedding")
+    add("--loss_num_layers", type=int, default=1, help="hidden layers of the loss network and the MLP encoder")
 
     # recommender
     add("--model", type=str, default="bert4rec", help=f"one of {', '.join(MODELS)}")
-    add("--max_seq_len", type=int, default=30)
-    add("--bert_num_blocks", type=int, default=2)
-    add("--bert_num_heads", type=int, default=4)
-    add("--bert_hidden_units", type=int, default=32)
+    add("--max_seq_len", type=int, default=30, help="longest task window, in interactions")
+    add("--bert_num_blocks", type=int, default=2, help="transformer blocks of bert4rec and sasrec")
+    add("--bert_num_heads", type=int, default=4, help="attention heads of bert4rec and sasrec")
+    add("--bert_hidden_units", type=int, default=32, help="width of bert4rec, sasrec and ncf")
     add("--bert_dropout", type=float, default=0.1, help="dropout of every model (the reference's name)")
-    add("--model_init_seed", type=int, default=5)
-    add("--narm_hidden_size", type=int, default=32)
-    add("--narm_n_layers", type=int, default=1)
-    add("--narm_embedding_dim", type=int, default=32)
-    add("--gru4rec_hidden_size", type=int, default=32)
-    add("--gru4rec_n_layers", type=int, default=2)
-    add("--gru4rec_embedding_dim", type=int, default=32)
+    add("--model_init_seed", type=int, default=5, help="seed of the models' initial parameters")
+    add("--narm_hidden_size", type=int, default=32, help="GRU hidden size of narm")
+    add("--narm_n_layers", type=int, default=1, help="GRU layers of narm")
+    add("--narm_embedding_dim", type=int, default=32, help="item embedding size of narm")
+    add("--gru4rec_hidden_size", type=int, default=32, help="GRU hidden size of gru4rec")
+    add("--gru4rec_n_layers", type=int, default=2, help="GRU layers of gru4rec")
+    add("--gru4rec_embedding_dim", type=int, default=32, help="item embedding size of gru4rec")
 
     # tasks
     add("--num_users", type=int, default=0, help="no effect, as in the reference: the data's count is used")
@@ -149,41 +151,38 @@ def build_parser():
     add("--num_query_set", type=int, default=3, help="query sequences per task")
     add("--default_rating", type=int, default=0, help="rating value of padded positions")
     add("--min_sub_window_size", type=int, default=2, help="shortest support sequence")
-    add("--use_label", type=str2bool, default=True,
-        help="no effect, as in the reference (its two branches compute the same statistics)")
+    add_bool("--use_label", True, "no effect, as in the reference (its two branches compute the same statistics)")
 
     # loss
     add("--multi_step_loss_num_epochs", type=int, default=1000,
         help="iterations that use the MAML++ multi-step loss")
-    add("--use_multi_step", type=str2bool, default=True)
-    add("--use_adaptive_loss", type=str2bool, default=True, help="MELO (True) or MAML (False)")
-    add("--use_mlp", type=str2bool, default=False, help="MLP task-state encoder")
-    add("--use_lstm", type=str2bool, default=True, help="LSTM task-state encoder")
-    add("--use_step_loss", type=str2bool, default=True, help="one loss network per inner step")
-    add("--use_focal_loss", type=str2bool, default=False, help="inner loss |y - y_hat|^3")
-    add("--use_mlp_mean", type=str2bool, default=False,
-        help="aggregate position losses with the loss network")
-    add("--use_softmax", type=str2bool, default=False, help="softmax loss weights")
-    add("--normalize_weights", type=str2bool, default=False,
-        help="(new) scale each task's loss weights to mean 1, so that the encoder can shift "
-        "the loss between interactions but not scale the inner step; False is the reference")
-    add("--normalize_loss", type=str2bool, default=True, help="ratings / 5 in the loss")
-    add("--task_info_loss", type=str2bool, default=True)
-    add("--task_info_rating_mean", type=str2bool, default=True)
-    add("--task_info_rating_std", type=str2bool, default=True)
-    add("--task_info_labels", type=str2bool, default=True)
-    add("--task_info_predictions", type=str2bool, default=True)
+    add_bool("--use_multi_step", True, "query every inner step (MAML++ multi-step loss); False: the last only")
+    add_bool("--use_adaptive_loss", True, "MELO (True) or MAML (False)")
+    add_bool("--use_mlp", False, "MLP task-state encoder")
+    add_bool("--use_lstm", True, "LSTM task-state encoder")
+    add_bool("--use_step_loss", True, "one loss network per inner step")
+    add_bool("--use_focal_loss", False, "inner loss |y - y_hat|^3")
+    add_bool("--use_mlp_mean", False, "aggregate position losses with the loss network")
+    add_bool("--use_softmax", False, "softmax loss weights")
+    add_bool("--normalize_weights", False,
+             "(new) scale each task's loss weights to mean 1, so that the encoder can shift "
+             "the loss between interactions but not scale the inner step; False is the reference")
+    add_bool("--normalize_loss", True, "ratings / 5 in the loss; False: losses in stars")
+    add_bool("--task_info_loss", True, "MLP encoder input: each position's loss")
+    add_bool("--task_info_rating_mean", True, "MLP encoder input: the task's mean rating")
+    add_bool("--task_info_rating_std", True, "MLP encoder input: the task's rating std")
+    add_bool("--task_info_labels", True, "MLP encoder input: each position's rating")
+    add_bool("--task_info_predictions", True, "MLP encoder input: each position's prediction")
 
     # pretraining (train_original.py)
-    add("--pretraining_batch_size", type=int, default=128)
-    add("--pretrain_epochs", type=int, default=100)
-    add("--pretraining_lr", type=float, default=1e-3)
-    add("--load_pretrained_embedding", type=str2bool, default=False)
-    add("--load_pretrained", type=str2bool, default=False)
-    add("--save_pretrained", type=str2bool, default=False)
-    add("--use_learned_loss_baseline", type=str2bool, default=False,
-        help="weight Basic's loss with the LSTM encoder")
-    add("--pretrain_log_dir", type=str, default="./log_pretrained")
+    add("--pretraining_batch_size", type=int, default=128, help="Basic: users per batch")
+    add("--pretrain_epochs", type=int, default=100, help="Basic: training epochs")
+    add("--pretraining_lr", type=float, default=1e-3, help="Basic: learning rate")
+    add_bool("--load_pretrained_embedding", False, "MAML/MELO start from Basic's saved embedding")
+    add_bool("--load_pretrained", False, "MAML/MELO start from Basic's whole saved model")
+    add_bool("--save_pretrained", False, "Basic saves its best epoch's embedding and model for MAML/MELO")
+    add_bool("--use_learned_loss_baseline", False, "weight Basic's loss with the LSTM encoder")
+    add("--pretrain_log_dir", type=str, default="./log_pretrained", help="where Basic's runs go")
     return parser
 
 

@@ -1,8 +1,14 @@
 """One command from a rating file to the paper's results table.
 
+    python reproduce.py                                   # the quick study, on the bundled data
+    python reproduce.py @studies/ml-100k-bert4rec.txt     # a study file: its flags, one or more a line
     python reproduce.py --mode=ml-1m --data_path=./Data/ml-1m/ratings.dat \\
         --models gru4rec narm sasrec bert4rec --seeds 222 223 \\
         --pretrain_epochs=20 --num_train_iterations=600 -- --first_order=True
+
+With neither a study file nor --data_path it runs the quick study, studies/quick.txt: Basic,
+MAML and MELO on the bundled MovieLens latest-small in a few minutes on two CPU cores. Flags
+after a study file override it.
 
 For each seed (the --random_seed of every run: the data split and the test users): the
 mean-rating baseline (main.py --test_baseline), then for each model Basic
@@ -13,13 +19,14 @@ a subprocess; its output goes to results/<name>/runs/<seed>/<model>/<method>.log
 checkpoints to the folder beside it. Flags after `--` go to every run.
 
 Written under results/<name>/: results.json (every run: seed, model, method, metrics,
-commands), table.md (the paper's layout), dataset.md (the data statistics) and
-per_rating.png (RMSE per true rating). A finished run leaves <method>.json beside its log
+commands; the study file), table.md (the paper's layout), dataset.md (the data statistics)
+and per_rating.png (RMSE per true rating). A finished run leaves <method>.json beside its log
 and is not run again, so an interrupted study goes on where it stopped: an interrupted
 MAML/MELO training resumes from its last checkpoint, an interrupted Basic training starts
 over.
 """
 import argparse
+import codecs
 import json
 import os
 import shlex
@@ -47,6 +54,7 @@ from experiment import (UserError, checkpoint_pattern, checkpoint_steps, mean_ra
                         run_cli, run_folder, test_results_name)
 
 PROJECT_DIR = Path(__file__).resolve().parent
+QUICK_STUDY = "studies/quick.txt"   # what runs with neither a study file nor --data_path
 PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
 METHODS = ("basic", "maml", "melo")           # the paper's table
 NORMALIZED_MELO = "melo_normalized"             # MELO with --normalize_weights=True
@@ -72,6 +80,14 @@ FLAG_HELP = {"min_item": "drop items with fewer ratings",
              "num_train_iterations": "MAML's and MELO's outer iterations",
              "log_interval": "MAML/MELO validate and checkpoint every N iterations"}
 LOG_TAIL_LINES = 20
+# What a run costs on two CPU cores at the default task sizes (docs/performance.md; the
+# quick study's runs), for the estimate printed at the start: seconds per MAML/MELO outer
+# iteration, per validation or test user, per Basic epoch and training user, and per run
+# (start-up, data, test).
+SECONDS_PER_ITERATION = {"gru4rec": 0.8, "narm": 0.5, "sasrec": 1.6, "bert4rec": 1.0, "ncf": 0.4}
+SECONDS_PER_EVALUATED_USER = 0.006
+SECONDS_PER_BASIC_USER_EPOCH = 0.0006
+SECONDS_PER_RUN = 6
 
 
 # --------------------------------------------------------------------------------------
@@ -80,29 +96,32 @@ LOG_TAIL_LINES = 20
 def build_parser():
     run_defaults = options.build_parser()
     parser = argparse.ArgumentParser(
-        usage="%(prog)s [options] [-- flags for every run]",
+        usage="%(prog)s [@STUDY] [options] [-- flags for every run]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run Basic, MAML and MELO for each model and seed, and the mean-rating "
         "baseline, then write the results table, the data statistics and a per-rating "
-        "figure under RESULTS_DIR/NAME/. Finished runs are reused.",
+        "figure under RESULTS_DIR/NAME/. Finished runs are reused. @STUDY reads flags from a "
+        f"file (studies/*.txt; later flags override it); with neither a study file nor "
+        f"--data_path, {QUICK_STUDY} runs: the quick study on the bundled MovieLens latest-small.",
         epilog="Flags after `--` are passed to every run, e.g. `-- --first_order=True "
         "--device=cuda` (see `python main.py --help`). table.md also gives MELO − MAML and "
-        "MELO − Basic in test RMSE with a 95 %% paired-bootstrap interval over the test users "
+        "MELO − Basic in test RMSE with a 95 % paired-bootstrap interval over the test users "
         "(per seed and pooled): an interval that excludes 0 is a difference that the choice of "
         "test users does not explain.")
     add = parser.add_argument
     add("--mode", default=run_defaults.get_default("mode"), choices=options.MODES,
-        help="dataset reader (default: %(default)s)")
-    add("--data_path", default=run_defaults.get_default("data_path"),
-        help="rating file (default: %(default)s)")
+        help="dataset reader")
+    add("--data_path", default=None,
+        help=f"rating file; None: the quick study's when no @STUDY is given, else "
+        f"{run_defaults.get_default('data_path')}")
     for flag in DATA_FLAGS + BUDGET_FLAGS:
         add(f"--{flag}", type=int, default=run_defaults.get_default(flag),
-            help=f"{FLAG_HELP[flag]} (default: %(default)s)")
+            help=FLAG_HELP[flag])
     add("--models", nargs="+", choices=options.MODELS, default=list(PAPER_MODELS), metavar="MODEL",
-        help=f"recommenders, one table row each: {', '.join(options.MODELS)} "
-        f"(default: {' '.join(PAPER_MODELS)})")
+        help=f"recommenders, one table row each: {', '.join(options.MODELS)}")
     add("--seeds", nargs="+", type=int, default=[run_defaults.get_default("random_seed")],
         metavar="SEED", help="--random_seed of the runs (data split, test users); several "
-        "give mean ± std (default: %(default)s)")
+        "give mean ± std")
     add("--normalized_melo", action="store_true",
         help="also run MELO with --normalize_weights=True (each task's loss weights scaled to "
         "mean 1), as its own columns and paired differences")
@@ -111,31 +130,61 @@ def build_parser():
         "benchmarks/reference_study.py writes them: table.md sets its MELO − MAML beside ours")
     add("--jobs", type=int, default=1, metavar="N",
         help="runs at once, each with its share of the cores (OMP_NUM_THREADS); Basic and the "
-        "baselines first, then MAML and MELO (default: %(default)s)")
+        "baselines first, then MAML and MELO")
     add("--nproc_per_node", type=int, default=1, metavar="N",
         help="run Basic, MAML and MELO under torchrun with N processes each, e.g. one per GPU "
         "(default: %(default)s)")
     add("--name", default=None,
-        help="dataset name in the results folder (default: the data file's folder and --mode)")
-    add("--results_dir", default="results", help="where NAME/ goes (default: %(default)s)")
+        help="dataset name in the results folder; None: the data file's folder and --mode")
+    add("--results_dir", default="results", help="where NAME/ goes")
     return parser
 
 
 def parse_command_line(argv=None):
-    """reproduce.py's own flags; ``run_flags`` holds those after `--`, for every run."""
+    """reproduce.py's own flags, with study files read in; ``run_flags`` holds those after
+    `--`, for every run, and ``study_files`` the study files read."""
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    study = build_parser().parse_args(argv[:split])
+    own, run_flags, study_files = read_study_files(argv[:split])
+    study = build_parser().parse_args(own)
+    if not study_files and study.data_path is None:
+        own, run_flags, study_files = read_study_files([f"@{PROJECT_DIR / QUICK_STUDY}", *own])
+        study = build_parser().parse_args(own)
+        study_files = [QUICK_STUDY]
+    study.data_path = study.data_path or options.build_parser().get_default("data_path")
+    study.study_files = study_files
     study.models = list(dict.fromkeys(study.models))
     study.seeds = list(dict.fromkeys(study.seeds))
     for flag in ("jobs", "nproc_per_node"):
         if getattr(study, flag) < 1:
             raise UserError(f"--{flag}={getattr(study, flag)}: give at least 1")
-    study.run_flags = argv[split + 1:]
+    study.run_flags = [*run_flags, *argv[split + 1:]]
     study.methods = [*METHODS, *([NORMALIZED_MELO] if study.normalized_melo else [])]
     study.command = shlex.join(["python", "reproduce.py", *argv])
     study.name = study.name or default_name(study.data_path, study.mode)
     return study
+
+
+def read_study_files(argv):
+    """``argv`` with each ``@FILE`` replaced by the flags in FILE (shell words, one or more a
+    line, ``#`` comments; a `--` in it starts flags for every run); returns the flags, the
+    files' run flags and the files as given."""
+    flags, run_flags, files = [], [], []
+    for word in argv:
+        if not word.startswith("@"):
+            flags.append(word)
+            continue
+        path = Path(word[1:])
+        try:
+            words = shlex.split(path.read_text(), comments=True)
+        except OSError as error:
+            raise UserError(f"cannot read the study file {path}: {error.strerror}; the committed "
+                            f"studies are in {PROJECT_DIR / 'studies'}") from None
+        split = words.index("--") if "--" in words else len(words)
+        flags += words[:split]
+        run_flags += words[split + 1:]
+        files.append(word[1:])
+    return flags, run_flags, files
 
 
 def default_name(data_path, mode):
@@ -299,25 +348,54 @@ def plan_runs(study, runs_dir):
     return runs
 
 
+def plan_summary(study, runs, stats, runs_dir):
+    """What the study will run, and about how long that takes."""
+    source = f"{', '.join(study.study_files)}: " if study.study_files else ""
+    to_run = [run for run in runs if not run.record_path.is_file()]
+    minutes = sum(expected_seconds(run, study, stats["num_train_users"]) for run in to_run) / 60 / study.jobs
+    return (f"Study {study.name} ({source}{stats['path']}, {stats['num_users']:,} users, "
+            f"{stats['num_ratings']:,} ratings; {study.num_test_data} test users)\n"
+            f"  seeds {' '.join(map(str, study.seeds))}; models {' '.join(study.models)}; "
+            f"{', '.join(TITLES[method] for method in study.methods)}; the mean-rating baseline\n"
+            f"  Basic {study.pretrain_epochs} epochs, then MAML and MELO {study.num_train_iterations} "
+            f"outer iterations from its embedding, validated every {study.log_interval}\n"
+            f"  {len(runs)} runs ({len(runs) - len(to_run)} finished earlier); expected: about "
+            f"{max(1, round(minutes))} min on two CPU cores ({os.cpu_count()} here)\n"
+            f"  logs and checkpoints: {runs_dir}")
+
+
+def expected_seconds(run, study, num_train_users):
+    """A rough duration of one run on two CPU cores (the SECONDS_ constants)."""
+    if run.method == "mean_rating":
+        return SECONDS_PER_RUN
+    if run.method == "basic":
+        return SECONDS_PER_RUN + study.pretrain_epochs * (
+            num_train_users * SECONDS_PER_BASIC_USER_EPOCH + study.val_size * SECONDS_PER_EVALUATED_USER)
+    validations = study.num_train_iterations // study.log_interval
+    return (SECONDS_PER_RUN + study.num_train_iterations * SECONDS_PER_ITERATION[run.model]
+            + (validations * study.val_size + study.num_test_data) * SECONDS_PER_EVALUATED_USER)
+
+
 def execute(run, number, total):
     """Train (unless that is done) and test one run; return its record. A run with a
-    record from an earlier invocation is not run again. Prints one line per run."""
+    record from an earlier invocation is not run again. Prints a line when a run starts and
+    one when it ends."""
     tag = f"[{number}/{total}] {run.label}"
     if run.record_path.is_file():
         record = json.loads(run.record_path.read_text())
-        announce(run, f"{tag}: done before: {metrics_summary(record['metrics'])}\n")
+        announce(f"{tag}: done before: {metrics_summary(record['metrics'])}")
         return record
     run.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    announce(run, f"{tag}:" if run.threads is None else f"{tag}: started\n")
     try:
         if run.train_command is not None:
-            train(run)
-        announce(run, " testing")
+            train(run, tag)
+        else:
+            announce(f"{tag}: testing")
         invoke(run.test_command, run, "test")
         tested = read_test_results(run)
     except UserError:
-        announce(run, " FAILED\n" if run.threads is None else f"{tag}: FAILED\n")
+        announce(f"{tag}: FAILED")
         raise
     metrics = tested["metrics"]
     record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
@@ -327,30 +405,31 @@ def execute(run, number, total):
                            if command is not None],
               "log": str(run.log_path)}
     write_json(run.record_path, record)
-    summary = f"{metrics_summary(metrics)} ({format_duration(time.monotonic() - started)})"
-    announce(run, f": {summary}\n" if run.threads is None else f"{tag}: {summary}\n")
+    announce(f"{tag}: {metrics_summary(metrics)} ({format_duration(time.monotonic() - started)})")
     return record
 
 
-def train(run):
+def train(run, tag):
     """Train from scratch, resume a MAML/MELO run from its last checkpoint, or skip the
     training when that checkpoint is the last step's."""
     resume_step = last_checkpoint_step(run)
     if resume_step is None:
         shutil.rmtree(run.work_dir, ignore_errors=True)   # an interrupted Basic run's leftovers
-        announce(run, " training,")
+        announce(f"{tag}: training")
         invoke(run.train_command, run, "training")
     elif resume_step < run.final_step:
-        announce(run, f" training (resumed from step {resume_step}),")
+        announce(f"{tag}: training (resumed from step {resume_step})")
         invoke([*run.train_command, f"--checkpoint_step={resume_step}"], run, "training")
+    else:
+        announce(f"{tag}: testing")
 
 
-def announce(run, text):
-    """A step of a run on the run's own line; with --jobs, where runs share the screen,
-    only its start and end, each line in one write (print() writes its end separately,
-    and the runs' threads would interleave the two)."""
-    if run.threads is None or text.endswith("\n"):
-        print(text, end="", flush=True)
+def announce(line):
+    """One line of the study's progress, in one write: with --jobs the runs' threads share
+    the screen, and print() writes a line's end separately, so that another run's line
+    could land between the two."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
 
 
 def last_checkpoint_step(run):
@@ -362,19 +441,34 @@ def last_checkpoint_step(run):
 
 
 def invoke(command, run, phase):
-    """Run one script with its output appended to the run's log; a failure is a UserError
-    that shows the end of the log."""
+    """Run one script with its output appended to the run's log; run alone (no --jobs), its
+    progress bars (its standard error) are shown too. A failure is a UserError that shows
+    the end of the log."""
     with open(run.log_path, "a") as log:
         log.write(f"\n$ {shlex.join(command)}\n")
         log.flush()
-        status = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env=run_environment(run)).returncode
+        shown = run.threads is None
+        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                              stderr=subprocess.PIPE if shown else subprocess.STDOUT,
+                              env=run_environment(run)) as process:
+            if shown:
+                copy_stream(process.stderr, log, sys.stderr)
+        status = process.returncode
     if status != 0:
         how = f"exit status {status}" if status > 0 else f"killed by signal {-status}"
         raise UserError(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n"
                         f"{log_tail(run.log_path)}\n"
                         f"Finished runs are kept: fix the problem and run the same command again.")
+
+
+def copy_stream(source, *targets):
+    """Copy a child's byte stream to text files as it comes (progress bars redraw in place)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in iter(lambda: source.read1(1 << 16), b""):
+        text = decoder.decode(chunk)
+        for target in targets:
+            target.write(text)
+            target.flush()
 
 
 def run_environment(run):
@@ -674,13 +768,16 @@ def write_outputs(study, study_dir, stats, records):
                          if study.reference_results else [])
     side_by_side, reference_summary = reference_table(study, records, reference_records, paired)
     write_json(study_dir / "results.json",
-               {"dataset": study.name, "command": study.command, "data_path": study.data_path,
+               {"dataset": study.name, "command": study.command, "study": study.study_files,
+                "data_path": study.data_path,
                 "mode": study.mode, "seeds": study.seeds, "models": study.models,
                 "methods": study.methods, "run_flags": study.run_flags, "runs": records, "paired": paired,
                 "reference_runs": reference_records, "reference_paired": reference_summary})
-    (study_dir / "table.md").write_text(results_table(study, records) + paired_table(paired) + side_by_side)
+    table = results_table(study, records) + paired_table(paired) + side_by_side
+    (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
     plot_per_rating(study, records, study_dir / "per_rating.png")
+    return table
 
 
 # --------------------------------------------------------------------------------------
@@ -693,9 +790,9 @@ def main(argv=None):
     stats = load_data(DataConfig.from_args(first_seed_args)).stats
     check_same_study(runs_dir, study_flags(study))
     runs = plan_runs(study, runs_dir)
-    print(f"{len(runs)} runs; their logs and checkpoints go to {runs_dir}", flush=True)
+    print(plan_summary(study, runs, stats, runs_dir), flush=True)
     records = execute_all(runs, study.jobs)
-    write_outputs(study, study_dir, stats, records)
+    print(f"\n{write_outputs(study, study_dir, stats, records)}")
     print(f"Results: {study_dir / 'table.md'}, {study_dir / 'dataset.md'}, "
           f"{study_dir / 'per_rating.png'}, {study_dir / 'results.json'}")
     return records

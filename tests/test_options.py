@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import main
+import options
+import reproduce
 import train_original
 from experiment import UserError
 from options import FlagError, parse_args
@@ -69,6 +71,25 @@ def test_help_still_shows_the_usage(capsys):
         parse_args(["--help"])
     assert stopped.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def help_entries(parser):
+    """{option: its help text} from ``parser``'s --help (each entry up to the next option)."""
+    text = parser.format_help().split("options:\n", 1)[1]
+    entries = re.split(r"\n(?=  -)", text)
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries if entry.strip()}
+
+
+@pytest.mark.parametrize("parser", [options.build_parser(), reproduce.build_parser()], ids=["main-train_original", "reproduce"])
+def test_help_shows_every_default_and_what_a_boolean_takes(parser):
+    entries = help_entries(parser)
+    flags = [action for action in parser._actions if action.dest != "help"]
+    assert len(entries) == len(flags) + 1
+    for action in flags:
+        entry = entries[action.option_strings[0]]
+        assert "(default: " in entry, entry
+        if action.type is options.str2bool:
+            assert entry.startswith(f"{action.option_strings[0]} True|False"), entry
 
 
 @pytest.mark.parametrize("script, folder_flag", [(main, "--log_dir"), (train_original, "--pretrain_log_dir")])

@@ -5,6 +5,7 @@ calls) is run once for the module; the tests read what it wrote and invoke it ag
 failures.
 """
 import json
+import shlex
 import statistics
 import threading
 import time
@@ -292,7 +293,8 @@ def test_a_second_invocation_reuses_every_run(study, capsys):
     assert reproduce.main(study.argv) == study.records
     output = capsys.readouterr().out
     assert output.count("done before") == 10
-    assert "training" not in output and "testing" not in output
+    assert (study.dir / "table.md").read_text() in output      # the table is printed too
+    assert ": training" not in output and ": testing" not in output
     assert file_times(study.dir / "runs") == before
     assert (study.dir / "table.md").read_text() == table
 
@@ -325,7 +327,7 @@ def test_a_failed_run_stops_the_study_with_the_end_of_its_log(study, capsys):
     assert stopped.value.code != 0
     output = capsys.readouterr()
     assert output.out.count("done before") == 10
-    assert "[11/15] seed 224 mean rating: testing FAILED" in output.out
+    assert "[11/15] seed 224 mean rating: testing\n[11/15] seed 224 mean rating: FAILED\n" in output.out
     assert "seed 224 mean rating test failed (exit status 2)" in output.err
     assert str(seed_dir / "mean_rating.log") in output.err
     assert "cannot write to" in output.err          # the run's own error, from its log
@@ -343,8 +345,10 @@ def test_an_interrupted_meta_training_resumes_from_its_last_checkpoint(study, ca
                  if folder / "melo" not in path.parents and path.name != "melo.log"}
     capsys.readouterr()
     records = reproduce.main(study.argv)
-    assert "[9/10] seed 223 gru4rec MELO: training (resumed from step 1), testing: RMSE" \
-        in capsys.readouterr().out
+    output = capsys.readouterr()
+    assert "[9/10] seed 223 gru4rec MELO: training (resumed from step 1)\n[9/10] seed 223 gru4rec MELO: RMSE" \
+        in output.out
+    assert "MELO: 100%" in output.err          # run alone, its progress bar is shown
     assert "Resuming from iteration 1" in (folder / "melo.log").read_text()
     assert records[-2]["metrics"] == earlier["metrics"]      # resuming is exact
     now = file_times(study.dir / "runs")
@@ -400,3 +404,71 @@ def test_runs_go_to_torchrun_with_nproc_per_node(study):
             assert all(command.startswith(f"torchrun --standalone --nproc_per_node=2 {script} --mode=ml-1m")
                        for command in typed)
             assert reproduce.script_flags(run.test_command)[-1] == "--test"
+
+
+# --- study files and the quick study ---------------------------------------------------------
+RESULTS = reproduce.PROJECT_DIR / "results"
+NOT_FROM_REPRODUCE = {"ml-100k/bert4rec-reference-embedding"}   # benchmarks/reference_embedding.py, then main.py
+
+
+def settings(study):
+    """What a parsed study computes: every setting but how it was typed and run."""
+    return {name: value for name, value in vars(study).items()
+            if name not in ("command", "study_files", "jobs", "nproc_per_node")}
+
+
+def test_a_study_file_gives_flags_that_later_flags_override(study, tmp_path):
+    study_file = tmp_path / "tiny.txt"
+    study_file.write_text("# a comment line\n" + " ".join(study.argv[:study.argv.index("--")]).replace(" --", "\n--")
+                          + "   # a comment after flags\n-- " + " ".join(RUN_FLAGS) + "\n")
+    from_file = reproduce.parse_command_line([f"@{study_file}"])
+    assert settings(from_file) == settings(reproduce.parse_command_line(study.argv))
+    assert from_file.study_files == [str(study_file)]
+    overridden = reproduce.parse_command_line([f"@{study_file}", "--seeds", "7", "--", "--bert_dropout=0"])
+    assert overridden.seeds == [7]
+    assert overridden.run_flags == [*RUN_FLAGS, "--bert_dropout=0"]
+    with pytest.raises(UserError, match="cannot read the study file .*no_such.txt"):
+        reproduce.parse_command_line([f"@{tmp_path / 'no_such.txt'}"])
+
+
+def test_results_json_names_the_study_file(study, tmp_path):
+    study_file = tmp_path / "tiny.txt"
+    study_file.write_text(" ".join(study.argv[:study.argv.index("--")]) + " -- " + " ".join(RUN_FLAGS))
+    reproduce.main([f"@{study_file}"])              # every run done before: reused
+    assert json.loads((study.dir / "results.json").read_text())["study"] == [str(study_file)]
+
+
+def test_with_neither_a_study_file_nor_data_the_quick_study_runs():
+    quick = reproduce.parse_command_line([])
+    assert quick.study_files == [reproduce.QUICK_STUDY]
+    assert quick.name == "quick"
+    assert quick.data_path == "./Data/ml-latest-small/ratings.csv.gz"
+    assert (reproduce.PROJECT_DIR / quick.data_path).is_file()
+    assert reproduce.parse_command_line(["--models", "narm"]).models == ["narm"]
+    own_data = reproduce.parse_command_line(["--data_path=ratings.dat"])
+    assert own_data.study_files == [] and own_data.pretrain_epochs == parse_args([]).pretrain_epochs
+
+
+def test_the_quick_study_is_expected_to_take_at_most_ten_minutes(tmp_path):
+    quick = reproduce.parse_command_line(["--results_dir", str(tmp_path)])
+    runs = reproduce.plan_runs(quick, tmp_path / "runs")
+    data = load_data(DataConfig.from_args(reproduce.check_run_flags(quick)))
+    summary = reproduce.plan_summary(quick, runs, data.stats, tmp_path / "runs")
+    minutes = int(summary.split("expected: about ")[1].split()[0])
+    assert 3 <= minutes <= 10
+    assert f"{len(runs)} runs (0 finished earlier)" in summary
+
+
+@pytest.mark.parametrize("results", sorted(RESULTS.rglob("results.json")),
+                         ids=lambda path: str(path.parent.relative_to(RESULTS)))
+def test_each_committed_study_names_a_study_file_that_gives_its_command(results):
+    recorded = json.loads(results.read_text())
+    if str(results.parent.relative_to(RESULTS)) in NOT_FROM_REPRODUCE:
+        assert "command" not in recorded
+        return
+    assert recorded["study"], "results.json names no study file"
+    from_file = reproduce.parse_command_line([f"@{reproduce.PROJECT_DIR / name}" for name in recorded["study"]])
+    typed = reproduce.parse_command_line(shlex.split(recorded["command"])[2:])
+    assert settings(from_file) == settings(typed)
+    assert (from_file.name, from_file.seeds, from_file.models, from_file.methods) == \
+        (recorded["dataset"], recorded["seeds"], recorded["models"], recorded["methods"])
