@@ -4,12 +4,18 @@ seconds that testing 1,000 users takes.
     python benchmarks/meta_iteration.py                       # every model x MAML/MELO x vmap/loop
     python benchmarks/meta_iteration.py --models bert4rec --methods melo --paths vmap
     python benchmarks/meta_iteration.py --quick               # tiny sizes, a few iterations (CI)
+    python benchmarks/meta_iteration.py --reference DIR       # and the reference code's MELO beside ours
 
 Each configuration runs in a fresh subprocess, so its peak memory is its own (RSS on the
 CPU, ``torch.cuda.max_memory_allocated`` on a GPU).  Data: ``--data_path``, by default
 ``../shared/data/ml-100k`` (through the ml-1m reader).  The
 configuration is the default one (16 tasks, 25 support sequences of length 30, 3 second-
 order inner steps, multi-step loss) unless ``--flags`` adds others.
+
+With ``--reference DIR`` (a checkout of YangYongJin/MELO, imported unmodified as by
+reference_parity.py) each model's MELO also runs in the reference's own code, in the same
+configuration (its defaults, float32): the seconds of its outer loop on a task batch that
+its own dataloader drew (the drawing not timed, as ours is not), and its peak RSS.
 """
 import argparse
 import json
@@ -99,6 +105,54 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
             "threads": torch.get_num_threads(), "profile": table}
 
 
+def measure_reference(directory, model, data_path, warmup, iterations):
+    """Time the reference implementation's MELO outer loop (its own code and defaults) on task
+    batches that its dataloader draws; return a result dict like ``measure``'s."""
+    import torch
+
+    from reference_parity import import_reference, quietly, reference_workdir
+
+    with reference_workdir(data_path) as data_flag:
+        reference = import_reference(directory, [f"--model={model}", "--mode=ml-1m", data_flag,
+                                                 "--num_test_data=150", "--val_size=100"])
+        args = reference.args
+        maml = quietly(reference.main.MAML, args)
+        seconds = []
+        for i in range(warmup + iterations):
+            tasks = maml.dataloader.generate_task(mode="train", batch_size=args.batch_size,
+                                                  normalized=args.normalize_loss, use_label=args.use_label)
+            maml._train_step += 1  # what its train() does before each outer loop
+            start = time.perf_counter()
+            quietly(maml._outer_loop, tasks, train=True)
+            if i >= warmup:
+                seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return {"model": model, "method": "melo", "path": "reference", "device": "cpu", "seconds": median,
+            "tasks_per_second": args.batch_size / median,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "evaluation_seconds_per_1000_users": None, "threads": torch.get_num_threads(), "profile": None}
+
+
+def run_child(command, workdir, label):
+    """Run one measuring child process; its result dict, or None after printing its error."""
+    run = subprocess.run(command, capture_output=True, text=True, cwd=workdir,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode or not lines:
+        print(f"{label} failed:\n{run.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def print_result(r):
+    evaluation = r["evaluation_seconds_per_1000_users"]
+    print(f"{r['model']:<9} {r['method']:<5} {r['path']:<9} {r['seconds']:>8.3f} "
+          f"{r['tasks_per_second']:>8.1f} {r['peak_mib']:>9.0f} "
+          f"{'-' if evaluation is None else f'{evaluation:.1f}':>16}", flush=True)
+    if r["profile"]:
+        print(r["profile"], flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["bert4rec", "sasrec", "gru4rec", "narm"])
@@ -110,7 +164,9 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of one step")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="more main.py flags, e.g. --flags --first_order=True")
+    parser.add_argument("--reference", metavar="DIR", help="also time the reference code's MELO (a checkout of it)")
     parser.add_argument("--single", nargs=3, metavar=("MODEL", "METHOD", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--single_reference", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--data_path", default=str(SHARED_ML100K),
                         help="a ratings.dat in the ml-1m layout (default: %(default)s)")
     options = parser.parse_args()
@@ -123,42 +179,42 @@ def main():
                          options.profile)
         print("RESULT " + json.dumps(result))
         return
+    if options.single_reference:
+        result = measure_reference(options.reference, options.single_reference, options.data_path,
+                                   options.warmup, options.iterations)
+        print("RESULT " + json.dumps(result))
+        return
 
     data_path = Path(options.data_path).resolve()
     if not data_path.is_file():
         sys.exit(f"error: no rating file at {data_path}; give --data_path=RATINGS.dat (the ml-1m layout)")
     with tempfile.TemporaryDirectory() as workdir:
         print(f"data: {data_path}; flags: {' '.join(flags) or '(defaults)'}")
-        print(f"{'model':<9} {'method':<5} {'path':<5} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9} "
+        print(f"{'model':<9} {'method':<5} {'path':<9} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9} "
               f"{'test s/1k users':>16}")
         results, failures = [], 0
+        timing = [f"--data_path={data_path}", f"--warmup={options.warmup}", f"--iterations={options.iterations}"]
         for model in options.models:
             for method in options.methods:
                 for path in options.paths:
-                    command = [sys.executable, __file__, "--single", model, method, path,
-                               f"--data_path={data_path}", f"--warmup={options.warmup}",
-                               f"--iterations={options.iterations}"]
+                    command = [sys.executable, __file__, "--single", model, method, path, *timing]
                     if options.quick:
                         command.append("--quick")
                     if options.profile:
                         command.append("--profile")
                     if options.flags:
                         command += ["--flags", *options.flags]
-                    run = subprocess.run(command, capture_output=True, text=True, cwd=workdir,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-                    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-                    if run.returncode or not lines:
-                        print(f"{model:<9} {method:<5} {path:<5} failed:\n{run.stderr[-2000:]}")
-                        failures += 1
-                        continue
-                    r = json.loads(lines[-1][len("RESULT "):])
-                    results.append(r)
-                    evaluation = r["evaluation_seconds_per_1000_users"]
-                    print(f"{model:<9} {method:<5} {path:<5} {r['seconds']:>8.3f} "
-                          f"{r['tasks_per_second']:>8.1f} {r['peak_mib']:>9.0f} "
-                          f"{'-' if evaluation is None else f'{evaluation:.1f}':>16}", flush=True)
-                    if r["profile"]:
-                        print(r["profile"], flush=True)
+                    results.append(run_child(command, workdir, f"{model:<9} {method:<5} {path:<9}"))
+                    if results[-1]:
+                        print_result(results[-1])
+            if options.reference:
+                command = [sys.executable, __file__, "--single_reference", model,
+                           f"--reference={Path(options.reference).resolve()}", *timing]
+                results.append(run_child(command, workdir, f"{model:<9} melo  reference"))
+                if results[-1]:
+                    print_result(results[-1])
+        failures = results.count(None)
+        results = [r for r in results if r]
         if results:
             print(f"device: {results[-1]['device']}; torch threads: {results[-1]['threads']}")
     if failures:
