@@ -1,7 +1,8 @@
 """What each part of the project needs from the command line, as small frozen objects built
 once from the parsed flags (options.py) by the scripts: the data (``DataConfig``), the
-tasks (``TaskConfig``), the recommender (``ModelConfig``) and the method (``MethodConfig``).
-Their fields carry the names of the flags they come from, unless said otherwise."""
+tasks (``TaskConfig``), the recommender (``ModelConfig``), the method (``MethodConfig``) and
+how main.py and train_original.py train (``TrainingConfig``, ``BasicConfig``). Their fields
+carry the names of the flags they come from, unless said otherwise."""
 from dataclasses import dataclass, fields
 
 def _from_flags(cls, args, **derived):
@@ -74,7 +75,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """MAML++ with or without MELO's weighting, and how its inner loop runs.
+    """MAML++ with or without MELO's weighting, its meta-objective, and how its inner loop runs.
 
     ``weighting`` is None for MAML, else MELO's task-state encoder: "lstm" (--use_lstm,
     which takes precedence, as in the reference) or "mlp" (--use_mlp); with
@@ -99,6 +100,10 @@ class MethodConfig:
     use_focal_loss: bool
     loss_num_layers: int
     use_step_loss: bool
+    use_multi_step: bool
+    multi_step_loss_num_epochs: int
+    first_order: bool
+    use_vmap: bool
     support_chunks: int | None
     recompute_inner_steps: int | None
 
@@ -119,3 +124,47 @@ class MethodConfig:
                                                  ("loss", args.task_info_loss)) if used)
         return _from_flags(cls, args, weighting=weighting, use_loss_network=use_loss_network,
                            task_info_features=features)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """main.py's outer loop: its length, batches and validations, and the learning rates of its
+    optimisers (learning_rates.py)."""
+    num_train_iterations: int
+    batch_size: int
+    tasks_per_pass: int | None
+    log_interval: int
+    outer_lr: float
+    min_outer_lr: float
+    lstm_lr: float
+    learn_lr: float
+    task_info_lr: float
+    loss_lr: float
+    loss_weight_decay: float
+
+    @classmethod
+    def from_args(cls, args):
+        return _from_flags(cls, args)
+
+
+@dataclass(frozen=True)
+class BasicConfig:
+    """train_original.py: epochs, batches and learning rate, whether the loss is weighted by
+    an LSTM encoder (``use_learned_loss_baseline``, of the encoder's sizes and rate), and
+    whether the best epoch's embedding is saved for MAML and MELO."""
+    pretrain_epochs: int
+    pretraining_batch_size: int
+    pretraining_lr: float
+    normalize_loss: bool
+    random_seed: int
+    use_learned_loss_baseline: bool
+    lstm_input_size: int
+    lstm_hidden: int
+    lstm_num_layers: int
+    use_softmax: bool
+    lstm_lr: float
+    save_pretrained: bool
+
+    @classmethod
+    def from_args(cls, args):
+        return _from_flags(cls, args)

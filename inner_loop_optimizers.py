@@ -27,11 +27,5 @@ class LSLRGradientDescentLearningRule(nn.Module):
         """New dict {name: param - rate[name, step] * grad}; nothing is changed in place."""
         return {name: param - self.rates[_key(name)][step] * grads[name] for name, param in params.items()}
 
-    def learning_rates(self, step):  # {name: scalar tensor}
-        return {name: self.rates[_key(name)][step] for name in self.names}
-
-    def named_rates(self):  # {name: tensor[num_inner_steps]}
-        return {name: self.rates[_key(name)] for name in self.names}
-
     def rates_tensor(self):  # [num_params, num_inner_steps], rows in the order of ``names``
         return torch.stack([self.rates[_key(name)] for name in self.names])

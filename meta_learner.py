@@ -13,8 +13,9 @@ runs the model with ``functional_call`` and takes the inner gradient with
 unless first order is asked for.
 
 The method reads top to bottom in ``MetaLearner``: ``support_loss`` (with ``support_weights``),
-``inner_step``, ``query_loss`` and ``forward``, the inner loop.  How a task batch is run
-(vmap, support chunks, recomputed steps) is in inner_loop_execution.py.
+``inner_step``, ``query_loss``, ``forward`` (the inner loop) and ``meta_loss`` (the outer
+objective: MAML++'s importance-weighted query losses).  How a task batch is run (vmap,
+support chunks, recomputed steps) is in inner_loop_execution.py.
 """
 from functools import partial
 
@@ -50,6 +51,7 @@ class MetaLearner(nn.Module):
         self.model = model
         self.model_name = config.model
         self.method = config.method
+        self.config = config
         self.num_inner_steps = config.num_inner_steps
         self.support_chunks = config.support_chunks            # None: default_support_chunks
         self.recompute_steps = config.recompute_inner_steps    # None: default_recompute_steps
@@ -142,6 +144,27 @@ class MetaLearner(nn.Module):
                 losses, predictions = over_tasks(self.query_loss, params, task, False, use_vmap)
                 query_losses.append(losses)
         return torch.stack(query_losses, dim=1), predictions[..., -1] * MAX_RATING
+
+    def meta_loss(self, batch, iteration):
+        """The meta-objective of a batch at outer iteration ``iteration``: while iteration <
+        --multi_step_loss_num_epochs (and --use_multi_step), the MAML++ importance-weighted
+        sum of every step's query loss, else the last step's; averaged over the tasks. Also
+        returns the target predictions [T, Q]."""
+        config = self.config
+        num_steps = self.num_inner_steps
+        multi_step = config.use_multi_step and iteration < config.multi_step_loss_num_epochs
+        query_steps = range(num_steps) if multi_step else (num_steps - 1,)
+        query_losses, predictions = self(batch, query_steps, first_order=config.first_order,
+                                         use_vmap=config.use_vmap)                     # [T, len(query_steps)]
+        if multi_step:
+            weights = importance_vector(iteration, num_steps, config.multi_step_loss_num_epochs)
+            return (query_losses * weights.to(query_losses)).sum(dim=1).mean(), predictions
+        return query_losses[:, -1].mean(), predictions
+
+    def adapted_predictions(self, batch):
+        """The target predictions [T, Q] after adapting to each task, without an outer graph
+        (validation and testing)."""
+        return self(batch, (self.num_inner_steps - 1,), first_order=True, use_vmap=self.config.use_vmap)[1]
 
     # --- what the inner loop reads --------------------------------------------------------
     def weighting_parameters(self):

@@ -6,8 +6,9 @@ project are marked "(new)".
 """
 import argparse
 import math
+from dataclasses import dataclass
 
-from dataloader import min_window_length
+from tasks import min_window_length
 from models import MODELS, PADDING_FREE_MODELS
 from rating_files import MODES
 
@@ -24,19 +25,165 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-# the smallest value of each integer flag (None, where a flag may be left out, is not checked)
-AT_LEAST = {
-    **dict.fromkeys(("batch_size", "num_samples", "num_query_set", "num_inner_steps",
-                     "val_size", "num_test_data", "pretraining_batch_size", "log_interval",
-                     "num_train_iterations", "pretrain_epochs", "min_item", "min_sequence",
-                     "min_sub_window_size", "lstm_hidden", "lstm_num_layers", "lstm_input_size",
-                     "loss_num_layers", "bert_num_blocks", "bert_num_heads", "bert_hidden_units",
-                     "narm_hidden_size", "narm_n_layers", "narm_embedding_dim", "gru4rec_hidden_size",
-                     "gru4rec_n_layers", "gru4rec_embedding_dim", "tasks_per_pass", "support_chunks"), 1),
-    "recompute_inner_steps": 0, "multi_step_loss_num_epochs": 0, "checkpoint_step": -1,
-}
-LEARNING_RATES = ("inner_lr", "outer_lr", "loss_lr", "task_info_lr", "lstm_lr", "learn_lr", "pretraining_lr")
-NON_NEGATIVE = ("min_outer_lr", "loss_weight_decay")
+@dataclass(frozen=True)
+class Flag:
+    """One flag and what the project needs to know of it, declared once in ``FLAGS``.
+
+    ``resume``: whether a run resumed from a checkpoint may give it another value
+    ("changes": learning rates and the run's length go to the optimisers; the rest change
+    how the same computation runs, or where things go), must give the checkpoint's
+    ("fixed") or is not compared ("ignored": read by nothing). ``identity``: part of what
+    tells one run's files from another's (``experiment.run_identity``); ``shape_of``: the
+    models whose shape it sets, part of their identity. ``study``: reproduce.py's own data
+    or budget flag ("data", "budget"), or a flag it sets for each run ("per run").
+    ``at_least``: the smallest value of an integer; ``rate``: a finite number, "positive"
+    (learning rates) or "non-negative".
+    """
+    name: str
+    default: object
+    help: str
+    resume: str
+    type: object = None                 # None: the default's type; str2bool for booleans
+    action: str | None = None           # "store_true" / "store_false": a switch without a value
+    identity: bool = False
+    shape_of: tuple = ()
+    study: str | None = None
+    at_least: int | None = None
+    rate: str | None = None
+
+
+def _bool(name, default, help, resume, **properties):
+    return Flag(name, default, help, resume, type=str2bool, **properties)
+
+
+FLAGS = (
+    # logging and data
+    Flag("log_dir", "./log", "where meta-training logs and checkpoints go", "changes", study="per run"),
+    Flag("data_path", "./Data/ml-1m/ratings.dat", "rating file to read", "fixed", study="per run"),
+    Flag("mode", "ml-1m", f"dataset reader: one of {', '.join(MODES)}", "fixed", identity=True, study="per run"),
+    Flag("test", False, "test a checkpoint instead of training", "changes", action="store_true", study="per run"),
+    Flag("test_best", True, "give it to test the checkpoint of every validation instead of the best one "
+         "(the reference's inverted flag: giving it sets test_best to False)", "changes",
+         action="store_false", study="per run"),
+    Flag("test_baseline", False, "test the mean-rating baseline", "changes", action="store_true", study="per run"),
+    Flag("checkpoint_step", -1, "checkpoint to load: test it with --test, resume training from it otherwise",
+         "changes", study="per run", at_least=-1),
+    Flag("log_interval", 50, "validate and checkpoint every N iterations", "changes", study="budget", at_least=1),
+    Flag("num_test_data", 1000, "number of test users", "fixed", identity=True, study="data", at_least=1),
+    Flag("min_sequence", 5, "drop users with fewer ratings", "fixed", identity=True, study="data", at_least=1),
+    _bool("use_random_sequence_length", False, "train on windows of random length instead of max_seq_len", "fixed"),
+    Flag("min_item", 50, "drop items with fewer ratings", "fixed", identity=True, study="data", at_least=1),
+    _bool("drop_duplicates", False, "(new) drop rows that repeat an earlier row exactly (user, item, rating, "
+          "date); False keeps them, as the reference does (their number is printed)", "fixed", identity=True),
+    _bool("stable_date_sort", False, "(new) keep ratings of the same date in file order; False sorts them as "
+          "the reference does (numpy's quicksort, whose order of ties depends on the CPU)", "fixed", identity=True),
+    Flag("random_seed", 222, "seed of the data split and the test tasks", "fixed", identity=True, study="per run"),
+    _bool("overwrite", False, "(new) start a run again whose checkpoints are already there, deleting them; "
+          "without it such a run stops and says how to resume or test it", "changes"),
+    Flag("download_url", None, "(new) URL of the MovieLens zip, for a mirror; GroupLens when not given",
+         "changes", type=str),
+
+    # training
+    Flag("num_inner_steps", 3, "inner-loop adaptation steps", "fixed", at_least=1),
+    _bool("use_learnable_params", True, "learn the per-layer, per-step inner learning rates (MAML++ LSLR)", "fixed"),
+    Flag("inner_lr", 1e-3, "initial inner learning rate", "fixed", rate="positive"),
+    Flag("outer_lr", 1e-3, "meta learning rate of the recommender", "changes", rate="positive"),
+    Flag("min_outer_lr", 1e-4, "end of the outer cosine schedule", "changes", rate="non-negative"),
+    Flag("loss_lr", 1e-2, "learning rate of the loss network", "changes", rate="positive"),
+    Flag("task_info_lr", 1e-2, "learning rate of the MLP encoder", "changes", rate="positive"),
+    Flag("lstm_lr", 1e-1, "learning rate of the LSTM encoder", "changes", rate="positive"),
+    Flag("learn_lr", 1e-3, "learning rate of the inner learning rates", "changes", rate="positive"),
+    Flag("loss_weight_decay", 0, "weight decay of the loss network", "changes", type=float, rate="non-negative"),
+    Flag("num_train_iterations", 2000, "outer iterations", "changes", study="budget", at_least=1),
+    _bool("first_order", False, "(new) first-order meta-gradients: faster, not the paper's method", "fixed"),
+    Flag("tasks_per_pass", None, "(new) adapt at most N tasks of a batch at once (None: all of them); the "
+         "passes' gradients add up to the batch's, so this trades speed for memory only", "changes",
+         type=int, at_least=1),
+    Flag("recompute_inner_steps", None, "(new) keep the graphs of the first N inner steps out of memory and "
+         "build them again in the outer backward: the same meta-gradient in less memory, for a forward and "
+         "backward pass more per step (None: 1 on the CPU, 0 on a GPU)", "changes", type=int, at_least=0),
+    Flag("support_chunks", None, "(new) run the model on the support sequences in N groups of similar length, "
+         "each without its all-padding columns: exact for bert4rec and ncf, whose predictions ignore padding; "
+         "less work on padding, more calls (None: 3 for those two when a task batch is vmapped on the CPU, "
+         "else 1)", "changes", type=int, at_least=1),
+    _bool("use_vmap", True, "(new) adapt a task batch at once with torch.func.vmap; False loops over tasks",
+          "changes"),
+    Flag("device", None, "(new) torch device (None: cuda when available, else cpu)", "changes", type=str),
+
+    # task-state encoder
+    Flag("lstm_hidden", 32, "hidden size of the LSTM encoder", "fixed", at_least=1),
+    Flag("lstm_num_layers", 1, "layers of the LSTM encoder", "fixed", at_least=1),
+    Flag("lstm_input_size", 16, "size of the LSTM encoder's rating embedding", "fixed", at_least=1),
+    Flag("loss_num_layers", 1, "hidden layers of the loss network and the MLP encoder", "fixed", at_least=1),
+
+    # recommender
+    Flag("model", "bert4rec", f"one of {', '.join(MODELS)}", "fixed", study="per run"),
+    Flag("max_seq_len", 30, "longest task window, in interactions", "fixed", identity=True, study="data"),
+    Flag("bert_num_blocks", 2, "transformer blocks of bert4rec and sasrec", "fixed",
+         shape_of=("bert4rec", "sasrec"), at_least=1),
+    Flag("bert_num_heads", 4, "attention heads of bert4rec and sasrec", "fixed",
+         shape_of=("bert4rec", "sasrec"), at_least=1),
+    Flag("bert_hidden_units", 32, "width of bert4rec, sasrec and ncf", "fixed",
+         shape_of=("bert4rec", "sasrec", "ncf"), at_least=1),
+    Flag("bert_dropout", 0.1, "dropout of every model (the reference's name)", "fixed"),
+    Flag("model_init_seed", 5, "seed of the models' initial parameters", "fixed"),
+    Flag("narm_hidden_size", 32, "GRU hidden size of narm", "fixed", shape_of=("narm",), at_least=1),
+    Flag("narm_n_layers", 1, "GRU layers of narm", "fixed", shape_of=("narm",), at_least=1),
+    Flag("narm_embedding_dim", 32, "item embedding size of narm", "fixed", shape_of=("narm",), at_least=1),
+    Flag("gru4rec_hidden_size", 32, "GRU hidden size of gru4rec", "fixed", shape_of=("gru4rec",), at_least=1),
+    Flag("gru4rec_n_layers", 2, "GRU layers of gru4rec", "fixed", shape_of=("gru4rec",), at_least=1),
+    Flag("gru4rec_embedding_dim", 32, "item embedding size of gru4rec", "fixed", shape_of=("gru4rec",), at_least=1),
+
+    # tasks
+    Flag("num_users", 0, "no effect, as in the reference: the data's count is used", "ignored"),
+    Flag("num_items", 0, "no effect, as in the reference: the data's count is used", "ignored"),
+    Flag("batch_size", 16, "tasks per outer iteration", "changes", at_least=1),
+    Flag("val_size", 600, "number of validation tasks", "fixed", identity=True, study="data", at_least=1),
+    Flag("num_samples", 25, "support sequences per task", "fixed", at_least=1),
+    Flag("num_query_set", 3, "query sequences per task", "fixed", at_least=1),
+    Flag("default_rating", 0, "rating value of padded positions", "fixed"),
+    Flag("min_sub_window_size", 2, "shortest support sequence", "fixed", at_least=1),
+    _bool("use_label", True, "no effect, as in the reference (its two branches compute the same statistics)",
+          "fixed"),
+
+    # loss
+    Flag("multi_step_loss_num_epochs", 1000, "iterations that use the MAML++ multi-step loss", "fixed", at_least=0),
+    _bool("use_multi_step", True, "query every inner step (MAML++ multi-step loss); False: the last only", "fixed"),
+    _bool("use_adaptive_loss", True, "MELO (True) or MAML (False)", "fixed", study="per run"),
+    _bool("use_mlp", False, "MLP task-state encoder", "fixed"),
+    _bool("use_lstm", True, "LSTM task-state encoder", "fixed"),
+    _bool("use_step_loss", True, "one loss network per inner step", "fixed"),
+    _bool("use_focal_loss", False, "inner loss |y - y_hat|^3", "fixed"),
+    _bool("use_mlp_mean", False, "aggregate position losses with the loss network", "fixed"),
+    _bool("use_softmax", False, "softmax loss weights", "fixed"),
+    _bool("normalize_weights", False, "(new) scale each task's loss weights to mean 1, so that the encoder can "
+          "shift the loss between interactions but not scale the inner step; False is the reference", "fixed"),
+    _bool("normalize_loss", True, "ratings / 5 in the loss; False: losses in stars", "fixed"),
+    _bool("task_info_loss", True, "MLP encoder input: each position's loss", "fixed"),
+    _bool("task_info_rating_mean", True, "MLP encoder input: the task's mean rating", "fixed"),
+    _bool("task_info_rating_std", True, "MLP encoder input: the task's rating std", "fixed"),
+    _bool("task_info_labels", True, "MLP encoder input: each position's rating", "fixed"),
+    _bool("task_info_predictions", True, "MLP encoder input: each position's prediction", "fixed"),
+
+    # pretraining (train_original.py)
+    Flag("pretraining_batch_size", 128, "Basic: users per batch", "changes", at_least=1),
+    Flag("pretrain_epochs", 100, "Basic: training epochs", "changes", study="budget", at_least=1),
+    Flag("pretraining_lr", 1e-3, "Basic: learning rate", "changes", rate="positive"),
+    _bool("load_pretrained_embedding", False, "MAML/MELO start from Basic's saved embedding", "changes",
+          study="per run"),
+    _bool("load_pretrained", False, "MAML/MELO start from Basic's whole saved model", "changes", study="per run"),
+    _bool("save_pretrained", False, "Basic saves its best epoch's embedding and model for MAML/MELO", "changes",
+          study="per run"),
+    _bool("use_learned_loss_baseline", False, "weight Basic's loss with the LSTM encoder", "changes"),
+    Flag("pretrain_log_dir", "./log_pretrained", "where Basic's runs go", "changes", study="per run"),
+)
+FLAG = {flag.name: flag for flag in FLAGS}
+
+
+def flags_with(**properties):
+    """The names of the flags with these properties, in table order."""
+    return tuple(flag.name for flag in FLAGS
+                 if all(getattr(flag, key) == value for key, value in properties.items()))
 
 
 class FlagError(ValueError):
@@ -52,137 +199,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
+    """The command line of main.py and train_original.py, from ``FLAGS``."""
     parser = Parser(
         description="MELO: meta-learning with adaptive weighted loss for imbalanced "
         "cold-start sequential recommendation",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = parser.add_argument
-
-    def add_bool(name, default, help):
-        add(name, type=str2bool, default=default, metavar="True|False", help=help)
-
-    # logging and data
-    add("--log_dir", type=str, default="./log", help="where meta-training logs and checkpoints go")
-    add("--data_path", type=str, default="./Data/ml-1m/ratings.dat", help="rating file to read")
-    add("--mode", type=str, default="ml-1m",
-        help=f"dataset reader: one of {', '.join(MODES)}")
-    add("--test", action="store_true", help="test a checkpoint instead of training")
-    add("--test_best", action="store_false",
-        help="give it to test the checkpoint of every validation instead of the best one "
-        "(the reference's inverted flag: giving it sets test_best to False)")
-    add("--test_baseline", action="store_true", help="test the mean-rating baseline")
-    add("--checkpoint_step", type=int, default=-1,
-        help="checkpoint to load: test it with --test, resume training from it otherwise")
-    add("--log_interval", type=int, default=50, help="validate and checkpoint every N iterations")
-    add("--num_test_data", type=int, default=1000, help="number of test users")
-    add("--min_sequence", type=int, default=5, help="drop users with fewer ratings")
-    add_bool("--use_random_sequence_length", False,
-             "train on windows of random length instead of max_seq_len")
-    add("--min_item", type=int, default=50, help="drop items with fewer ratings")
-    add_bool("--drop_duplicates", False,
-             "(new) drop rows that repeat an earlier row exactly (user, item, rating, date); "
-             "False keeps them, as the reference does (their number is printed)")
-    add_bool("--stable_date_sort", False,
-             "(new) keep ratings of the same date in file order; False sorts them as the "
-             "reference does (numpy's quicksort, whose order of ties depends on the CPU)")
-    add("--random_seed", type=int, default=222, help="seed of the data split and the test tasks")
-    add_bool("--overwrite", False,
-             "(new) start a run again whose checkpoints are already there, deleting them; "
-             "without it such a run stops and says how to resume or test it")
-    add("--download_url", type=str, default=None,
-        help="(new) URL of the MovieLens zip, for a mirror; GroupLens when not given")
-
-    # training
-    add("--num_inner_steps", type=int, default=3, help="inner-loop adaptation steps")
-    add_bool("--use_learnable_params", True,
-             "learn the per-layer, per-step inner learning rates (MAML++ LSLR)")
-    add("--inner_lr", type=float, default=1e-3, help="initial inner learning rate")
-    add("--outer_lr", type=float, default=1e-3, help="meta learning rate of the recommender")
-    add("--min_outer_lr", type=float, default=1e-4, help="end of the outer cosine schedule")
-    add("--loss_lr", type=float, default=1e-2, help="learning rate of the loss network")
-    add("--task_info_lr", type=float, default=1e-2, help="learning rate of the MLP encoder")
-    add("--lstm_lr", type=float, default=1e-1, help="learning rate of the LSTM encoder")
-    add("--learn_lr", type=float, default=1e-3, help="learning rate of the inner learning rates")
-    add("--loss_weight_decay", type=float, default=0, help="weight decay of the loss network")
-    add("--num_train_iterations", type=int, default=2000, help="outer iterations")
-    add_bool("--first_order", False, "(new) first-order meta-gradients: faster, not the paper's method")
-    add("--tasks_per_pass", type=int, default=None,
-        help="(new) adapt at most N tasks of a batch at once (None: all of them); the "
-        "passes' gradients add up to the batch's, so this trades speed for memory only")
-    add("--recompute_inner_steps", type=int, default=None,
-        help="(new) keep the graphs of the first N inner steps out of memory and build them "
-             "again in the outer backward: the same meta-gradient in less memory, for a "
-             "forward and backward pass more per step (None: 1 on the CPU, 0 on a GPU)")
-    add("--support_chunks", type=int, default=None,
-        help="(new) run the model on the support sequences in N groups of similar length, "
-             "each without its all-padding columns: exact for bert4rec and ncf, whose "
-             "predictions ignore padding; less work on padding, more calls (None: 3 for "
-             "those two when a task batch is vmapped on the CPU, else 1)")
-    add_bool("--use_vmap", True, "(new) adapt a task batch at once with torch.func.vmap; False loops over tasks")
-    add("--device", type=str, default=None, help="(new) torch device (None: cuda when available, else cpu)")
-
-    # task-state encoder
-    add("--lstm_hidden", type=int, default=32, help="hidden size of the LSTM encoder")
-    add("--lstm_num_layers", type=int, default=1, help="layers of the LSTM encoder")
-    add("--lstm_input_size", type=int, default=16, help="size of the LSTM encoder's rating embedding")
-    add("--loss_num_layers", type=int, default=1, help="hidden layers of the loss network and the MLP encoder")
-
-    # recommender
-    add("--model", type=str, default="bert4rec", help=f"one of {', '.join(MODELS)}")
-    add("--max_seq_len", type=int, default=30, help="longest task window, in interactions")
-    add("--bert_num_blocks", type=int, default=2, help="transformer blocks of bert4rec and sasrec")
-    add("--bert_num_heads", type=int, default=4, help="attention heads of bert4rec and sasrec")
-    add("--bert_hidden_units", type=int, default=32, help="width of bert4rec, sasrec and ncf")
-    add("--bert_dropout", type=float, default=0.1, help="dropout of every model (the reference's name)")
-    add("--model_init_seed", type=int, default=5, help="seed of the models' initial parameters")
-    add("--narm_hidden_size", type=int, default=32, help="GRU hidden size of narm")
-    add("--narm_n_layers", type=int, default=1, help="GRU layers of narm")
-    add("--narm_embedding_dim", type=int, default=32, help="item embedding size of narm")
-    add("--gru4rec_hidden_size", type=int, default=32, help="GRU hidden size of gru4rec")
-    add("--gru4rec_n_layers", type=int, default=2, help="GRU layers of gru4rec")
-    add("--gru4rec_embedding_dim", type=int, default=32, help="item embedding size of gru4rec")
-
-    # tasks
-    add("--num_users", type=int, default=0, help="no effect, as in the reference: the data's count is used")
-    add("--num_items", type=int, default=0, help="no effect, as in the reference: the data's count is used")
-    add("--batch_size", type=int, default=16, help="tasks per outer iteration")
-    add("--val_size", type=int, default=600, help="number of validation tasks")
-    add("--num_samples", type=int, default=25, help="support sequences per task")
-    add("--num_query_set", type=int, default=3, help="query sequences per task")
-    add("--default_rating", type=int, default=0, help="rating value of padded positions")
-    add("--min_sub_window_size", type=int, default=2, help="shortest support sequence")
-    add_bool("--use_label", True, "no effect, as in the reference (its two branches compute the same statistics)")
-
-    # loss
-    add("--multi_step_loss_num_epochs", type=int, default=1000,
-        help="iterations that use the MAML++ multi-step loss")
-    add_bool("--use_multi_step", True, "query every inner step (MAML++ multi-step loss); False: the last only")
-    add_bool("--use_adaptive_loss", True, "MELO (True) or MAML (False)")
-    add_bool("--use_mlp", False, "MLP task-state encoder")
-    add_bool("--use_lstm", True, "LSTM task-state encoder")
-    add_bool("--use_step_loss", True, "one loss network per inner step")
-    add_bool("--use_focal_loss", False, "inner loss |y - y_hat|^3")
-    add_bool("--use_mlp_mean", False, "aggregate position losses with the loss network")
-    add_bool("--use_softmax", False, "softmax loss weights")
-    add_bool("--normalize_weights", False,
-             "(new) scale each task's loss weights to mean 1, so that the encoder can shift "
-             "the loss between interactions but not scale the inner step; False is the reference")
-    add_bool("--normalize_loss", True, "ratings / 5 in the loss; False: losses in stars")
-    add_bool("--task_info_loss", True, "MLP encoder input: each position's loss")
-    add_bool("--task_info_rating_mean", True, "MLP encoder input: the task's mean rating")
-    add_bool("--task_info_rating_std", True, "MLP encoder input: the task's rating std")
-    add_bool("--task_info_labels", True, "MLP encoder input: each position's rating")
-    add_bool("--task_info_predictions", True, "MLP encoder input: each position's prediction")
-
-    # pretraining (train_original.py)
-    add("--pretraining_batch_size", type=int, default=128, help="Basic: users per batch")
-    add("--pretrain_epochs", type=int, default=100, help="Basic: training epochs")
-    add("--pretraining_lr", type=float, default=1e-3, help="Basic: learning rate")
-    add_bool("--load_pretrained_embedding", False, "MAML/MELO start from Basic's saved embedding")
-    add_bool("--load_pretrained", False, "MAML/MELO start from Basic's whole saved model")
-    add_bool("--save_pretrained", False, "Basic saves its best epoch's embedding and model for MAML/MELO")
-    add_bool("--use_learned_loss_baseline", False, "weight Basic's loss with the LSTM encoder")
-    add("--pretrain_log_dir", type=str, default="./log_pretrained", help="where Basic's runs go")
+    for flag in FLAGS:
+        if flag.action is not None:
+            parser.add_argument(f"--{flag.name}", action=flag.action, help=flag.help)
+        else:
+            parser.add_argument(f"--{flag.name}", type=flag.type or type(flag.default), default=flag.default,
+                                metavar="True|False" if flag.type is str2bool else None, help=flag.help)
     return parser
 
 
@@ -194,16 +221,14 @@ def parse_args(argv=None):
         parser.error(f"--model={args.model} is not a model here; choose one of {', '.join(MODELS)}")
     if args.mode not in MODES:
         parser.error(f"--mode={args.mode} is not a dataset reader here; choose one of {', '.join(MODES)}")
-    for name, minimum in AT_LEAST.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            parser.error(f"--{name} must be at least {minimum}, got {value}")
-    for name in LEARNING_RATES:
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            parser.error(f"--{name} must be a positive finite number, got {getattr(args, name)}")
-    for name in NON_NEGATIVE:
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            parser.error(f"--{name} must be a finite number of at least 0, got {getattr(args, name)}")
+    for flag in FLAGS:
+        value = getattr(args, flag.name)
+        if flag.at_least is not None and value is not None and value < flag.at_least:
+            parser.error(f"--{flag.name} must be at least {flag.at_least}, got {value}")
+        if flag.rate == "positive" and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{flag.name} must be a positive finite number, got {value}")
+        if flag.rate == "non-negative" and not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{flag.name} must be a finite number of at least 0, got {value}")
     if not 0 <= args.bert_dropout < 1:
         parser.error(f"--bert_dropout is a dropout probability, in [0, 1); got {args.bert_dropout}")
     if args.max_seq_len < 3:

@@ -9,12 +9,8 @@
 Basic is tested on the same fixed test tasks as MAML and MELO: it predicts
 the targets of their query sequences without adapting.
 """
-import os
-import signal
-
-if __name__ == "__main__":  # Ctrl-C during the slow imports below: a quiet exit 130 (run_cli takes over).
-    # os._exit, not sys.exit: an exception raised inside torch's C++ import code aborts the process.
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+if __name__ == "__main__":  # Ctrl-C while the imports below load: a quiet exit 130
+    import start_quietly  # noqa: F401
 
 import math
 import shutil
@@ -25,54 +21,54 @@ from tqdm import tqdm
 
 import distributed
 import evaluation
-from atomic_files import atomic_save
-from config import ModelConfig, TaskConfig
-from dataloader import PretrainDataset, TaskSampler
-from experiment import (MIN_LSTM_LR, UserError, check_identity, checkpoint_pattern, load_checkpoint,
-                        load_matching_state, log_metrics, make_dirs, pretrained_embedding_path, pretrained_model_path,
-                        print_training_summary, refuse_earlier_run, run_cli, run_folder, run_identity, setup,
-                        step_to_test, test_results_name)
+from config import BasicConfig, ModelConfig, TaskConfig
+from experiment import UserError, log_metrics, make_dirs, run_cli, setup
+from learning_rates import encoder_rate_of_basic
 from models import model_factory
 from models.loss_weighting import TaskStateEncoder
 from rating_loss import MAX_RATING, loss_scale, rating_errors
+from run_files import RunFiles, load_matching_state
+from tasks import PretrainDataset, TaskSampler
 
 PREDICTION_CHUNK = 4096  # sequences per forward call when predicting
 
 
 class BasicTrainer:
     def __init__(self, args, data, device):
+        """``args``: the flags, to build the configs and the run's files, and kept in the checkpoints."""
         self.args = args
+        self.config = config = BasicConfig.from_args(args)
         self.data = data
         self.device = device
-        self.model = model_factory(ModelConfig.from_args(args, data.num_items)).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.pretraining_lr)
+        self.model_config = ModelConfig.from_args(args, data.num_items)
+        self.model = model_factory(self.model_config).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.pretraining_lr)
         # --use_learned_loss_baseline: weight the loss with the LSTM task-state encoder
         self.encoder = None
-        if args.use_learned_loss_baseline:
-            self.encoder = TaskStateEncoder(args.lstm_input_size, args.lstm_hidden,
-                                            args.lstm_num_layers, use_softmax=args.use_softmax).to(device)
-            self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), lr=args.lstm_lr)
-            self.encoder_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                self.encoder_optimizer, T_max=args.pretrain_epochs, eta_min=MIN_LSTM_LR)
-        self.loss_scale = loss_scale(args.normalize_loss)
+        if config.use_learned_loss_baseline:
+            self.encoder = TaskStateEncoder(config.lstm_input_size, config.lstm_hidden,
+                                            config.lstm_num_layers, use_softmax=config.use_softmax).to(device)
+            self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters())
+        self.loss_scale = loss_scale(config.normalize_loss)
         tasks = TaskConfig.from_args(args)
         self.sampler = TaskSampler(data, tasks)
-        generator = torch.Generator().manual_seed(args.random_seed)
+        generator = torch.Generator().manual_seed(config.random_seed)
         self.train_loader = DataLoader(
-            PretrainDataset(data, data.train_users, tasks, seed=args.random_seed),
-            batch_size=args.pretraining_batch_size, shuffle=True, generator=generator)
-        self.run_dir = run_folder(args, args.pretrain_log_dir)
-        self.save_dir = self.run_dir / "state"
-        self.pattern = checkpoint_pattern(args.model, args.mode, "basic")
+            PretrainDataset(data, data.train_users, tasks, seed=config.random_seed),
+            batch_size=config.pretraining_batch_size, shuffle=True, generator=generator)
+        self.files = RunFiles(args, args.pretrain_log_dir, "basic")
 
     def parameters(self):
         return [*self.model.parameters(), *(self.encoder.parameters() if self.encoder is not None else ())]
 
-    def train_epoch(self):
+    def train_epoch(self, epoch):
         """One pass over the training users: masked MSE over all real positions. Under
         torchrun every process loads the same batches, predicts its share of the rows, and
         the gradients are summed over the processes."""
         self.model.train()
+        if self.encoder is not None:
+            for group in self.encoder_optimizer.param_groups:
+                group["lr"] = encoder_rate_of_basic(self.config, epoch)
         target_errors = []
         for items, ratings in tqdm(self.train_loader, desc="batches", leave=False, disable=not distributed.is_main()):
             items, ratings = items.to(self.device), ratings.to(self.device)
@@ -94,8 +90,6 @@ class BasicTrainer:
             if self.encoder is not None:
                 self.encoder_optimizer.step()
             target_errors.append(((predictions[:, -1].detach() - ratings[:, -1] / MAX_RATING) * MAX_RATING).cpu())
-        if self.encoder is not None:
-            self.encoder_scheduler.step()
         errors = distributed.gather(torch.cat(target_errors))
         mse = (errors ** 2).mean().item()
         return {"mse": mse, "rmse": math.sqrt(mse), "mae": errors.abs().mean().item()}
@@ -117,15 +111,14 @@ class BasicTrainer:
                                    rating_values=self.data.rating_values, users=tasks.users)
 
     def train(self):
-        args = self.args
-        make_dirs(self.save_dir)
-        refuse_earlier_run(self.save_dir, [self.pattern], args, "Basic")
-        events = self.run_dir / "runs" / f"{args.model}_{args.mode}_basic"
+        config, events = self.config, self.files.events
+        self.files.make()
+        self.files.refuse_earlier_run("Basic")
         if distributed.is_main():
-            for path in (pretrained_embedding_path(args), pretrained_model_path(args)):
+            for path in self.files.pretrained:
                 path.unlink(missing_ok=True)  # an earlier run's, which this run replaces (or, if it fails, none)
-            if args.save_pretrained:
-                make_dirs(pretrained_embedding_path(args).parent, pretrained_model_path(args).parent)
+            if config.save_pretrained:
+                make_dirs(*(path.parent for path in self.files.pretrained))
             shutil.rmtree(events, ignore_errors=True)  # an earlier run's curves: this run replaces them
         writer = distributed.summary_writer(str(events))
         for module in (self.model, self.encoder):
@@ -134,9 +127,9 @@ class BasicTrainer:
         distributed.own_dropout_stream()
         valid_tasks = self.sampler.fixed_tasks("valid")
         best_rmse, best_epoch = math.inf, 0
-        print(f"Starting Basic model training ({args.model}, {args.pretrain_epochs} epochs)")
-        for epoch in tqdm(range(1, args.pretrain_epochs + 1), desc="epochs", disable=not distributed.is_main()):
-            train_metrics = self.train_epoch()
+        print(f"Starting Basic model training ({self.model_config.model}, {config.pretrain_epochs} epochs)")
+        for epoch in tqdm(range(1, config.pretrain_epochs + 1), desc="epochs", disable=not distributed.is_main()):
+            train_metrics = self.train_epoch(epoch)
             tqdm.write(evaluation.format_metrics(f"Epoch {epoch}: ", train_metrics))
             valid_metrics = self.evaluate(valid_tasks)
             tqdm.write(evaluation.format_metrics("\tValidation: ", valid_metrics, label="Val "))
@@ -151,9 +144,9 @@ class BasicTrainer:
                 self.save(epoch, valid_metrics["rmse"])
                 tqdm.write(f"........Model saved (step: {epoch} | RMSE loss: {best_rmse:.4f})")
         writer.close()
-        print_training_summary(best_epoch, best_rmse, self.save_dir)
-        if args.save_pretrained:
-            print(f"Pretrained embedding: {pretrained_embedding_path(args)}")
+        self.files.print_summary(best_epoch, best_rmse)
+        if config.save_pretrained:
+            print(f"Pretrained embedding: {self.files.pretrained[0]}")
         evaluation.warn_if_worse_than_the_mean(best_rmse, valid_tasks, self.data,
                                                "change --pretraining_lr or train longer")
         print("Done.")
@@ -164,20 +157,14 @@ class BasicTrainer:
         with --save_pretrained=True, the embedding and whole model for main.py."""
         if not distributed.is_main():
             return
-        identity = run_identity(self.args)
-        state = {"model": self.model.state_dict(), "epoch": epoch, "valid_rmse": valid_rmse,
-                 "args": vars(self.args), "identity": identity}
-        atomic_save(state, self.save_dir / self.pattern.format(step=epoch))
-        if self.args.save_pretrained:
-            atomic_save({"identity": identity, "state": self.model.embedding.state_dict()},
-                        pretrained_embedding_path(self.args))
-            atomic_save({"identity": identity, "state": self.model.state_dict()}, pretrained_model_path(self.args))
+        self.files.save({"model": self.model.state_dict(), "epoch": epoch, "valid_rmse": valid_rmse,
+                         "args": vars(self.args)}, epoch)
+        if self.config.save_pretrained:
+            self.files.save_pretrained(self.model)
 
     def load(self, step):
-        made_by = f"train_original.py with --pretrain_log_dir={self.args.pretrain_log_dir}"
-        state = load_checkpoint(self.save_dir, self.pattern, step, self.device, made_by)
-        check_identity(state.get("identity", {}), self.args, f"checkpoint of epoch {step}", made_by)
-        load_matching_state(self.model, state["model"], f"checkpoint of epoch {step}", made_by)
+        state = self.files.load(step, best=True, device=self.device)
+        load_matching_state(self.model, state["model"], f"checkpoint of epoch {step}", self.files.made_by)
 
     def test(self, step):
         metrics = self.evaluate(self.sampler.fixed_tasks("test"))
@@ -186,17 +173,14 @@ class BasicTrainer:
                             "its parameters do not give finite predictions; no result is written")
         if not distributed.is_main():
             return metrics
-        path = self.save_dir / test_results_name(self.pattern.format(step=step))
-        evaluation.report_test(metrics, f"Basic test (epoch {step})", path, vars(self.args),
-                               method="basic", checkpoint_step=step, identity=run_identity(self.args))
-        return metrics
+        return self.files.report_test(metrics, f"Basic test (epoch {step})", step)
 
 
 def main(argv=None):
     args, device, data = setup(argv, output_dir=lambda args: args.pretrain_log_dir)
     trainer = BasicTrainer(args, data, device)
     if args.test:
-        step = step_to_test(args, trainer.save_dir, trainer.pattern, "train_original.py (or give --pretrain_log_dir)")
+        step = trainer.files.step_to_test()
         trainer.load(step)
         return trainer.test(step)
     return trainer.train()

@@ -23,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import DataConfig, MethodConfig, ModelConfig, TaskConfig  # noqa: E402
-from dataloader import TaskSampler, load_data  # noqa: E402
+from dataloader import load_data  # noqa: E402
+from tasks import TaskSampler  # noqa: E402
 from meta_learner import MetaLearner  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import parse_args  # noqa: E402

@@ -46,7 +46,8 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import DataConfig, MethodConfig, ModelConfig, TaskConfig  # noqa: E402
-from dataloader import TaskSampler, load_data  # noqa: E402
+from dataloader import load_data  # noqa: E402
+from tasks import TaskSampler  # noqa: E402
 from inner_loop_optimizers import _key  # noqa: E402
 from inner_loop_execution import one_task  # noqa: E402
 from main import MetaTrainer  # noqa: E402

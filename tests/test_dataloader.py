@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import dataloader
+import tasks
 import download
 from config import DataConfig, TaskConfig
-from dataloader import DataError, PretrainDataset, TaskSampler, load_data
+from dataloader import DataError, load_data
+from tasks import PretrainDataset, TaskSampler
 from fixtures import (FORMAT_MODES, FORMATS, Payload, file_name, loopback_server,
                       make_ratings_frame, movielens_zip, write_ratings)
 from options import parse_args
@@ -234,7 +236,7 @@ def check_task(batch, t, data, args, last_window, full_window=True):
         assert all(start > target - window for start, _ in real_supports)
         assert len(real_queries) == min(args.num_query_set, window - 2)
         assert len(real_supports) == min(args.num_samples,
-                                         dataloader.count_subwindows(window - 1, args.min_sub_window_size))
+                                         tasks.count_subwindows(window - 1, args.min_sub_window_size))
     return target, real_supports
 
 
@@ -279,7 +281,7 @@ def test_counts_follow_num_samples_and_num_query_set(tmp_path):
     for t in range(len(batch)):
         n = min(len(data.item_seqs[int(batch.users[t])]), args.max_seq_len)
         assert batch.query_row_mask[t].sum() == min(3, n - 2)
-        assert batch.support_row_mask[t].sum() == min(8, (n - 2) * (n - 1) // 2)
+        assert (batch.support_items[t, :, -1] > 0).sum() == min(8, (n - 2) * (n - 1) // 2)
         check_task(batch, t, data, args, last_window=False)
 
 
@@ -306,8 +308,8 @@ def test_random_sequence_length_windows(ml_data):
 def test_subwindow_numbering_covers_each_window_once():
     for span in range(1, 12):
         for min_length in range(1, span + 1):
-            count = dataloader.count_subwindows(span, min_length)
-            offsets, lengths = dataloader.subwindow_at(np.arange(count), span)
+            count = tasks.count_subwindows(span, min_length)
+            offsets, lengths = tasks.subwindow_at(np.arange(count), span)
             windows = set(zip(offsets.tolist(), lengths.tolist()))
             assert windows == {(o, n) for n in range(min_length, span + 1)
                                for o in range(span - n + 1)}

@@ -19,7 +19,7 @@ import main
 import train_original
 from config import DataConfig
 from dataloader import load_data
-from experiment import checkpoint_pattern, checkpoint_steps
+from run_files import checkpoint_steps
 from fixtures import run_dir, write_ratings
 from options import parse_args
 
@@ -81,7 +81,7 @@ def basic_epochs(ratings_file, log_dir):
         if trainer.encoder is not None:
             trainer.encoder.double()
         initial = torch.cat([p.detach().flatten() for p in trainer.parameters()])
-        metrics = trainer.train_epoch()
+        metrics = trainer.train_epoch(epoch=1)
         results[name] = {"train": metrics, "initial": initial, "test": trainer.evaluate(trainer.sampler.fixed_tasks("test")),
                          "parameters": torch.cat([p.detach().flatten() for p in trainer.parameters()])}
     return results
@@ -197,7 +197,7 @@ def test_basic_trains_in_two_processes_and_tests_in_one(ratings_file, tmp_path):
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
     assert "Epoch 2:" in outputs[0][0] and outputs[1][0] == ""   # rank 0 alone prints
     assert len(list(run_dir(tmp_path).glob("embedding/bert4rec_embedding_*"))) == 1
-    step = checkpoint_steps(run_dir(tmp_path) / "state", checkpoint_pattern("bert4rec", "ml-1m", "basic"))[-1]
+    step = checkpoint_steps(run_dir(tmp_path) / "state", "bert4rec_{step}_no_meta_best")[-1]
     metrics = train_original.main([*flags, "--test", f"--checkpoint_step={step}"])
     assert metrics["num_users"] == 10
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import main
+import run_files
 import train_original
 from config import DataConfig, MethodConfig, ModelConfig, TaskConfig
-from dataloader import TaskSampler, load_data
+from dataloader import load_data
+from tasks import TaskSampler
 from experiment import UserError, setup
 from fixtures import run_dir, write_ratings
 from inner_loop_execution import default_recompute_steps, default_support_chunks, one_task
@@ -248,10 +250,10 @@ def test_meta_training_lowers_the_query_loss_on_a_fixed_batch(ratings_file, tmp_
     data = load_data(DataConfig.from_args(args))
     trainer = main.MetaTrainer(args, data, torch.device("cpu"))
     batch = trainer.sampler.train_batch(4)
-    before = trainer.outer_loss(batch, iteration=0)[0].item()
+    before = trainer.learner.meta_loss(batch, iteration=0)[0].item()
     for _ in range(8):
         trainer.train_step(batch)
-    after = trainer.outer_loss(batch, iteration=0)[0].item()
+    after = trainer.learner.meta_loss(batch, iteration=0)[0].item()
     assert after < 0.9 * before
 
 
@@ -295,12 +297,10 @@ def test_a_resume_applies_a_changed_learning_rate_and_refuses_a_changed_shape(ra
                        "--lstm_lr=0.05", "--checkpoint_step=2")
     assert "Resuming with changed settings: --outer_lr 0.001 -> 0.5, --lstm_lr 0.1 -> 0.05, " \
            "--num_train_iterations 4 -> 6" in capsys.readouterr().out
-    # after 4 more of 6 iterations on cosine schedules that start from the new rates
+    # the last of 6 iterations ran at the rates of cosine schedules from the new rates
     meta, encoder = trainer.optimizers["meta"], trainer.optimizers["encoder"]
-    expected = 1e-4 + (0.5 - 1e-4) * (1 + math.cos(math.pi * 6 / 6)) / 2
-    assert meta.param_groups[0]["lr"] == pytest.approx(expected)
-    assert encoder.param_groups[0]["lr"] == pytest.approx(1e-2)  # the encoder's schedule ends at 0.01
-    assert trainer.schedulers["meta"].base_lrs == [0.5] and trainer.schedulers["encoder"].base_lrs == [0.05]
+    assert meta.param_groups[0]["lr"] == pytest.approx(1e-4 + (0.5 - 1e-4) * (1 + math.cos(math.pi * 5 / 6)) / 2)
+    assert encoder.param_groups[0]["lr"] == pytest.approx(1e-2 + (0.05 - 1e-2) * (1 + math.cos(math.pi * 5 / 6)) / 2)
     # another shape is another run, in its own folder: its checkpoint of step 2 is not there
     with pytest.raises(UserError, match=r"for step 2; .*holds runs of other data or settings.*: data\d+-ratings_seed222_bert4rec_"):
         run_main(ratings_file, tmp_path, *flags, "--bert_hidden_units=12", "--checkpoint_step=2")
@@ -310,7 +310,7 @@ def test_a_resume_applies_a_changed_learning_rate_and_refuses_a_changed_shape(ra
     args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}",
                                 *flags, "--use_adaptive_loss=False"])
     maml = main.MetaTrainer(args, data, device)
-    maml.every_pattern = maml.every_pattern.replace("maml", "melo")
+    maml.files.method = "melo"
     with pytest.raises(UserError, match=r"--use_adaptive_loss=True \(now False\)"):
         maml.load(2, best=False, resume=True)
 
@@ -369,7 +369,7 @@ def test_pretrained_embedding_of_other_settings_is_never_loaded(ratings_file, tm
     # seed 222's embedding copied where seed 223's belongs is refused, not borrowed
     args = parse_args([*flags, "--random_seed=223"])
     theirs = next((tmp_path / "pre").glob("*/embedding/*"))
-    ours = main.pretrained_embedding_path(args)
+    ours = run_files.pretrained_embedding_path(args)
     ours.parent.mkdir(parents=True)
     ours.write_bytes(theirs.read_bytes())
     with pytest.raises(UserError, match=r"was made for other data or settings: random_seed 222 \(now 223\)"):
@@ -377,13 +377,13 @@ def test_pretrained_embedding_of_other_settings_is_never_loaded(ratings_file, tm
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(ratings_file, tmp_path, monkeypatch):
-    original = main.MetaTrainer.outer_loss
+    original = main.MetaLearner.meta_loss
 
     def poisoned(self, batch, iteration):
         loss, predictions = original(self, batch, iteration)
         return (loss * math.nan if iteration == 3 else loss), predictions
 
-    monkeypatch.setattr(main.MetaTrainer, "outer_loss", poisoned)
+    monkeypatch.setattr(main.MetaLearner, "meta_loss", poisoned)
     with pytest.raises(UserError, match="became nan at iteration 3"):
         run_main(ratings_file, tmp_path, "--num_train_iterations=4", "--log_interval=2")
     assert (run_dir(tmp_path / "log") / "state" / "bert4rec_2_ml-1m_melo.pt").is_file()

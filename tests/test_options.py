@@ -13,9 +13,9 @@ import pytest
 
 import main
 import options
-import reproduce
+import study_options
 import train_original
-from experiment import UserError
+from experiment import UserError, run_cli
 from options import FlagError, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def help_entries(parser):
     return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries if entry.strip()}
 
 
-@pytest.mark.parametrize("parser", [options.build_parser(), reproduce.build_parser()], ids=["main-train_original", "reproduce"])
+@pytest.mark.parametrize("parser", [options.build_parser(), study_options.build_parser()], ids=["main-train_original", "reproduce"])
 def test_help_shows_every_default_and_what_a_boolean_takes(parser):
     entries = help_entries(parser)
     flags = [action for action in parser._actions if action.dest != "help"]
@@ -120,3 +120,44 @@ def test_ctrl_c_at_start_up_exits_130_without_a_traceback(phase, tmp_path):
             connection.close()
     assert process.returncode == 130, errors
     assert "Traceback" not in errors
+
+
+# --- the flag table ------------------------------------------------------------------------------
+def test_every_flag_is_classified_once():
+    names = [flag.name for flag in options.FLAGS]
+    assert len(names) == len(set(names))
+    assert {action.dest for action in options.build_parser()._actions} - {"help"} == set(names)
+    for flag in options.FLAGS:
+        assert flag.resume in ("fixed", "changes", "ignored"), flag.name
+        assert flag.study in (None, "data", "budget", "per run"), flag.name
+        assert flag.rate in (None, "positive", "non-negative"), flag.name
+        assert set(flag.shape_of) <= set(options.MODELS), flag.name
+        assert not (flag.identity and flag.resume != "fixed"), f"{flag.name}: a run's identity cannot change on resume"
+        assert not (flag.shape_of and flag.resume != "fixed"), flag.name
+
+
+def test_run_folders_are_named_as_before_the_flag_table():
+    """The identity that names a run's folder is derived from the table: the same names as when
+    it was listed by hand, so earlier runs are found."""
+    from run_files import run_folder
+    expected = {"bert4rec": "73e4e6d4", "sasrec": "2a7c84e2", "gru4rec": "05661dd7", "narm": "bfef3ed8",
+                "ncf": "a78a0bca"}
+    for model, digest in expected.items():
+        folder = run_folder(parse_args(["--data_path=/nowhere/ratings.dat", f"--model={model}"]), "log")
+        assert folder.name == f"nowhere-ratings_seed222_{model}_{digest}"
+
+
+def test_debug_shows_the_traceback_behind_a_one_line_error(tmp_path, monkeypatch, capsys):
+    def failing():
+        try:
+            {}["missing"]
+        except KeyError:
+            raise UserError("a clear line") from None
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(failing)
+    assert stopped.value.code == 2 and capsys.readouterr().err == "error: a clear line\n"
+    monkeypatch.setenv("MELO_DEBUG", "1")
+    with pytest.raises(UserError) as raised:
+        run_cli(failing)
+    assert isinstance(raised.value.__context__, KeyError) and not raised.value.__suppress_context__

@@ -13,7 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
+import report
 import reproduce
+import study_options
 from config import DataConfig
 from dataloader import load_data
 from experiment import UserError, run_cli
@@ -192,13 +194,13 @@ def write_reference(folder, records):
 
 
 def test_the_reference_runs_are_set_beside_ours_on_the_same_users(study, tmp_path):
-    options = reproduce.parse_command_line(study.argv)
-    paired = reproduce.paired_differences(study.records, options)
+    options = study_options.parse_command_line(study.argv)
+    paired = report.paired_differences(study.records, options)
     ours = {row["seed"]: row for row in paired if (row["method"], row["versus"]) == ("melo", "maml")}
     write_reference(tmp_path / "reference", reference_records(study, 0.64))   # MELO's RMSE 0.8 × MAML's
     found = reproduce.read_reference_results(tmp_path / "reference", options, study.records)
     assert len(found) == 4
-    section, summary = reproduce.reference_table(
+    section, summary = report.reference_table(
         options, study.records, found, paired)
     rows = by_seed(section)
     assert [entry["seed"] for entry in summary] == [*SEEDS, "pooled"]
@@ -218,18 +220,18 @@ def test_the_reference_runs_are_set_beside_ours_on_the_same_users(study, tmp_pat
 
 def test_the_same_reference_results_are_inside_their_own_interval(study, tmp_path):
     """The reference's MELO − MAML set beside itself: every difference lies inside."""
-    options = reproduce.parse_command_line(study.argv)
+    options = study_options.parse_command_line(study.argv)
     records = [r for r in study.records if r["method"] not in ("melo", "maml")]
     records += [{**r, "codebase": None} for r in reference_records(study, 0.81)]
     write_reference(tmp_path / "reference", reference_records(study, 0.81))
     found = reproduce.read_reference_results(tmp_path / "reference", options, records)
-    paired = reproduce.paired_differences(records, options)
-    _, summary = reproduce.reference_table(options, records, found, paired)
+    paired = report.paired_differences(records, options)
+    _, summary = report.reference_table(options, records, found, paired)
     assert [entry["inside"] for entry in summary] == [True, True, True]
 
 
 def test_reference_results_of_other_users_are_refused(study, tmp_path):
-    options = reproduce.parse_command_line(study.argv)
+    options = study_options.parse_command_line(study.argv)
     records = reference_records(study, 0.9)
     for record in records:
         record["metrics"]["per_user"]["user"] = list(reversed(record["metrics"]["per_user"]["user"]))
@@ -247,7 +249,7 @@ def test_improvements_are_relative_to_the_other_method():
                record("maml", 0.9, 0.4), record("melo", 0.8, 0.6)]
     options = SimpleNamespace(name="x", models=["narm"], seeds=[1], pretrain_epochs=1,
                               num_train_iterations=1, run_flags=[], methods=["basic", "maml", "melo"])
-    row = table_rows(reproduce.results_table(options, records))["NARM"]
+    row = table_rows(report.results_table(options, records))["NARM"]
     assert (row["MELO RMSE"], row["MELO MAE"]) == ("0.8000", "0.6000")    # one seed: no ±
     assert row["MELO vs Basic RMSE (%)"] == "+20.00"                     # (1.0 - 0.8) / 1.0
     assert row["MELO vs MAML RMSE (%)"] == "+11.11"                      # (0.9 - 0.8) / 0.9
@@ -279,7 +281,7 @@ def test_per_rating_panels_sum_counts_over_seeds_and_leave_out_absent_ratings():
     records = [record(seed, method, {"0.5": 0, "1": 2, "4.5": seed, "10": 0})
                for seed in (1, 2) for method in ("basic", "maml", "melo")]
     options = SimpleNamespace(name="x", models=["narm"], seeds=[1, 2], methods=["basic", "maml", "melo"])
-    [(model, reports, ratings, counts)] = reproduce.per_rating_panels(options, records)
+    [(model, reports, ratings, counts)] = report.per_rating_panels(options, records)
     assert model == "narm" and len(reports["melo"]) == 2
     assert ratings == ["1", "4.5"]                       # in numeric order, only ratings with targets
     assert (counts["1"], counts["4.5"]) == (4, 3)
@@ -356,7 +358,7 @@ def test_an_interrupted_meta_training_resumes_from_its_last_checkpoint(study, ca
 
 
 def test_jobs_run_at_once_with_their_share_of_the_cores_and_meta_runs_after_basic(study, monkeypatch):
-    runs = reproduce.plan_runs(reproduce.parse_command_line([*study.argv[:-len(RUN_FLAGS) - 1]]), study.dir / "runs")
+    runs = reproduce.plan_runs(study_options.parse_command_line([*study.argv[:-len(RUN_FLAGS) - 1]]), study.dir / "runs")
     running, events, lock = set(), [], threading.Lock()
 
     def fake_execute(run, number, total):
@@ -385,8 +387,7 @@ def test_with_jobs_each_line_of_a_run_is_written_at_once(tmp_path, monkeypatch):
     # lets another run's line land in the middle of it.
     writes = []
     monkeypatch.setattr(reproduce.sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
-    run = reproduce.Run(223, "gru4rec", "basic", tmp_path, None, ["python", "train_original.py"],
-                        "test.json", threads=1)
+    run = reproduce.Run(223, "gru4rec", "basic", tmp_path, None, ["python", "train_original.py"], threads=1)
     (tmp_path / "basic.json").write_text(json.dumps({"metrics": {"rmse": 1.0, "mae": 0.8}}))
     reproduce.execute(run, 2, 9)
     assert [text for text in writes if text] == ["[2/9] seed 223 gru4rec Basic: done before: RMSE 1.0000 | MAE 0.8000\n"]
@@ -394,7 +395,7 @@ def test_with_jobs_each_line_of_a_run_is_written_at_once(tmp_path, monkeypatch):
 
 def test_runs_go_to_torchrun_with_nproc_per_node(study):
     argv = [*study.argv[:-len(RUN_FLAGS) - 1], "--nproc_per_node=2"]
-    runs = reproduce.plan_runs(reproduce.parse_command_line(argv), study.dir / "runs")
+    runs = reproduce.plan_runs(study_options.parse_command_line(argv), study.dir / "runs")
     for run in runs:
         typed = [reproduce.as_typed(command) for command in (run.train_command, run.test_command) if command]
         if run.method == "mean_rating":
@@ -407,7 +408,7 @@ def test_runs_go_to_torchrun_with_nproc_per_node(study):
 
 
 # --- study files and the quick study ---------------------------------------------------------
-RESULTS = reproduce.PROJECT_DIR / "results"
+RESULTS = study_options.PROJECT_DIR / "results"
 NOT_FROM_REPRODUCE = {"ml-100k/bert4rec-reference-embedding"}   # benchmarks/reference_embedding.py, then main.py
 
 
@@ -421,14 +422,14 @@ def test_a_study_file_gives_flags_that_later_flags_override(study, tmp_path):
     study_file = tmp_path / "tiny.txt"
     study_file.write_text("# a comment line\n" + " ".join(study.argv[:study.argv.index("--")]).replace(" --", "\n--")
                           + "   # a comment after flags\n-- " + " ".join(RUN_FLAGS) + "\n")
-    from_file = reproduce.parse_command_line([f"@{study_file}"])
-    assert settings(from_file) == settings(reproduce.parse_command_line(study.argv))
+    from_file = study_options.parse_command_line([f"@{study_file}"])
+    assert settings(from_file) == settings(study_options.parse_command_line(study.argv))
     assert from_file.study_files == [str(study_file)]
-    overridden = reproduce.parse_command_line([f"@{study_file}", "--seeds", "7", "--", "--bert_dropout=0"])
+    overridden = study_options.parse_command_line([f"@{study_file}", "--seeds", "7", "--", "--bert_dropout=0"])
     assert overridden.seeds == [7]
     assert overridden.run_flags == [*RUN_FLAGS, "--bert_dropout=0"]
     with pytest.raises(UserError, match="cannot read the study file .*no_such.txt"):
-        reproduce.parse_command_line([f"@{tmp_path / 'no_such.txt'}"])
+        study_options.parse_command_line([f"@{tmp_path / 'no_such.txt'}"])
 
 
 def test_results_json_names_the_study_file(study, tmp_path):
@@ -439,20 +440,20 @@ def test_results_json_names_the_study_file(study, tmp_path):
 
 
 def test_with_neither_a_study_file_nor_data_the_quick_study_runs():
-    quick = reproduce.parse_command_line([])
-    assert quick.study_files == [reproduce.QUICK_STUDY]
+    quick = study_options.parse_command_line([])
+    assert quick.study_files == [study_options.QUICK_STUDY]
     assert quick.name == "quick"
     assert quick.data_path == "./Data/ml-latest-small/ratings.csv.gz"
-    assert (reproduce.PROJECT_DIR / quick.data_path).is_file()
-    assert reproduce.parse_command_line(["--models", "narm"]).models == ["narm"]
-    own_data = reproduce.parse_command_line(["--data_path=ratings.dat"])
+    assert (study_options.PROJECT_DIR / quick.data_path).is_file()
+    assert study_options.parse_command_line(["--models", "narm"]).models == ["narm"]
+    own_data = study_options.parse_command_line(["--data_path=ratings.dat"])
     assert own_data.study_files == [] and own_data.pretrain_epochs == parse_args([]).pretrain_epochs
 
 
 def test_the_quick_study_is_expected_to_take_at_most_ten_minutes(tmp_path):
-    quick = reproduce.parse_command_line(["--results_dir", str(tmp_path)])
+    quick = study_options.parse_command_line(["--results_dir", str(tmp_path)])
     runs = reproduce.plan_runs(quick, tmp_path / "runs")
-    data = load_data(DataConfig.from_args(reproduce.check_run_flags(quick)))
+    data = load_data(DataConfig.from_args(study_options.check_run_flags(quick)))
     summary = reproduce.plan_summary(quick, runs, data.stats, tmp_path / "runs")
     minutes = int(summary.split("expected: about ")[1].split()[0])
     assert 3 <= minutes <= 10
@@ -467,8 +468,19 @@ def test_each_committed_study_names_a_study_file_that_gives_its_command(results)
         assert "command" not in recorded
         return
     assert recorded["study"], "results.json names no study file"
-    from_file = reproduce.parse_command_line([f"@{reproduce.PROJECT_DIR / name}" for name in recorded["study"]])
-    typed = reproduce.parse_command_line(shlex.split(recorded["command"])[2:])
+    from_file = study_options.parse_command_line([f"@{study_options.PROJECT_DIR / name}" for name in recorded["study"]])
+    typed = study_options.parse_command_line(shlex.split(recorded["command"])[2:])
     assert settings(from_file) == settings(typed)
     assert (from_file.name, from_file.seeds, from_file.models, from_file.methods) == \
         (recorded["dataset"], recorded["seeds"], recorded["models"], recorded["methods"])
+
+
+@pytest.mark.parametrize("results", [path for path in sorted(RESULTS.rglob("results.json"))
+                                     if str(path.parent.relative_to(RESULTS)) not in NOT_FROM_REPRODUCE],
+                         ids=lambda path: str(path.parent.relative_to(RESULTS)))
+def test_each_committed_table_renders_again_from_its_results_json(results, tmp_path):
+    copy = tmp_path / "results.json"
+    copy.write_text(results.read_text())
+    assert report.render(copy) == (results.parent / "table.md").read_text()
+    assert (tmp_path / "table.md").read_text() == (results.parent / "table.md").read_text()
+    assert (tmp_path / "per_rating.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,246 @@
+"""A run's files: the folder named by what makes the run its own, its checkpoints and test
+results, and the pretrained files that Basic leaves for MAML and MELO.
+
+    {--log_dir or --pretrain_log_dir}/{data folder}-{file}_seed{seed}_{model}_{digest}/
+        state/{model}_{step}_best_{mode}_{method}.pt     MAML/MELO, when the validation improved
+        state/{model}_{step}_{mode}_{method}.pt          MAML/MELO, at every validation
+        state/{model}_{step}_no_meta_best                Basic, at every improving epoch
+        state/<checkpoint>_test.json                     the test of a checkpoint
+        embedding/, pretrained/                          Basic with --save_pretrained=True
+        runs/{model}_{mode}_{method}/                    TensorBoard
+"""
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+import evaluation
+from atomic_files import atomic_save
+from experiment import UserError, make_dirs
+from options import FLAGS
+
+IDENTITY_FLAGS = tuple(flag.name for flag in FLAGS if flag.identity)
+
+
+def run_identity(args):
+    """The settings that make a run's files its own (the flags marked ``identity``, the model
+    and its shape); stored in each of them and compared when one is loaded. The data file
+    counts by its folder, name and size, so a moved copy of the same file is the same data."""
+    data = Path(args.data_path)
+    identity = {"data": f"{data.parent.name}/{data.name}",
+                "data_bytes": data.stat().st_size if data.is_file() else None, "model": args.model}
+    identity.update({name: getattr(args, name) for name in IDENTITY_FLAGS})
+    identity.update({flag.name: getattr(args, flag.name) for flag in FLAGS if args.model in flag.shape_of})
+    return identity
+
+
+def run_folder(args, root):
+    """The folder of this run's files under ``root`` (--log_dir or --pretrain_log_dir):
+    ``<data folder>-<file>_seed<seed>_<model>_<digest of the identity>``. Basic and MAML/MELO
+    of the same data and model share it, so main.py finds Basic's embedding there."""
+    identity = run_identity(args)
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    data = Path(args.data_path)
+    return Path(root) / f"{data.parent.name}-{data.stem}_seed{args.random_seed}_{args.model}_{digest}"
+
+
+def check_identity(saved, args, what, made_by):
+    """A clear error when a file was made for other data or settings than this run's."""
+    ours = run_identity(args)
+    differs = [f"{key} {saved.get(key)!r} (now {value!r})" for key, value in ours.items() if saved.get(key) != value]
+    if differs:
+        raise UserError(f"{what} was made for other data or settings: {', '.join(differs)}; {made_by}")
+
+
+def checkpoint_steps(directory, pattern):
+    """Steps of the checkpoints in ``directory`` whose names match ``pattern``, a format
+    string with ``{step}`` (e.g. ``'bert4rec_{step}_best_ml-1m_melo.pt'``)."""
+    regex = re.compile("^" + re.escape(pattern).replace(re.escape("{step}"), r"(\d+)") + "$")
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for m in map(regex.match, os.listdir(directory)) if m)
+
+
+def load_matching_state(module, state, what, made_by):
+    """``module.load_state_dict(state)`` with a clear error when the sizes differ."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise UserError(f"{what} does not fit this model ({detail}); it was made with other "
+                        f"flags or data: {made_by}") from None
+
+
+class RunFiles:
+    """The files of one run of ``method`` ("basic", "maml", "melo" or "mean_rating") with the
+    flags ``args``, under ``root`` (its --log_dir, or --pretrain_log_dir for Basic)."""
+
+    def __init__(self, args, root, method):
+        self.args = args
+        self.method = method
+        self.folder = run_folder(args, root)
+        self.state = self.folder / "state"
+        self.events = self.folder / "runs" / f"{args.model}_{args.mode}_{method}"
+        script = "train_original.py" if method == "basic" else "main.py"
+        self.root_flag = f"--{'pretrain_log_dir' if method == 'basic' else 'log_dir'}={root}"
+        self.made_by = f"{script} with {self.root_flag} and the same --model/--mode/method"
+
+    @property
+    def identity(self):
+        return run_identity(self.args)
+
+    def make(self):
+        """The run's state folder, with a clear error when it cannot be written."""
+        make_dirs(self.state)
+
+    def pattern(self, best=True):
+        """A checkpoint's file name with ``{step}`` for its step (the best validations', or with
+        ``best=False`` every validation's; Basic keeps its best epochs only)."""
+        model, mode = self.args.model, self.args.mode
+        if self.method == "basic":
+            return f"{model}_{{step}}_no_meta_best"
+        return f"{model}_{{step}}_{'best_' if best else ''}{mode}_{self.method}.pt"
+
+    def checkpoint(self, step, best=True):
+        return self.state / self.pattern(best).format(step=step)
+
+    def steps(self, best=True):
+        return checkpoint_steps(self.state, self.pattern(best))
+
+    def results(self, step=None, best=True):
+        """The JSON of the test of a checkpoint, beside it (the mean-rating baseline's in the folder)."""
+        if self.method == "mean_rating":
+            return self.folder / f"mean_rating_{self.args.mode}_test.json"
+        return self.state / f"{self.checkpoint(step, best).name.removesuffix('.pt')}_test.json"
+
+    def save(self, state, step, best=True):
+        """A checkpoint, written whole or not at all, with the run's identity inside."""
+        atomic_save({**state, "identity": run_identity(self.args)}, self.checkpoint(step, best))
+
+    @property
+    def pretrained(self):
+        """Basic's embedding and whole model for MAML and MELO (--save_pretrained=True)."""
+        return pretrained_embedding_path(self.args), pretrained_model_path(self.args)
+
+    def save_pretrained(self, model):
+        embedding, whole = self.pretrained
+        atomic_save({"identity": self.identity, "state": model.embedding.state_dict()}, embedding)
+        atomic_save({"identity": self.identity, "state": model.state_dict()}, whole)
+
+    def load_pretrained(self, model):
+        """Start ``model`` from Basic's embedding with --load_pretrained_embedding, or from its
+        whole model with --load_pretrained (checked to be of these data and model flags)."""
+        args = self.args
+        if not (args.load_pretrained_embedding or args.load_pretrained):
+            return
+        embedding, whole = self.pretrained
+        module, path, what = ((model.embedding, embedding, "embedding") if args.load_pretrained_embedding
+                              else (model, whole, "model"))
+        if not path.is_file():
+            raise UserError(f"no pretrained {what} at {path}; make it first with: {pretraining_command(args)}")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            identity, state = saved["identity"], saved["state"]
+        except Exception as error:
+            raise UserError(f"cannot read pretrained {what} {path}: {error}; make it again with: "
+                            f"{pretraining_command(args)}") from None
+        check_identity(identity, args, f"pretrained {what} {path}", pretraining_command(args))
+        load_matching_state(module, state, f"pretrained {what} {path}", pretraining_command(args))
+        print(f"Loaded pretrained {what} from {path}")
+
+    def report_test(self, metrics, title, step=None, best=True, **extra):
+        """Print a test's metrics and write them, with the flags and the run's identity, beside
+        the checkpoint tested; returns the metrics."""
+        evaluation.report_test(metrics, title, self.results(step, best), vars(self.args), method=self.method,
+                               checkpoint_step=step, identity=self.identity, **extra)
+        return metrics
+
+    def print_summary(self, best_step, best_rmse):
+        """The end of a training run, in the reference's words, and how to test it."""
+        print("-------------------------------------------------")
+        print("Model with the best validation RMSE loss is saved.")
+        print(f"Best step: {best_step}")
+        print(f"Best RMSE loss: {best_rmse:.4f}")
+        print(f"Checkpoints are in {self.state}; test the best one with the same flags and "
+              f"--test --checkpoint_step={best_step}")
+
+    def step_to_test(self, best=True):
+        """--checkpoint_step, or without it the highest step with a checkpoint."""
+        if self.args.checkpoint_step >= 0:
+            return self.args.checkpoint_step
+        steps = self.steps(best)
+        if not steps:
+            raise UserError(f"nothing to test: no checkpoint {self.pattern(best).format(step='N')} in "
+                            f"{self.state}; train first with {self.made_by}")
+        print(f"Testing the latest checkpoint, step {steps[-1]}")
+        return steps[-1]
+
+    def load(self, step, best, device):
+        """The checkpoint of ``step``, checked to be this run's; a missing one is reported with
+        the steps that do exist, and the runs of other settings beside this one."""
+        path = self.checkpoint(step, best)
+        if not path.is_file():
+            raise UserError(f"no checkpoint {path} for step {step}; {self._what_exists(best)}")
+        print(f"Loading checkpoint from {path}")  # the reference's line: which file, --test_best or not
+        try:
+            state = torch.load(path, map_location=device, weights_only=False)
+        except Exception as error:  # a corrupt or foreign file: say which and why
+            raise UserError(f"cannot read checkpoint {path}: {error}") from None
+        check_identity(state.get("identity", {}), self.args, f"checkpoint of step {step}",
+                       f"it belongs to another run: give that run's flags, or another {self.root_flag.split('=')[0]}")
+        return state
+
+    def _what_exists(self, best):
+        steps = self.steps(best)
+        found = (f"steps with a checkpoint: {', '.join(map(str, steps))}" if steps
+                 else f"no checkpoint of this kind in {self.state}; {self.made_by} writes them")
+        others = sorted(folder.parent.name for folder in self.folder.parent.glob("*/state")
+                        if folder.parent != self.folder and checkpoint_steps(folder, self.pattern(best)))
+        if others:
+            found += (f" (the same folder holds runs of other data or settings, whose flags differ "
+                      f"from these: {', '.join(others)})")
+        return found
+
+    def refuse_earlier_run(self, what):
+        """Before a new run writes its checkpoints: an error when an earlier run with these
+        settings left some, or, with --overwrite, delete them and their test results."""
+        patterns = {self.pattern(best=False), self.pattern(best=True)}
+        found = sorted({step for pattern in patterns for step in checkpoint_steps(self.state, pattern)})
+        if not found:
+            return
+        if not self.args.overwrite:
+            raise UserError(f"{self.state} holds checkpoints of an earlier {what} run with these settings "
+                            f"(steps {', '.join(map(str, found))}): resume it with --checkpoint_step={found[-1]}, "
+                            "test it with --test, or start it again with --overwrite=True, which deletes them")
+        for best in {False, True}:
+            for step in self.steps(best):
+                self.checkpoint(step, best).unlink(missing_ok=True)
+                self.results(step, best).unlink(missing_ok=True)
+        print(f"--overwrite=True: deleted the earlier {what} run's checkpoints in {self.state}")
+
+
+def pretrained_embedding_path(args):
+    """Where train_original.py --save_pretrained=True puts the embedding part."""
+    name = f"{args.model}_embedding_{args.mode}"
+    if args.model in ("bert4rec", "sasrec"):
+        name += f"_{args.bert_hidden_units}_{args.bert_num_blocks}_{args.bert_num_heads}"
+    return run_folder(args, args.pretrain_log_dir) / "embedding" / name
+
+
+def pretrained_model_path(args):
+    """Where train_original.py --save_pretrained=True puts the whole model."""
+    name = (f"{args.model}_pretrained_{args.mode}_{args.bert_hidden_units}_"
+            f"{args.bert_num_blocks}_{args.bert_num_heads}")
+    return run_folder(args, args.pretrain_log_dir) / "pretrained" / name
+
+
+def pretraining_command(args):
+    """The train_original.py command that writes the pretrained files for these flags."""
+    return (f"python train_original.py --model={args.model} --mode={args.mode} "
+            f"--data_path={args.data_path} --pretrain_log_dir={args.pretrain_log_dir} "
+            f"--save_pretrained=True (with the same model and data flags)")
