@@ -55,7 +55,7 @@ LOG_TAIL_LINES = 20
 # quick study's runs), for the estimate printed at the start: seconds per MAML/MELO outer
 # iteration, per validation or test user, per Basic epoch and training user, and per run
 # (start-up, data, test).
-SECONDS_PER_ITERATION = {"gru4rec": 0.8, "narm": 0.5, "sasrec": 1.6, "bert4rec": 1.0, "ncf": 0.4}
+SECONDS_PER_ITERATION = {"gru4rec": 0.6, "narm": 0.4, "sasrec": 1.1, "bert4rec": 1.0, "ncf": 0.4}
 SECONDS_PER_EVALUATED_USER = 0.006
 SECONDS_PER_BASIC_USER_EPOCH = 0.0006
 SECONDS_PER_RUN = 6
