@@ -1,7 +1,7 @@
 """What a MAML/MELO checkpoint holds, and how a run resumes from one: the learner, every
 optimiser, the task sampler, the step and best validation so far, the random generators and
 the flags, so that a killed and resumed run ends with the parameters of one that was not
-interrupted. Learning rates are a function of the step (learning_rates.py): a resume with
+interrupted (Basic's, in train_original.py, the same way with its own parts). Learning rates are a function of the step (learning_rates.py): a resume with
 new rates or a new length only needs the flags."""
 import random
 
@@ -26,18 +26,30 @@ def training_state(trainer):
         "learner": trainer.learner.state_dict(),
         "optimizers": {name: optimizer.state_dict() for name, optimizer in trainer.optimizers.items()},
         "sampler": trainer.sampler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": rng_state(),
         "args": vars(trainer.args),
     }
+
+
+def rng_state():
+    """Every random generator's state: what dropout and the task draws will do next."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(rng):
+    torch.set_rng_state(rng["torch"].cpu())
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def restore(trainer, state, step, resume):
     """Load a checkpoint's learner into a MetaTrainer, to test it; with ``resume`` put the
     whole trainer where the checkpoint left it, after checking that the command line changes
     nothing that a resumed run must keep."""
-    if resume:
-        check_changed_settings(state["args"], vars(trainer.args), step)
+    check_changed_settings(state["args"], vars(trainer.args), step, resume)
     load_matching_state(trainer.learner, state["learner"], f"checkpoint of step {step}", trainer.files.made_by)
     if not resume:
         return
@@ -47,24 +59,25 @@ def restore(trainer, state, step, resume):
     trainer.best_valid_rmse = state["best_valid_rmse"]
     trainer.best_step = state["best_step"]
     trainer.sampler.load_state_dict(state["sampler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"].cpu())
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    restore_rng(state["rng"])
 
 
-def check_changed_settings(saved, ours, step):
+def check_changed_settings(saved, ours, step, resume=True):
     """An error for a flag that differs from the checkpoint's and may not change in a resumed
-    run; the others that differ are printed."""
+    run, nor when it is tested (the test would adapt with another method); a resume prints
+    the others that differ."""
     differs = [name for name in saved if name in ours and saved[name] != ours[name] and name not in IGNORED]
     fixed = [name for name in differs if name not in RESUMABLE]
     if fixed:
         listed = ", ".join(f"--{name}={saved[name]} (now {ours[name]})" for name in fixed)
+        if not resume:
+            raise UserError(f"the checkpoint of step {step} was made with other settings: {listed}; test it "
+                            "with the flags it was trained with")
         raise UserError(f"--checkpoint_step={step} resumes a run made with other settings: {listed}; "
                         "these cannot change in a resumed run: give them as they were, or start a "
                         "new run in another --log_dir")
+    if not resume:
+        return
     changed = [name for name in differs if name not in ("checkpoint_step", "test")]
     if changed:
         print("Resuming with changed settings: " +

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 import distributed
+from atomic_files import WriteError
 from config import DataConfig
 from dataloader import DataError, load_data
 from options import FlagError, parse_args
+from preemption import PREEMPTED_STATUS, Preempted, resume_command
 
 DEBUG_VARIABLE = "MELO_DEBUG"  # set (to anything but 0): an error's traceback, behind its one line
 
@@ -23,14 +25,19 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run ``main()``; report user errors in one line (exit 2), interruption as 130. Scripts
+    """Run ``main()``; report user errors in one line (exit 2), interruption as 130, a run
+    stopped by SIGTERM or SIGUSR1 with the command that resumes it (PREEMPTED_STATUS). Scripts
     exit quietly on Ctrl-C while they import (their first lines); from here on it raises.
     With MELO_DEBUG=1 in the environment an error is raised with its traceback instead, and
     with the exception that caused it (a corrupt file's, say)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main()
-    except (distributed.PeerFailure, FlagError, UserError, DataError) as error:
+    except Preempted as stop:
+        if distributed.is_main():
+            print(f"{stop}; resume it with: {resume_command(stop.step)}", file=sys.stderr)
+        sys.exit(PREEMPTED_STATUS)
+    except (distributed.PeerFailure, FlagError, UserError, DataError, WriteError) as error:
         if os.environ.get(DEBUG_VARIABLE, "0") != "0":
             error.__suppress_context__ = False
             raise

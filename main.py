@@ -8,6 +8,7 @@
 if __name__ == "__main__":  # Ctrl-C while the imports below load: a quiet exit 130
     import start_quietly  # noqa: F401
 
+import contextlib
 import math
 import shutil
 
@@ -22,6 +23,7 @@ from experiment import UserError, log_metrics, run_cli, setup
 from learning_rates import meta_learning_rates
 from meta_learner import MetaLearner
 from models import model_factory
+from preemption import StopRequests
 from run_files import RunFiles
 from tasks import TaskSampler
 
@@ -122,15 +124,29 @@ class MetaTrainer:
     # --- the run -----------------------------------------------------------------------------
     def train(self):
         training = self.training
+        if training.batch_size > len(self.data.train_users):
+            raise UserError(f"--batch_size={training.batch_size} is more than the {len(self.data.train_users)} "
+                            "training users: a batch would repeat users; lower it")
         self.files.make()
-        if self.iteration == 0:
-            self.files.refuse_earlier_run(self.method.upper())
-            if distributed.is_main():
-                shutil.rmtree(self.files.events, ignore_errors=True)  # a dead run's curves, which had no checkpoint
-        valid_tasks = self.sampler.fixed_tasks("valid")
-        # resumed: the curves after the checkpoint's iteration were a killed run's; drop them
-        writer = distributed.summary_writer(str(self.files.events),
-                                            purge_step=self.iteration + 1 if self.iteration else None)
+        with self.files.lock(), StopRequests() as stop:
+            if self.iteration == 0:
+                self.files.refuse_earlier_run(self.method.upper())
+                if distributed.is_main():
+                    shutil.rmtree(self.files.events, ignore_errors=True)  # a dead run's curves, which had no checkpoint
+            valid_tasks = self.sampler.fixed_tasks("valid")
+            # resumed: the curves after the checkpoint's iteration were a killed run's; drop them
+            with contextlib.closing(distributed.summary_writer(
+                    str(self.files.events), purge_step=self.iteration + 1 if self.iteration else None)) as writer:
+                self._train_loop(valid_tasks, writer, stop)
+        self.files.print_summary(self.best_step, self.best_valid_rmse)
+        evaluation.warn_if_worse_than_the_mean(self.best_valid_rmse, valid_tasks, self.data,
+                                               "lower --inner_lr / --outer_lr / --lstm_lr")
+        print("Done.")
+
+    def _train_loop(self, valid_tasks, writer, stop):
+        """Outer iterations up to --num_train_iterations, validating every --log_interval, until
+        done or asked to stop."""
+        training = self.training
         distributed.broadcast_parameters(self.learner)
         distributed.own_dropout_stream()
         print(f"Starting {self.method.upper()} training at iteration {self.iteration}")
@@ -145,11 +161,13 @@ class MetaTrainer:
             log_metrics(writer, "train", metrics, self.iteration)
             if self.iteration % training.log_interval == 0 or self.iteration == training.num_train_iterations:
                 self._validate(writer, valid_tasks, batch)
-        writer.close()
-        self.files.print_summary(self.best_step, self.best_valid_rmse)
-        evaluation.warn_if_worse_than_the_mean(self.best_valid_rmse, valid_tasks, self.data,
-                                               "lower --inner_lr / --outer_lr / --lstm_lr")
-        print("Done.")
+            stop.stop_if_requested(self.iteration, f"iteration {self.iteration}", self._checkpoint_to_resume)
+
+    def _checkpoint_to_resume(self):
+        """The checkpoint of this step when the run is stopped (marked, not a validation's); its path."""
+        if distributed.is_main():
+            self.files.save({**checkpoints.training_state(self), "preempted": True}, self.iteration, best=False)
+        return self.files.checkpoint(self.iteration, best=False)
 
     def _validate(self, writer, valid_tasks, train_batch):
         distributed.check_same_parameters(self.learner)

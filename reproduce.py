@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ from atomic_files import write_json
 from config import DataConfig
 from dataloader import load_data
 from experiment import UserError, run_cli
+from preemption import Preempted
 from report import REFERENCE_METHODS, TITLES, per_user_errors, write_reports
 from run_files import RunFiles
 from study_options import (METHODS, NORMALIZED_MELO, PROJECT_DIR, check_run_flags, data_flags, parse_command_line,
@@ -51,6 +53,9 @@ from study_options import (METHODS, NORMALIZED_MELO, PROJECT_DIR, check_run_flag
 # main.py's flags for each meta-learning method
 META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [], NORMALIZED_MELO: ["--normalize_weights=True"]}
 LOG_TAIL_LINES = 20
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+RUNNING = set()        # the runs' processes now running, to pass signals on to
+STOPPING = []          # the name of a signal the study received: no run starts after it
 # What a run costs on two CPU cores at the default task sizes (docs/performance.md; the
 # quick study's runs), for the estimate printed at the start: seconds per MAML/MELO outer
 # iteration, per validation or test user, per Basic epoch and training user, and per run
@@ -154,7 +159,7 @@ def plan_runs(study, runs_dir):
             basic = script("train_original.py", *model_flags,
                            f"--pretrain_epochs={study.pretrain_epochs}", *study.run_flags,
                            "--save_pretrained=True", processes=study.nproc_per_node)
-            runs.append(Run(seed, model, "basic", folder, basic, [*basic, "--test"]))
+            runs.append(Run(seed, model, "basic", folder, basic, [*basic, "--test"], final_step=study.pretrain_epochs))
             for method in study.methods[1:]:
                 meta = script("main.py", *model_flags, f"--log_dir={folder / method}",
                               f"--num_train_iterations={study.num_train_iterations}",
@@ -228,11 +233,12 @@ def execute(run, number, total):
 
 
 def train(run, tag):
-    """Train from scratch, resume a MAML/MELO run from its last checkpoint, or skip the
-    training when that checkpoint is the last step's."""
+    """Train from scratch, resume a run from its last resumable checkpoint (MAML's and MELO's
+    every validation, a run stopped by a signal), or skip the training when that checkpoint is
+    the last step's."""
     resume_step = last_checkpoint_step(run)
     if resume_step is None:
-        shutil.rmtree(run.files.folder, ignore_errors=True)   # an interrupted Basic run's leftovers
+        shutil.rmtree(run.files.folder, ignore_errors=True)   # a killed Basic run's leftovers
         announce(f"{tag}: training")
         invoke(run.train_command, run, "training")
     elif resume_step < run.final_step:
@@ -251,8 +257,8 @@ def announce(line):
 
 
 def last_checkpoint_step(run):
-    """The step of a MAML/MELO run's last checkpoint, None when there is none to resume from."""
-    if run.method in ("basic", "mean_rating"):
+    """The step of a run's last resumable checkpoint, None when there is none to resume from."""
+    if run.method == "mean_rating":
         return None
     steps = run.files.steps(best=False)
     return steps[-1] if steps else None
@@ -260,23 +266,48 @@ def last_checkpoint_step(run):
 
 def invoke(command, run, phase):
     """Run one script with its output appended to the run's log; run alone (no --jobs), its
-    progress bars (its standard error) are shown too. A failure is a UserError that shows
-    the end of the log."""
+    progress bars (its standard error) are shown too. It runs in a session of its own, so
+    that only the signals the study passes on reach it (forward_signal). A failure is a
+    UserError that shows the end of the log."""
+    stop_if_signalled()
     with open(run.log_path, "a") as log:
         log.write(f"\n$ {shlex.join(command)}\n")
         log.flush()
         shown = run.threads is None
         with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                               stderr=subprocess.PIPE if shown else subprocess.STDOUT,
-                              env=run_environment(run)) as process:
-            if shown:
-                copy_stream(process.stderr, log, sys.stderr)
+                              env=run_environment(run), start_new_session=True) as process:
+            RUNNING.add(process)
+            try:
+                if shown:
+                    copy_stream(process.stderr, log, sys.stderr)
+            finally:
+                process.wait()
+                RUNNING.discard(process)
         status = process.returncode
+    stop_if_signalled()
     if status != 0:
         how = f"exit status {status}" if status > 0 else f"killed by signal {-status}"
         raise UserError(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n"
                         f"{log_tail(run.log_path)}\n"
                         f"Finished runs are kept: fix the problem and run the same command again.")
+
+
+def forward_signal(number, frame):
+    """Pass a signal the study received on to its running runs, which stop (MAML, MELO and
+    Basic after writing a resumable checkpoint); the study then stops too."""
+    STOPPING.append(signal.Signals(number).name)
+    for process in list(RUNNING):
+        process.send_signal(number)
+
+
+def stop_if_signalled():
+    if not STOPPING:
+        return
+    if STOPPING[0] == "SIGINT":
+        raise KeyboardInterrupt
+    raise Preempted(f"{STOPPING[0]}: the study stopped; its finished runs are kept and the runs it "
+                    "stopped resume from their checkpoints", step=None)
 
 
 def copy_stream(source, *targets):
@@ -369,7 +400,13 @@ def main(argv=None):
     check_same_study(runs_dir, study_flags(study))
     runs = plan_runs(study, runs_dir)
     print(plan_summary(study, runs, stats, runs_dir), flush=True)
-    records = execute_all(runs, study.jobs)
+    previous = {number: signal.signal(number, forward_signal) for number in FORWARDED_SIGNALS}
+    try:
+        records = execute_all(runs, study.jobs)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        STOPPING.clear()
     reference_records = (read_reference_results(study.reference_results, study, records)
                          if study.reference_results else [])
     print(f"\n{write_reports(study, study_dir, stats, records, reference_records)}")

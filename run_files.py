@@ -9,16 +9,21 @@ results, and the pretrained files that Basic leaves for MAML and MELO.
         embedding/, pretrained/                          Basic with --save_pretrained=True
         runs/{model}_{mode}_{method}/                    TensorBoard
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import socket
+import time
 from pathlib import Path
 
 import torch
 
+import distributed
 import evaluation
-from atomic_files import atomic_save
+from atomic_files import TEMPORARY_PREFIX, DamagedFile, WriteError, load_checked, save_checked
 from experiment import UserError, make_dirs
 from options import FLAGS
 
@@ -55,10 +60,15 @@ def check_identity(saved, args, what, made_by):
         raise UserError(f"{what} was made for other data or settings: {', '.join(differs)}; {made_by}")
 
 
+def checkpoint_steps_regex(pattern):
+    """A regular expression of the file names of ``pattern``, a format string with ``{step}``."""
+    return re.compile("^" + re.escape(pattern).replace(re.escape("{step}"), r"(\d+)") + "$")
+
+
 def checkpoint_steps(directory, pattern):
     """Steps of the checkpoints in ``directory`` whose names match ``pattern``, a format
     string with ``{step}`` (e.g. ``'bert4rec_{step}_best_ml-1m_melo.pt'``)."""
-    regex = re.compile("^" + re.escape(pattern).replace(re.escape("{step}"), r"(\d+)") + "$")
+    regex = checkpoint_steps_regex(pattern)
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -74,6 +84,13 @@ def load_matching_state(module, state, what, made_by):
         detail = " ".join(line.strip() for line in first[1:3]) or first[0]
         raise UserError(f"{what} does not fit this model ({detail}); it was made with other "
                         f"flags or data: {made_by}") from None
+
+
+def refuse_non_finite(state, what, advice):
+    """An error when a state dict holds a NaN or an infinity."""
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{what} holds non-finite values in {name}; {advice}")
 
 
 class RunFiles:
@@ -99,11 +116,12 @@ class RunFiles:
         make_dirs(self.state)
 
     def pattern(self, best=True):
-        """A checkpoint's file name with ``{step}`` for its step (the best validations', or with
-        ``best=False`` every validation's; Basic keeps its best epochs only)."""
+        """A checkpoint's file name with ``{step}`` for its step: the best validations', or with
+        ``best=False`` every validation's (and a stopped run's); Basic's best epochs', or with
+        ``best=False`` a stopped run's."""
         model, mode = self.args.model, self.args.mode
-        if self.method == "basic":
-            return f"{model}_{{step}}_no_meta_best"
+        if self.method == "basic":   # the one a stopped run resumes from: without "_best"
+            return f"{model}_{{step}}_no_meta{'_best' if best else ''}"
         return f"{model}_{{step}}_{'best_' if best else ''}{mode}_{self.method}.pt"
 
     def checkpoint(self, step, best=True):
@@ -119,8 +137,48 @@ class RunFiles:
         return self.state / f"{self.checkpoint(step, best).name.removesuffix('.pt')}_test.json"
 
     def save(self, state, step, best=True):
-        """A checkpoint, written whole or not at all, with the run's identity inside."""
-        atomic_save({**state, "identity": run_identity(self.args)}, self.checkpoint(step, best))
+        """A checkpoint, written whole or not at all, with the run's identity and its checksum
+        inside; a failed write is a one-line error that names the last good checkpoint."""
+        try:
+            save_checked({**state, "identity": run_identity(self.args)}, self.checkpoint(step, best))
+        except WriteError as error:
+            raise UserError(f"{error}; {self._last_good(step, 'free some space and resume it')}") from None
+
+    def _last_good(self, step, then):
+        """Advice that names the last checkpoint before ``step``, which a resume can use."""
+        steps = [earlier for earlier in sorted({*self.steps(best=False), *self.steps(best=True)}) if earlier < step]
+        if not steps:
+            return "no earlier checkpoint of this run is kept"
+        return f"the last good checkpoint is step {steps[-1]}: {then} with --checkpoint_step={steps[-1]}"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run's lock (``.{method}.lock`` in its folder) while it trains: a second run of
+        the same folder and method stops
+        at once, naming the one that holds it (the OS lets go when a process dies). Temporary
+        files left by a killed run are cleaned up once the lock is held."""
+        if not distributed.is_main():   # rank 0 alone writes
+            yield
+            return
+        path = self.folder / f".{self.method}.lock"
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise UserError(f"{self.state} is in use by a {self.method.upper()} run of these settings "
+                                f"({holder}); wait for it to end, or run with other settings or another "
+                                f"{self.root_flag.split('=')[0]}") from None
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+            for leftover in self.state.glob(f"{TEMPORARY_PREFIX}*"):   # ".<checkpoint name>.<random>"
+                target = leftover.name[len(TEMPORARY_PREFIX):].rpartition(".")[0]
+                if any(checkpoint_steps_regex(self.pattern(best)).match(target) for best in (True, False)):
+                    leftover.unlink(missing_ok=True)
+            yield
 
     @property
     def pretrained(self):
@@ -129,8 +187,11 @@ class RunFiles:
 
     def save_pretrained(self, model):
         embedding, whole = self.pretrained
-        atomic_save({"identity": self.identity, "state": model.embedding.state_dict()}, embedding)
-        atomic_save({"identity": self.identity, "state": model.state_dict()}, whole)
+        try:
+            save_checked({"identity": self.identity, "state": model.embedding.state_dict()}, embedding)
+            save_checked({"identity": self.identity, "state": model.state_dict()}, whole)
+        except WriteError as error:
+            raise UserError(f"{error}; free some space and train Basic again") from None
 
     def load_pretrained(self, model):
         """Start ``model`` from Basic's embedding with --load_pretrained_embedding, or from its
@@ -144,12 +205,13 @@ class RunFiles:
         if not path.is_file():
             raise UserError(f"no pretrained {what} at {path}; make it first with: {pretraining_command(args)}")
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = load_checked(path, map_location="cpu", weights_only=True)
             identity, state = saved["identity"], saved["state"]
-        except Exception as error:
+        except Exception as error:  # a damaged or foreign file: say which and why
             raise UserError(f"cannot read pretrained {what} {path}: {error}; make it again with: "
                             f"{pretraining_command(args)}") from None
         check_identity(identity, args, f"pretrained {what} {path}", pretraining_command(args))
+        refuse_non_finite(state, f"pretrained {what} {path}", f"make it again with: {pretraining_command(args)}")
         load_matching_state(module, state, f"pretrained {what} {path}", pretraining_command(args))
         print(f"Loaded pretrained {what} from {path}")
 
@@ -181,18 +243,25 @@ class RunFiles:
         return steps[-1]
 
     def load(self, step, best, device):
-        """The checkpoint of ``step``, checked to be this run's; a missing one is reported with
-        the steps that do exist, and the runs of other settings beside this one."""
+        """The checkpoint of ``step``, checked to be this run's, whole and finite. A step's
+        every-validation checkpoint, when it is missing (a run stopped between the two),
+        is its best one: both hold the whole state. A missing one is reported with the steps
+        that do exist, and the runs of other settings beside this one."""
         path = self.checkpoint(step, best)
+        if not path.is_file() and not best and self.checkpoint(step, best=True).is_file():
+            path = self.checkpoint(step, best=True)
         if not path.is_file():
             raise UserError(f"no checkpoint {path} for step {step}; {self._what_exists(best)}")
         print(f"Loading checkpoint from {path}")  # the reference's line: which file, --test_best or not
         try:
-            state = torch.load(path, map_location=device, weights_only=False)
-        except Exception as error:  # a corrupt or foreign file: say which and why
-            raise UserError(f"cannot read checkpoint {path}: {error}") from None
+            state = load_checked(path, map_location=device, weights_only=False)
+        except Exception as error:  # a damaged or foreign file: say which and why
+            reason = error if isinstance(error, DamagedFile) else f"cannot read checkpoint {path}: {error}"
+            raise UserError(f"{reason}; {self._last_good(step, 'resume or test it')}") from None
         check_identity(state.get("identity", {}), self.args, f"checkpoint of step {step}",
                        f"it belongs to another run: give that run's flags, or another {self.root_flag.split('=')[0]}")
+        refuse_non_finite(state.get("learner", state.get("model", {})), f"checkpoint {path}",
+                          self._last_good(step, "resume or test it"))
         return state
 
     def _what_exists(self, best):

@@ -12,6 +12,7 @@ the targets of their query sequences without adapting.
 if __name__ == "__main__":  # Ctrl-C while the imports below load: a quiet exit 130
     import start_quietly  # noqa: F401
 
+import contextlib
 import math
 import shutil
 
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import checkpoints
 import distributed
 import evaluation
 from config import BasicConfig, ModelConfig, TaskConfig
@@ -26,6 +28,7 @@ from experiment import UserError, log_metrics, make_dirs, run_cli, setup
 from learning_rates import encoder_rate_of_basic
 from models import model_factory
 from models.loss_weighting import TaskStateEncoder
+from preemption import StopRequests
 from rating_loss import MAX_RATING, loss_scale, rating_errors
 from run_files import RunFiles, load_matching_state
 from tasks import PretrainDataset, TaskSampler
@@ -57,6 +60,7 @@ class BasicTrainer:
             PretrainDataset(data, data.train_users, tasks, seed=config.random_seed),
             batch_size=config.pretraining_batch_size, shuffle=True, generator=generator)
         self.files = RunFiles(args, args.pretrain_log_dir, "basic")
+        self.epoch, self.best_rmse, self.best_epoch = 0, math.inf, 0
 
     def parameters(self):
         return [*self.model.parameters(), *(self.encoder.parameters() if self.encoder is not None else ())]
@@ -111,60 +115,94 @@ class BasicTrainer:
                                    rating_values=self.data.rating_values, users=tasks.users)
 
     def train(self):
-        config, events = self.config, self.files.events
+        config = self.config
         self.files.make()
+        with self.files.lock(), StopRequests() as stop:
+            if self.epoch == 0:
+                self._start_afresh()
+            valid_tasks = self.sampler.fixed_tasks("valid")
+            with contextlib.closing(distributed.summary_writer(
+                    str(self.files.events), purge_step=self.epoch + 1 if self.epoch else None)) as writer:
+                for module in (self.model, self.encoder):
+                    if module is not None:
+                        distributed.broadcast_parameters(module)
+                distributed.own_dropout_stream()
+                print(f"Starting Basic model training ({self.model_config.model}, {config.pretrain_epochs} epochs)")
+                for epoch in tqdm(range(self.epoch + 1, config.pretrain_epochs + 1), initial=self.epoch,
+                                  total=config.pretrain_epochs, desc="epochs", disable=not distributed.is_main()):
+                    self._train_and_validate(epoch, valid_tasks, writer)
+                    stop.stop_if_requested(epoch, f"epoch {epoch}", self._checkpoint_to_resume)
+        self.files.print_summary(self.best_epoch, self.best_rmse)
+        if config.save_pretrained:
+            print(f"Pretrained embedding: {self.files.pretrained[0]}")
+        evaluation.warn_if_worse_than_the_mean(self.best_rmse, valid_tasks, self.data,
+                                               "change --pretraining_lr or train longer")
+        print("Done.")
+        return self.best_epoch
+
+    def _start_afresh(self):
+        """A new run replaces an earlier run's pretrained files and curves (or, if it fails, leaves none)."""
         self.files.refuse_earlier_run("Basic")
         if distributed.is_main():
             for path in self.files.pretrained:
-                path.unlink(missing_ok=True)  # an earlier run's, which this run replaces (or, if it fails, none)
-            if config.save_pretrained:
+                path.unlink(missing_ok=True)
+            if self.config.save_pretrained:
                 make_dirs(*(path.parent for path in self.files.pretrained))
-            shutil.rmtree(events, ignore_errors=True)  # an earlier run's curves: this run replaces them
-        writer = distributed.summary_writer(str(events))
-        for module in (self.model, self.encoder):
-            if module is not None:
-                distributed.broadcast_parameters(module)
-        distributed.own_dropout_stream()
-        valid_tasks = self.sampler.fixed_tasks("valid")
-        best_rmse, best_epoch = math.inf, 0
-        print(f"Starting Basic model training ({self.model_config.model}, {config.pretrain_epochs} epochs)")
-        for epoch in tqdm(range(1, config.pretrain_epochs + 1), desc="epochs", disable=not distributed.is_main()):
-            train_metrics = self.train_epoch(epoch)
-            tqdm.write(evaluation.format_metrics(f"Epoch {epoch}: ", train_metrics))
-            valid_metrics = self.evaluate(valid_tasks)
-            tqdm.write(evaluation.format_metrics("\tValidation: ", valid_metrics, label="Val "))
-            if not (evaluation.is_finite(train_metrics) and evaluation.is_finite(valid_metrics)):
-                kept = f"the checkpoint of epoch {best_epoch} is kept" if best_epoch else "nothing was saved"
-                raise UserError(f"Basic training diverged at epoch {epoch} (train RMSE {train_metrics['rmse']}, "
-                                f"valid RMSE {valid_metrics['rmse']}); {kept}; lower --pretraining_lr")
-            for split, metrics in (("train", train_metrics), ("valid", valid_metrics)):
-                log_metrics(writer, split, metrics, epoch)
-            if valid_metrics["rmse"] < best_rmse:
-                best_rmse, best_epoch = valid_metrics["rmse"], epoch
-                self.save(epoch, valid_metrics["rmse"])
-                tqdm.write(f"........Model saved (step: {epoch} | RMSE loss: {best_rmse:.4f})")
-        writer.close()
-        self.files.print_summary(best_epoch, best_rmse)
-        if config.save_pretrained:
-            print(f"Pretrained embedding: {self.files.pretrained[0]}")
-        evaluation.warn_if_worse_than_the_mean(best_rmse, valid_tasks, self.data,
-                                               "change --pretraining_lr or train longer")
-        print("Done.")
-        return best_epoch
+            shutil.rmtree(self.files.events, ignore_errors=True)
 
-    def save(self, epoch, valid_rmse):
-        """The best epoch's checkpoint in state/ (always: every run can be tested) and,
-        with --save_pretrained=True, the embedding and whole model for main.py."""
+    def _train_and_validate(self, epoch, valid_tasks, writer):
+        train_metrics = self.train_epoch(epoch)
+        self.epoch = epoch
+        tqdm.write(evaluation.format_metrics(f"Epoch {epoch}: ", train_metrics))
+        valid_metrics = self.evaluate(valid_tasks)
+        tqdm.write(evaluation.format_metrics("\tValidation: ", valid_metrics, label="Val "))
+        if not (evaluation.is_finite(train_metrics) and evaluation.is_finite(valid_metrics)):
+            kept = f"the checkpoint of epoch {self.best_epoch} is kept" if self.best_epoch else "nothing was saved"
+            raise UserError(f"Basic training diverged at epoch {epoch} (train RMSE {train_metrics['rmse']}, "
+                            f"valid RMSE {valid_metrics['rmse']}); {kept}; lower --pretraining_lr")
+        for split, metrics in (("train", train_metrics), ("valid", valid_metrics)):
+            log_metrics(writer, split, metrics, epoch)
+        if valid_metrics["rmse"] < self.best_rmse:
+            self.best_rmse, self.best_epoch = valid_metrics["rmse"], epoch
+            self.save(best=True)
+            tqdm.write(f"........Model saved (step: {epoch} | RMSE loss: {self.best_rmse:.4f})")
+
+    def _checkpoint_to_resume(self):
+        """The checkpoint of this epoch when the run is stopped (marked, not a best one); its path."""
+        self.save(best=False, preempted=True)
+        return self.files.checkpoint(self.epoch, best=False)
+
+    def save(self, best, **marks):
+        """The checkpoint of this epoch: a best one in state/ (always: every run can be tested)
+        and, with --save_pretrained=True, the embedding and whole model for main.py; with
+        ``best=False`` the one a stopped run resumes from. Each holds all that a resume needs."""
         if not distributed.is_main():
             return
-        self.files.save({"model": self.model.state_dict(), "epoch": epoch, "valid_rmse": valid_rmse,
-                         "args": vars(self.args)}, epoch)
-        if self.config.save_pretrained:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "epoch": self.epoch, "valid_rmse": self.best_rmse, "best_epoch": self.best_epoch,
+                 "rng": checkpoints.rng_state(), "loader": self.train_loader.generator.get_state(),
+                 "sequences": self.train_loader.dataset.rng.bit_generator.state, "args": vars(self.args), **marks}
+        if self.encoder is not None:
+            state.update(encoder=self.encoder.state_dict(), encoder_optimizer=self.encoder_optimizer.state_dict())
+        self.files.save(state, self.epoch, best)
+        if best and self.config.save_pretrained:
             self.files.save_pretrained(self.model)
 
-    def load(self, step):
-        state = self.files.load(step, best=True, device=self.device)
+    def load(self, step, resume=False):
+        """Load a checkpoint: the model to test it; everything to resume training after its epoch."""
+        state = self.files.load(step, best=not resume, device=self.device)
+        checkpoints.check_changed_settings(state["args"], vars(self.args), step, resume)
         load_matching_state(self.model, state["model"], f"checkpoint of epoch {step}", self.files.made_by)
+        if not resume:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.encoder is not None:
+            self.encoder.load_state_dict(state["encoder"])
+            self.encoder_optimizer.load_state_dict(state["encoder_optimizer"])
+        self.epoch, self.best_rmse, self.best_epoch = state["epoch"], state["valid_rmse"], state["best_epoch"]
+        checkpoints.restore_rng(state["rng"])
+        self.train_loader.generator.set_state(state["loader"])
+        self.train_loader.dataset.rng.bit_generator.state = state["sequences"]
 
     def test(self, step):
         metrics = self.evaluate(self.sampler.fixed_tasks("test"))
@@ -183,6 +221,9 @@ def main(argv=None):
         step = trainer.files.step_to_test()
         trainer.load(step)
         return trainer.test(step)
+    if args.checkpoint_step > -1:
+        trainer.load(args.checkpoint_step, resume=True)
+        print(f"Resuming from epoch {trainer.epoch}")
     return trainer.train()
 
 

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from atomic_files import atomic_save  # noqa: E402
+from atomic_files import save_checked  # noqa: E402
 from config import DataConfig, ModelConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
 from experiment import make_dirs  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv=None):
         reference_state = torch.load(saved[0], map_location="cpu")
     path = pretrained_embedding_path(ours)
     make_dirs(path.parent)
-    atomic_save({"identity": run_identity(ours),
+    save_checked({"identity": run_identity(ours),
                  "state": in_our_layout(reference_state, options.model, our_embedding)}, path)
     print(f"the reference's Basic chose epoch {basic.best_step + 1} of {options.pretrain_epochs} "
           f"(validation RMSE {basic.best_valid_rmse_loss:.4f}); its embedding -> {path}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import main
+from atomic_files import load_checked
 import run_files
 import train_original
 from config import DataConfig, MethodConfig, ModelConfig, TaskConfig
@@ -264,7 +265,7 @@ def run_main(ratings_file, tmp_path, *extra):
 
 
 def learner_state(log_dir, step):
-    return torch.load(run_dir(log_dir) / "state" / f"bert4rec_{step}_ml-1m_melo.pt", weights_only=False)["learner"]
+    return load_checked(run_dir(log_dir) / "state" / f"bert4rec_{step}_ml-1m_melo.pt", weights_only=False)["learner"]
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_path, monkeypatch):

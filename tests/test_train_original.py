@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_original
+from atomic_files import load_checked
 from config import ModelConfig
 from experiment import UserError, setup
 from fixtures import make_ratings_frame, run_dir, write_ratings
@@ -35,12 +36,12 @@ def test_train_save_pretrained_and_test_from_the_checkpoint(ratings_file, tmp_pa
     checkpoint = run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best"
     assert checkpoint.is_file()
 
-    embedding = torch.load(run_dir(tmp_path) / "embedding" / "bert4rec_embedding_ml-1m_8_1_2", weights_only=True)
-    whole = torch.load(run_dir(tmp_path) / "pretrained" / "bert4rec_pretrained_ml-1m_8_1_2", weights_only=True)
-    assert embedding["identity"] == whole["identity"] == torch.load(checkpoint, weights_only=False)["identity"]
+    embedding = load_checked(run_dir(tmp_path) / "embedding" / "bert4rec_embedding_ml-1m_8_1_2", weights_only=True)
+    whole = load_checked(run_dir(tmp_path) / "pretrained" / "bert4rec_pretrained_ml-1m_8_1_2", weights_only=True)
+    assert embedding["identity"] == whole["identity"] == load_checked(checkpoint, weights_only=False)["identity"]
     assert embedding["identity"]["random_seed"] == 222 and embedding["identity"]["model"] == "bert4rec"
     embedding, whole = embedding["state"], whole["state"]
-    saved = torch.load(checkpoint, weights_only=False)["model"]
+    saved = load_checked(checkpoint, weights_only=False)["model"]
     # the pretrained files are the best epoch's model, and its embedding part alone
     assert set(embedding) == {"items.weight", "positions.weight"}
     assert torch.equal(embedding["items.weight"], saved["embedding.items.weight"])
@@ -69,7 +70,7 @@ def test_training_lowers_the_valid_error_from_the_untrained_model(tmp_path, caps
     trainer = train_original.BasicTrainer(args, data, device)
     untrained = trainer.evaluate(trainer.sampler.fixed_tasks("valid"))["rmse"]
     best_epoch = trainer.train()
-    best = torch.load(run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best", weights_only=False)
+    best = load_checked(run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best", weights_only=False)
     assert untrained > 1.2 and best["valid_rmse"] < 0.6
     assert "warning" not in capsys.readouterr().out  # it beat the mean rating
 
