@@ -8,6 +8,7 @@ import random
 import numpy as np
 import torch
 
+import distributed
 from experiment import UserError
 from options import flags_with
 from run_files import load_matching_state
@@ -28,21 +29,31 @@ def training_state(trainer):
         "sampler": trainer.sampler.state_dict(),
         "rng": rng_state(),
         "args": vars(trainer.args),
+        "resumed_from": trainer.resumed_from,
     }
 
 
 def rng_state():
-    """Every random generator's state: what dropout and the task draws will do next."""
+    """Every random generator's state: what dropout and the task draws will do next; under
+    torchrun also every process's own dropout stream (call it on every process)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "torch_of_ranks": distributed.gather_objects(torch.get_rng_state())}
 
 
 def restore_rng(rng):
+    """Put the generators back; returns whether this process got its own dropout stream back
+    (a checkpoint of as many processes), else it draws a new one (own_dropout_stream)."""
     torch.set_rng_state(rng["torch"].cpu())
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    of_ranks = rng.get("torch_of_ranks") or []
+    if len(of_ranks) == distributed.world_size():
+        torch.set_rng_state(of_ranks[distributed.rank()].cpu())
+        return True
+    return False
 
 
 def restore(trainer, state, step, resume):
@@ -59,7 +70,8 @@ def restore(trainer, state, step, resume):
     trainer.best_valid_rmse = state["best_valid_rmse"]
     trainer.best_step = state["best_step"]
     trainer.sampler.load_state_dict(state["sampler"])
-    restore_rng(state["rng"])
+    trainer.resumed_from = state.get("resumed_from")
+    trainer.own_stream_restored = restore_rng(state["rng"])
 
 
 def check_changed_settings(saved, ours, step, resume=True):
@@ -78,7 +90,7 @@ def check_changed_settings(saved, ours, step, resume=True):
                         "new run in another --log_dir")
     if not resume:
         return
-    changed = [name for name in differs if name not in ("checkpoint_step", "test")]
+    changed = [name for name in differs if name not in ("checkpoint_step", "test", "resume_from")]
     if changed:
         print("Resuming with changed settings: " +
               ", ".join(f"--{name} {saved[name]} -> {ours[name]}" for name in changed))

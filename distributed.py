@@ -151,14 +151,21 @@ def summary_writer(path, **options):
     return SummaryWriter(path, **options) if is_main() else _NoWriter()
 
 
+def gather_objects(value):
+    """``value`` of every rank, a list in rank order."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    _collective(dist.all_gather_object, values, value)
+    return values
+
+
 def gather(values):
     """``values`` (a CPU tensor, first dimension this rank's share) of every rank,
     concatenated in rank order."""
     if world_size() == 1:
         return values
-    parts = [None] * world_size()
-    _collective(dist.all_gather_object, parts, values)
-    return torch.cat(parts)
+    return torch.cat(gather_objects(values))
 
 
 def check_same_parameters(module):

@@ -54,6 +54,9 @@ class MetaTrainer:
         self.iteration = 0
         self.best_valid_rmse = math.inf
         self.best_step = 0
+        self.resumed_from = None      # --resume_from: the other run's checkpoint this one began from
+        self.own_stream_restored = False   # a resumed process that got its own dropout stream back
+        self.new_folder = True        # False when it goes on in its own folder (--checkpoint_step)
 
     def _build_optimizers(self):
         """Adam on θ, on the inner rates α, and on MELO's networks that are used; their rates
@@ -113,13 +116,23 @@ class MetaTrainer:
                                    batch.query_row_mask, rating_values=self.data.rating_values, users=batch.users)
 
     # --- checkpoints -----------------------------------------------------------------------
-    def save(self, best):
+    def save(self, best, **marks):
+        state = checkpoints.training_state(self)   # on every process: each one's dropout stream
         if distributed.is_main():
-            self.files.save(checkpoints.training_state(self), self.iteration, best)
+            self.files.save({**state, **marks}, self.iteration, best)
 
     def load(self, step, best, resume):
         """Load a checkpoint: only the learner to test it, everything to resume training."""
         checkpoints.restore(self, self.files.load(step, best, self.device), step, resume)
+        self.new_folder = not resume
+
+    def start_from(self, path):
+        """Go on from another run's checkpoint (other learning rates or length, say): its whole
+        state, in this run's own folder; the checkpoints record where it began."""
+        state = self.files.load_other(path, self.device)
+        checkpoints.restore(self, state, state["iteration"], resume=True)
+        self.resumed_from = str(path)
+        print(f"Starting from iteration {self.iteration} of {path}")
 
     # --- the run -----------------------------------------------------------------------------
     def train(self):
@@ -129,14 +142,14 @@ class MetaTrainer:
                             "training users: a batch would repeat users; lower it")
         self.files.make()
         with self.files.lock(), StopRequests() as stop:
-            if self.iteration == 0:
+            if self.new_folder:
                 self.files.refuse_earlier_run(self.method.upper())
                 if distributed.is_main():
                     shutil.rmtree(self.files.events, ignore_errors=True)  # a dead run's curves, which had no checkpoint
             valid_tasks = self.sampler.fixed_tasks("valid")
             # resumed: the curves after the checkpoint's iteration were a killed run's; drop them
             with contextlib.closing(distributed.summary_writer(
-                    str(self.files.events), purge_step=self.iteration + 1 if self.iteration else None)) as writer:
+                    str(self.files.events), purge_step=None if self.new_folder else self.iteration + 1)) as writer:
                 self._train_loop(valid_tasks, writer, stop)
         self.files.print_summary(self.best_step, self.best_valid_rmse)
         evaluation.warn_if_worse_than_the_mean(self.best_valid_rmse, valid_tasks, self.data,
@@ -148,7 +161,8 @@ class MetaTrainer:
         done or asked to stop."""
         training = self.training
         distributed.broadcast_parameters(self.learner)
-        distributed.own_dropout_stream()
+        if not self.own_stream_restored:
+            distributed.own_dropout_stream()
         print(f"Starting {self.method.upper()} training at iteration {self.iteration}")
         progress = tqdm(range(self.iteration + 1, training.num_train_iterations + 1),
                         initial=self.iteration, total=training.num_train_iterations, desc=self.method.upper(),
@@ -165,8 +179,7 @@ class MetaTrainer:
 
     def _checkpoint_to_resume(self):
         """The checkpoint of this step when the run is stopped (marked, not a validation's); its path."""
-        if distributed.is_main():
-            self.files.save({**checkpoints.training_state(self), "preempted": True}, self.iteration, best=False)
+        self.save(best=False, preempted=True)
         return self.files.checkpoint(self.iteration, best=False)
 
     def _validate(self, writer, valid_tasks, train_batch):
@@ -235,6 +248,8 @@ def main(argv=None):
     if args.checkpoint_step > -1:
         trainer.load(args.checkpoint_step, best=False, resume=True)
         print(f"Resuming from iteration {trainer.iteration}")
+    elif args.resume_from:
+        trainer.start_from(args.resume_from)
     trainer.train()
     return trainer
 

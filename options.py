@@ -32,9 +32,12 @@ class Flag:
     ``resume``: whether a run resumed from a checkpoint may give it another value
     ("changes": learning rates and the run's length go to the optimisers; the rest change
     how the same computation runs, or where things go), must give the checkpoint's
-    ("fixed") or is not compared ("ignored": read by nothing). ``identity``: part of what
-    tells one run's files from another's (``experiment.run_identity``); ``shape_of``: the
-    models whose shape it sets, part of their identity. ``study``: reproduce.py's own data
+    ("fixed") or is not compared ("ignored": read by nothing). What tells one run's files
+    from another's (run_files.run_identity): the flags with ``identity="data"`` and those
+    that set the model's shape (``shape_of``: the models whose shape it sets) for every run;
+    for MAML and MELO also every "fixed" flag and those with ``identity="training"`` (the
+    learning rates, the run's length and batches, its starting point), so that runs that
+    compute something else never share a folder. ``study``: reproduce.py's own data
     or budget flag ("data", "budget"), or a flag it sets for each run ("per run").
     ``at_least``: the smallest value of an integer; ``rate``: a finite number, "positive"
     (learning rates) or "non-negative".
@@ -45,7 +48,7 @@ class Flag:
     resume: str
     type: object = None                 # None: the default's type; str2bool for booleans
     action: str | None = None           # "store_true" / "store_false": a switch without a value
-    identity: bool = False
+    identity: str | None = None         # "data" or "training", see above
     shape_of: tuple = ()
     study: str | None = None
     at_least: int | None = None
@@ -60,7 +63,7 @@ FLAGS = (
     # logging and data
     Flag("log_dir", "./log", "where meta-training logs and checkpoints go", "changes", study="per run"),
     Flag("data_path", "./Data/ml-1m/ratings.dat", "rating file to read", "fixed", study="per run"),
-    Flag("mode", "ml-1m", f"dataset reader: one of {', '.join(MODES)}", "fixed", identity=True, study="per run"),
+    Flag("mode", "ml-1m", f"dataset reader: one of {', '.join(MODES)}", "fixed", identity="data", study="per run"),
     Flag("test", False, "test a checkpoint instead of training", "changes", action="store_true", study="per run"),
     Flag("test_best", True, "give it to test the checkpoint of every validation instead of the best one "
          "(the reference's inverted flag: giving it sets test_best to False)", "changes",
@@ -68,18 +71,21 @@ FLAGS = (
     Flag("test_baseline", False, "test the mean-rating baseline", "changes", action="store_true", study="per run"),
     Flag("checkpoint_step", -1, "checkpoint to load: test it with --test, resume training from it otherwise",
          "changes", study="per run", at_least=-1),
-    Flag("log_interval", 50, "validate and checkpoint every N iterations", "changes", study="budget", at_least=1),
-    Flag("num_test_data", 1000, "number of test users", "fixed", identity=True, study="data", at_least=1),
-    Flag("min_sequence", 5, "drop users with fewer ratings", "fixed", identity=True, study="data", at_least=1),
+    Flag("log_interval", 50, "validate and checkpoint every N iterations", "changes", study="budget", at_least=1, identity="training"),
+    Flag("num_test_data", 1000, "number of test users", "fixed", identity="data", study="data", at_least=1),
+    Flag("min_sequence", 5, "drop users with fewer ratings", "fixed", identity="data", study="data", at_least=1),
     _bool("use_random_sequence_length", False, "train on windows of random length instead of max_seq_len", "fixed"),
-    Flag("min_item", 50, "drop items with fewer ratings", "fixed", identity=True, study="data", at_least=1),
+    Flag("min_item", 50, "drop items with fewer ratings", "fixed", identity="data", study="data", at_least=1),
     _bool("drop_duplicates", False, "(new) drop rows that repeat an earlier row exactly (user, item, rating, "
-          "date); False keeps them, as the reference does (their number is printed)", "fixed", identity=True),
+          "date); False keeps them, as the reference does (their number is printed)", "fixed", identity="data"),
     _bool("stable_date_sort", False, "(new) keep ratings of the same date in file order; False sorts them as "
-          "the reference does (numpy's quicksort, whose order of ties depends on the CPU)", "fixed", identity=True),
-    Flag("random_seed", 222, "seed of the data split and the test tasks", "fixed", identity=True, study="per run"),
+          "the reference does (numpy's quicksort, whose order of ties depends on the CPU)", "fixed", identity="data"),
+    Flag("random_seed", 222, "seed of the data split and the test tasks", "fixed", identity="data", study="per run"),
     _bool("overwrite", False, "(new) start a run again whose checkpoints are already there, deleting them; "
           "without it such a run stops and says how to resume or test it", "changes"),
+    Flag("resume_from", None, "(new) a MAML/MELO checkpoint of another run of the same data, model and method "
+         "to go on from, with other learning rates, batches or length: this run starts from its whole state, "
+         "in a folder of its own, and records where it began", "changes", type=str),
     Flag("download_url", None, "(new) URL of the MovieLens zip, for a mirror; GroupLens when not given",
          "changes", type=str),
 
@@ -87,14 +93,14 @@ FLAGS = (
     Flag("num_inner_steps", 3, "inner-loop adaptation steps", "fixed", at_least=1),
     _bool("use_learnable_params", True, "learn the per-layer, per-step inner learning rates (MAML++ LSLR)", "fixed"),
     Flag("inner_lr", 1e-3, "initial inner learning rate", "fixed", rate="positive"),
-    Flag("outer_lr", 1e-3, "meta learning rate of the recommender", "changes", rate="positive"),
-    Flag("min_outer_lr", 1e-4, "end of the outer cosine schedule", "changes", rate="non-negative"),
-    Flag("loss_lr", 1e-2, "learning rate of the loss network", "changes", rate="positive"),
-    Flag("task_info_lr", 1e-2, "learning rate of the MLP encoder", "changes", rate="positive"),
-    Flag("lstm_lr", 1e-1, "learning rate of the LSTM encoder", "changes", rate="positive"),
-    Flag("learn_lr", 1e-3, "learning rate of the inner learning rates", "changes", rate="positive"),
-    Flag("loss_weight_decay", 0, "weight decay of the loss network", "changes", type=float, rate="non-negative"),
-    Flag("num_train_iterations", 2000, "outer iterations", "changes", study="budget", at_least=1),
+    Flag("outer_lr", 1e-3, "meta learning rate of the recommender", "changes", rate="positive", identity="training"),
+    Flag("min_outer_lr", 1e-4, "end of the outer cosine schedule", "changes", rate="non-negative", identity="training"),
+    Flag("loss_lr", 1e-2, "learning rate of the loss network", "changes", rate="positive", identity="training"),
+    Flag("task_info_lr", 1e-2, "learning rate of the MLP encoder", "changes", rate="positive", identity="training"),
+    Flag("lstm_lr", 1e-1, "learning rate of the LSTM encoder", "changes", rate="positive", identity="training"),
+    Flag("learn_lr", 1e-3, "learning rate of the inner learning rates", "changes", rate="positive", identity="training"),
+    Flag("loss_weight_decay", 0, "weight decay of the loss network", "changes", type=float, rate="non-negative", identity="training"),
+    Flag("num_train_iterations", 2000, "outer iterations", "changes", study="budget", at_least=1, identity="training"),
     _bool("first_order", False, "(new) first-order meta-gradients: faster, not the paper's method", "fixed"),
     Flag("tasks_per_pass", None, "(new) adapt at most N tasks of a batch at once (None: all of them); the "
          "passes' gradients add up to the batch's, so this trades speed for memory only", "changes",
@@ -118,7 +124,7 @@ FLAGS = (
 
     # recommender
     Flag("model", "bert4rec", f"one of {', '.join(MODELS)}", "fixed", study="per run"),
-    Flag("max_seq_len", 30, "longest task window, in interactions", "fixed", identity=True, study="data"),
+    Flag("max_seq_len", 30, "longest task window, in interactions", "fixed", identity="data", study="data"),
     Flag("bert_num_blocks", 2, "transformer blocks of bert4rec and sasrec", "fixed",
          shape_of=("bert4rec", "sasrec"), at_least=1),
     Flag("bert_num_heads", 4, "attention heads of bert4rec and sasrec", "fixed",
@@ -137,8 +143,8 @@ FLAGS = (
     # tasks
     Flag("num_users", 0, "no effect, as in the reference: the data's count is used", "ignored"),
     Flag("num_items", 0, "no effect, as in the reference: the data's count is used", "ignored"),
-    Flag("batch_size", 16, "tasks per outer iteration", "changes", at_least=1),
-    Flag("val_size", 600, "number of validation tasks", "fixed", identity=True, study="data", at_least=1),
+    Flag("batch_size", 16, "tasks per outer iteration", "changes", at_least=1, identity="training"),
+    Flag("val_size", 600, "number of validation tasks", "fixed", identity="data", study="data", at_least=1),
     Flag("num_samples", 25, "support sequences per task", "fixed", at_least=1),
     Flag("num_query_set", 3, "query sequences per task", "fixed", at_least=1),
     Flag("default_rating", 0, "rating value of padded positions", "fixed"),
@@ -170,8 +176,8 @@ FLAGS = (
     Flag("pretrain_epochs", 100, "Basic: training epochs", "changes", study="budget", at_least=1),
     Flag("pretraining_lr", 1e-3, "Basic: learning rate", "changes", rate="positive"),
     _bool("load_pretrained_embedding", False, "MAML/MELO start from Basic's saved embedding", "changes",
-          study="per run"),
-    _bool("load_pretrained", False, "MAML/MELO start from Basic's whole saved model", "changes", study="per run"),
+          study="per run", identity="training"),
+    _bool("load_pretrained", False, "MAML/MELO start from Basic's whole saved model", "changes", study="per run", identity="training"),
     _bool("save_pretrained", False, "Basic saves its best epoch's embedding and model for MAML/MELO", "changes",
           study="per run"),
     _bool("use_learned_loss_baseline", False, "weight Basic's loss with the LSTM encoder", "changes"),

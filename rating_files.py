@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -122,7 +123,7 @@ def detect_layout(path: Path, mode: str) -> Layout:
     try:
         with open_text(path) as stream:
             line = _first_line(stream)
-    except (UnicodeDecodeError, zipfile.BadZipFile, EOFError, OSError) as error:
+    except (UnicodeDecodeError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
         raise DataError(f"cannot read {path} as text: {error}") from None
     if not line:
         raise DataError(f"{path} is empty; point --data_path at a rating file")
@@ -208,8 +209,9 @@ def read_ratings(path: Path, mode: str) -> RawRatings:
                 keep, stars, time = _usable_rows(user, item, rating, date, dropped)
                 parts.append((users.encode(user[keep]), items.encode(item[keep]),
                               stars[keep], time[keep]))
-    except (pd.errors.ParserError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as error:
-        raise DataError(f"{path}: cannot parse it as {layout.name}: {error}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile,
+            zlib.error) as error:   # a damaged archive too
+        raise DataError(f"{path}: cannot parse it as {layout.name}: {error}; if it is damaged, get it again") from None
     _report_dropped(path, sum(len(part[2]) for part in parts), dropped)
     user_codes, item_codes, ratings, dates = (np.concatenate(column) for column in zip(*parts))
     return RawRatings(layout.name, user_codes, item_codes, ratings.astype(np.float32), dates,

@@ -11,6 +11,7 @@ results, and the pretrained files that Basic leaves for MAML and MELO.
 """
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -27,34 +28,54 @@ from atomic_files import TEMPORARY_PREFIX, DamagedFile, WriteError, load_checked
 from experiment import UserError, make_dirs
 from options import FLAGS
 
-IDENTITY_FLAGS = tuple(flag.name for flag in FLAGS if flag.identity)
+DATA_IDENTITY = tuple(flag.name for flag in FLAGS if flag.identity == "data")
+# MAML and MELO: also everything else that changes what they compute (the data file counts by content)
+META_IDENTITY = tuple(flag.name for flag in FLAGS
+                      if (flag.resume == "fixed" or flag.identity == "training") and flag.name != "data_path")
+META_METHODS = ("maml", "melo")
 
 
-def run_identity(args):
-    """The settings that make a run's files its own (the flags marked ``identity``, the model
-    and its shape); stored in each of them and compared when one is loaded. The data file
-    counts by its folder, name and size, so a moved copy of the same file is the same data."""
+@functools.lru_cache(maxsize=16)
+def _content_digest(path, size, modified):
+    """The SHA-256 of a file's content (cached while its size and time stay the same)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_identity(args, method="basic"):
+    """The settings that make a run's files its own; stored in each of them and compared when
+    one is loaded. For every run: the data file (its folder, name, size and content: a moved
+    copy of the same file is the same data, a file edited in place is not), the flags of the
+    data and the model's shape; for MAML and MELO also every other setting that changes what
+    they compute (options.Flag)."""
     data = Path(args.data_path)
     identity = {"data": f"{data.parent.name}/{data.name}",
                 "data_bytes": data.stat().st_size if data.is_file() else None, "model": args.model}
-    identity.update({name: getattr(args, name) for name in IDENTITY_FLAGS})
+    if data.is_file():
+        identity["data_sha256"] = _content_digest(str(data.resolve()), data.stat().st_size, data.stat().st_mtime_ns)
+    identity.update({name: getattr(args, name) for name in DATA_IDENTITY})
     identity.update({flag.name: getattr(args, flag.name) for flag in FLAGS if args.model in flag.shape_of})
+    if method in META_METHODS:
+        identity.update({name: getattr(args, name) for name in META_IDENTITY})
     return identity
 
 
-def run_folder(args, root):
+def run_folder(args, root, method="basic"):
     """The folder of this run's files under ``root`` (--log_dir or --pretrain_log_dir):
-    ``<data folder>-<file>_seed<seed>_<model>_<digest of the identity>``. Basic and MAML/MELO
-    of the same data and model share it, so main.py finds Basic's embedding there."""
-    identity = run_identity(args)
+    ``<data folder>-<file>_seed<seed>_<model>_<digest of the identity>``; main.py finds
+    Basic's embedding under --pretrain_log_dir by Basic's identity."""
+    identity = run_identity(args, method)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     data = Path(args.data_path)
     return Path(root) / f"{data.parent.name}-{data.stem}_seed{args.random_seed}_{args.model}_{digest}"
 
 
-def check_identity(saved, args, what, made_by):
+def check_identity(saved, args, what, made_by, method="basic"):
     """A clear error when a file was made for other data or settings than this run's."""
-    ours = run_identity(args)
+    ours = run_identity(args, method)
     differs = [f"{key} {saved.get(key)!r} (now {value!r})" for key, value in ours.items() if saved.get(key) != value]
     if differs:
         raise UserError(f"{what} was made for other data or settings: {', '.join(differs)}; {made_by}")
@@ -100,7 +121,7 @@ class RunFiles:
     def __init__(self, args, root, method):
         self.args = args
         self.method = method
-        self.folder = run_folder(args, root)
+        self.folder = run_folder(args, root, method)
         self.state = self.folder / "state"
         self.events = self.folder / "runs" / f"{args.model}_{args.mode}_{method}"
         script = "train_original.py" if method == "basic" else "main.py"
@@ -109,7 +130,7 @@ class RunFiles:
 
     @property
     def identity(self):
-        return run_identity(self.args)
+        return run_identity(self.args, self.method)
 
     def make(self):
         """The run's state folder, with a clear error when it cannot be written."""
@@ -140,7 +161,7 @@ class RunFiles:
         """A checkpoint, written whole or not at all, with the run's identity and its checksum
         inside; a failed write is a one-line error that names the last good checkpoint."""
         try:
-            save_checked({**state, "identity": run_identity(self.args)}, self.checkpoint(step, best))
+            save_checked({**state, "identity": self.identity}, self.checkpoint(step, best))
         except WriteError as error:
             raise UserError(f"{error}; {self._last_good(step, 'free some space and resume it')}") from None
 
@@ -238,7 +259,7 @@ class RunFiles:
         steps = self.steps(best)
         if not steps:
             raise UserError(f"nothing to test: no checkpoint {self.pattern(best).format(step='N')} in "
-                            f"{self.state}; train first with {self.made_by}")
+                            f"{self.state}; {self._what_exists(best)}")
         print(f"Testing the latest checkpoint, step {steps[-1]}")
         return steps[-1]
 
@@ -259,21 +280,53 @@ class RunFiles:
             reason = error if isinstance(error, DamagedFile) else f"cannot read checkpoint {path}: {error}"
             raise UserError(f"{reason}; {self._last_good(step, 'resume or test it')}") from None
         check_identity(state.get("identity", {}), self.args, f"checkpoint of step {step}",
-                       f"it belongs to another run: give that run's flags, or another {self.root_flag.split('=')[0]}")
+                       f"it belongs to another run: give that run's flags, or another {self.root_flag.split('=')[0]}",
+                       self.method)
         refuse_non_finite(state.get("learner", state.get("model", {})), f"checkpoint {path}",
                           self._last_good(step, "resume or test it"))
+        return state
+
+    def load_other(self, path, device):
+        """Another run's checkpoint (--resume_from) of the same data and model, whole and finite."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--resume_from={path}: no such file; give a checkpoint of a run of this data and model")
+        try:
+            state = load_checked(path, map_location=device, weights_only=False)
+        except Exception as error:  # a damaged or foreign file: say which and why
+            raise UserError(f"cannot read checkpoint {path}: {error}") from None
+        check_identity(state.get("identity", {}), self.args, f"--resume_from={path}",
+                       "give the data and model flags of the run that wrote it")
+        refuse_non_finite(state.get("learner", {}), f"checkpoint {path}", "give another checkpoint")
         return state
 
     def _what_exists(self, best):
         steps = self.steps(best)
         found = (f"steps with a checkpoint: {', '.join(map(str, steps))}" if steps
                  else f"no checkpoint of this kind in {self.state}; {self.made_by} writes them")
-        others = sorted(folder.parent.name for folder in self.folder.parent.glob("*/state")
+        others = sorted(folder for folder in self.folder.parent.glob("*/state")
                         if folder.parent != self.folder and checkpoint_steps(folder, self.pattern(best)))
         if others:
-            found += (f" (the same folder holds runs of other data or settings, whose flags differ "
-                      f"from these: {', '.join(others)})")
+            found += (" (the same folder holds runs of other data or settings: "
+                      + "; ".join(self._how_it_differs(folder, best) for folder in others[:3]) + ")")
+            if self.method in META_METHODS:
+                found += "; to go on from another run's checkpoint with these settings, give --resume_from=ITS_FILE"
         return found
+
+    def _how_it_differs(self, state_folder, best):
+        """Another run folder's name and the settings in which its last checkpoint differs from ours."""
+        last = state_folder / self.pattern(best).format(step=checkpoint_steps(state_folder, self.pattern(best))[-1])
+        try:
+            theirs = load_checked(last, map_location="cpu", weights_only=False).get("identity", {})
+        except Exception:  # an unreadable checkpoint: its folder's name will do
+            return state_folder.parent.name
+        ours = self.identity
+        def shown(value):   # a digest by its first digits
+            return f"{value[:12]}…" if isinstance(value, str) and len(value) == 64 else value
+
+        differs = [f"{key} {shown(theirs.get(key))} there, {shown(value)} here" for key, value in ours.items()
+                   if theirs.get(key) != value]
+        return f"{state_folder.parent.name}: {', '.join(differs) or 'other settings'}"
 
     def refuse_earlier_run(self, what):
         """Before a new run writes its checkpoints: an error when an earlier run with these

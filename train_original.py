@@ -61,6 +61,7 @@ class BasicTrainer:
             batch_size=config.pretraining_batch_size, shuffle=True, generator=generator)
         self.files = RunFiles(args, args.pretrain_log_dir, "basic")
         self.epoch, self.best_rmse, self.best_epoch = 0, math.inf, 0
+        self.own_stream_restored = False   # a resumed process that got its own dropout stream back
 
     def parameters(self):
         return [*self.model.parameters(), *(self.encoder.parameters() if self.encoder is not None else ())]
@@ -126,7 +127,8 @@ class BasicTrainer:
                 for module in (self.model, self.encoder):
                     if module is not None:
                         distributed.broadcast_parameters(module)
-                distributed.own_dropout_stream()
+                if not self.own_stream_restored:
+                    distributed.own_dropout_stream()
                 print(f"Starting Basic model training ({self.model_config.model}, {config.pretrain_epochs} epochs)")
                 for epoch in tqdm(range(self.epoch + 1, config.pretrain_epochs + 1), initial=self.epoch,
                                   total=config.pretrain_epochs, desc="epochs", disable=not distributed.is_main()):
@@ -176,11 +178,12 @@ class BasicTrainer:
         """The checkpoint of this epoch: a best one in state/ (always: every run can be tested)
         and, with --save_pretrained=True, the embedding and whole model for main.py; with
         ``best=False`` the one a stopped run resumes from. Each holds all that a resume needs."""
+        rng = checkpoints.rng_state()   # on every process: each one's dropout stream
         if not distributed.is_main():
             return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "epoch": self.epoch, "valid_rmse": self.best_rmse, "best_epoch": self.best_epoch,
-                 "rng": checkpoints.rng_state(), "loader": self.train_loader.generator.get_state(),
+                 "rng": rng, "loader": self.train_loader.generator.get_state(),
                  "sequences": self.train_loader.dataset.rng.bit_generator.state, "args": vars(self.args), **marks}
         if self.encoder is not None:
             state.update(encoder=self.encoder.state_dict(), encoder_optimizer=self.encoder_optimizer.state_dict())
@@ -200,7 +203,7 @@ class BasicTrainer:
             self.encoder.load_state_dict(state["encoder"])
             self.encoder_optimizer.load_state_dict(state["encoder_optimizer"])
         self.epoch, self.best_rmse, self.best_epoch = state["epoch"], state["valid_rmse"], state["best_epoch"]
-        checkpoints.restore_rng(state["rng"])
+        self.own_stream_restored = checkpoints.restore_rng(state["rng"])
         self.train_loader.generator.set_state(state["loader"])
         self.train_loader.dataset.rng.bit_generator.state = state["sequences"]
 

@@ -19,6 +19,7 @@ import main
 import train_original
 from config import DataConfig
 from dataloader import load_data
+from atomic_files import load_checked
 from run_files import checkpoint_steps
 from fixtures import run_dir, write_ratings
 from options import parse_args
@@ -179,14 +180,15 @@ def start_ranks(command, world_size, **popen):
 
 def test_a_checkpoint_of_two_processes_resumes_in_one(ratings_file, tmp_path):
     flags = [f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path}", "--batch_size=4",
-             "--log_interval=2", "--num_train_iterations=2"]
+             "--log_interval=2", "--num_train_iterations=4"]
     ranks = start_ranks([sys.executable, str(ROOT / "main.py"), *flags], 2)
     outputs = [rank.communicate(timeout=120) for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
     assert "Iteration 2:" in outputs[0][0] and outputs[1][0] == ""   # rank 0 alone prints
-    resumed = main.main([*flags[:-1], "--num_train_iterations=4", "--checkpoint_step=2"])
-    assert resumed.iteration == 4
-    assert (run_dir(tmp_path) / "state" / "bert4rec_4_ml-1m_melo.pt").is_file()
+    two_processes = run_dir(tmp_path)
+    resumed = main.main([*flags, "--checkpoint_step=2"])   # the same run, from its step 2, in one process
+    assert resumed.iteration == 4 and resumed.files.folder == two_processes
+    assert (two_processes / "state" / "bert4rec_4_ml-1m_melo.pt").is_file()
 
 
 def test_basic_trains_in_two_processes_and_tests_in_one(ratings_file, tmp_path):
@@ -215,3 +217,27 @@ def test_a_rank_that_dies_stops_the_others_with_a_message(ratings_file, tmp_path
     assert ranks[0].returncode == 1
     assert "another process of this torchrun job failed or stopped answering" in errors
     assert "Traceback" not in errors
+
+
+def test_two_processes_stopped_by_sigterm_resume_exactly(ratings_file, tmp_path):
+    """Both processes stop after the same iteration, process 0 writes the checkpoint with each
+    process's dropout stream, and the two resumed processes end where two unstopped ones do."""
+    flags = [f"--data_path={ratings_file}", *TINY, "--batch_size=4", "--log_interval=4", "--num_train_iterations=6",
+             "--bert_dropout=0.3"]
+    command = [sys.executable, "-u", str(ROOT / "main.py"), *flags]
+    whole = start_ranks([*command, f"--log_dir={tmp_path / 'whole'}"], 2)
+    assert [rank.communicate(timeout=120) and rank.returncode for rank in whole] == [0, 0]
+    cut = start_ranks([*command, f"--log_dir={tmp_path / 'cut'}"], 2)
+    for line in cut[0].stdout:
+        if line.startswith("Iteration 2:"):
+            for rank in cut:
+                rank.send_signal(signal.SIGTERM)
+            break
+    outputs = [rank.communicate(timeout=120) for rank in cut]
+    assert [rank.returncode for rank in cut] == [75, 75], outputs
+    steps = checkpoint_steps(run_dir(tmp_path / "cut") / "state", "bert4rec_{step}_ml-1m_melo.pt")
+    resumed = start_ranks([*command, f"--log_dir={tmp_path / 'cut'}", f"--checkpoint_step={steps[-1]}"], 2)
+    assert [rank.communicate(timeout=120) and rank.returncode for rank in resumed] == [0, 0]
+    ends = [load_checked(run_dir(tmp_path / root) / "state" / "bert4rec_6_ml-1m_melo.pt", weights_only=False)["learner"]
+            for root in ("whole", "cut")]
+    assert all(torch.equal(ends[0][name], ends[1][name]) for name in ends[0])

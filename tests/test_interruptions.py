@@ -2,6 +2,7 @@
 are damaged: preemption checkpoints that resume exactly, one writer per run, one-line errors
 that leave nothing partial, and nothing damaged ever used."""
 import errno
+import json
 import io
 import os
 import re
@@ -20,6 +21,7 @@ import reproduce
 import study_options
 import train_original
 from atomic_files import load_checked, save_checked
+from dataloader import DataError
 from experiment import UserError
 from fixtures import run_dir, write_ratings
 from options import parse_args
@@ -174,13 +176,36 @@ def test_a_checkpoint_with_flipped_bytes_is_refused(ratings_file, tmp_path):
     path = run_dir(tmp_path / "log") / "state" / "bert4rec_6_ml-1m_melo.pt"
     wrapped = torch.load(path, weights_only=True)
     payload = bytearray(wrapped["payload"])
-    middle = len(payload) * 3 // 5
-    payload[middle:middle + 64] = bytes(255 - byte for byte in payload[middle:middle + 64])
+    weights = load_checked(path, weights_only=False)["learner"]["model.embedding.items.weight"]
+    start = bytes(payload).find(weights.numpy().tobytes())             # inside the item embedding's record
+    assert start > 0
+    payload[start:start + 64] = bytes(255 - byte for byte in payload[start:start + 64])
     torch.load(io.BytesIO(bytes(payload)), weights_only=False)   # still readable as it is
     torch.save({**wrapped, "payload": bytes(payload)}, path)
     with pytest.raises(UserError, match="is damaged: its content does not match") as refused:
         main.main(flags(ratings_file, tmp_path, *META, "--test", "--test_best", "--checkpoint_step=6"))
     assert "the last good checkpoint is step 4" in str(refused.value)
+
+
+def test_a_rating_file_edited_in_place_is_other_data(tmp_path):
+    ratings = write_ratings(tmp_path / "data" / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
+    main.main(flags(ratings, tmp_path, *META))
+    text = ratings.read_text()
+    edited = text.replace("::5::", "::1::", 40)                       # 5 stars -> 1 star, the same size
+    assert len(edited) == len(text) and edited != text
+    ratings.write_text(edited)
+    with pytest.raises(UserError, match=r"nothing to test: .*data_sha256 \w{12}… there, \w{12}… here"):
+        main.main(flags(ratings, tmp_path, *META, "--test"))
+
+
+def test_a_damaged_gzip_rating_file_is_one_line(tmp_path):
+    import gzip
+    ratings = write_ratings(tmp_path / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
+    packed = gzip.compress(ratings.read_bytes())
+    damaged = tmp_path / "ratings.dat.gz"
+    damaged.write_bytes(packed[:len(packed) // 2] + bytes(64) + packed[len(packed) // 2 + 64:])
+    with pytest.raises(DataError, match="cannot parse it as movielens-dat: .*damaged, get it again"):
+        main.main(flags(damaged, tmp_path, *META))
 
 
 def test_a_pretrained_embedding_with_a_nan_is_refused(ratings_file, tmp_path):
@@ -194,10 +219,17 @@ def test_a_pretrained_embedding_with_a_nan_is_refused(ratings_file, tmp_path):
         main.main(flags(ratings_file, tmp_path, *META, "--load_pretrained_embedding=True"))
 
 
-def test_a_test_with_another_method_is_refused(ratings_file, tmp_path):
+def test_a_test_with_another_method_finds_no_checkpoint_and_says_why(ratings_file, tmp_path):
     main.main(flags(ratings_file, tmp_path, *META))
-    with pytest.raises(UserError, match=r"other settings: --normalize_weights=False \(now True\); test it"):
+    with pytest.raises(UserError, match=r"nothing to test: .*other data or settings: .*normalize_weights False there, "
+                                        r"True here"):
         main.main(flags(ratings_file, tmp_path, *META, "--test", "--normalize_weights=True"))
+
+
+def test_a_basic_test_with_another_model_setting_is_refused(ratings_file, tmp_path):
+    train_original.main(flags(ratings_file, tmp_path, "--pretrain_epochs=1"))
+    with pytest.raises(UserError, match=r"other settings: --model_init_seed=5 \(now 6\); test it"):
+        train_original.main(flags(ratings_file, tmp_path, "--test", "--model_init_seed=6"))
 
 
 def test_a_batch_larger_than_the_training_users_is_refused(ratings_file, tmp_path):
@@ -235,3 +267,23 @@ def test_sigterm_to_a_study_stops_its_run_and_leaves_no_process(ratings_file, tm
     maml = reproduce.plan_runs(study_options.parse_command_line(study[3:]), tmp_path / "stopped" / "runs")[2]
     resumable = reproduce.last_checkpoint_step(maml)
     assert resumable is not None and resumable >= 2
+
+
+# --- runs that differ are separate runs -------------------------------------------------------------
+def test_a_learning_rate_sweep_in_one_folder_is_three_runs_each_testable(ratings_file, tmp_path):
+    rates = ("0.001", "0.01", "0.03")
+    for rate in rates:
+        main.main(flags(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=2", f"--outer_lr={rate}"))
+    assert len(list((tmp_path / "log").glob("*/state"))) == 3
+    tested = {}
+    for rate in rates:
+        tested[rate] = main.main(flags(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=2",
+                                       f"--outer_lr={rate}", "--test", "--checkpoint_step=2"))
+        record = next(path for path in (tmp_path / "log").glob("*/state/*_test.json")
+                      if load_json(path)["identity"]["outer_lr"] == float(rate))
+        assert load_json(record)["metrics"]["rmse"] == tested[rate]["rmse"]
+    assert len({round(metrics["rmse"], 10) for metrics in tested.values()}) == 3
+
+
+def load_json(path):
+    return json.loads(Path(path).read_text())

@@ -291,34 +291,40 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_pa
         assert torch.equal(whole[name], resumed[name]), name
 
 
-def test_a_resume_applies_a_changed_learning_rate_and_refuses_a_changed_shape(ratings_file, tmp_path, capsys):
+def test_other_rates_or_length_go_on_from_a_checkpoint_as_a_run_of_their_own(ratings_file, tmp_path, capsys):
     flags = ["--num_train_iterations=4", "--log_interval=2"]
     run_main(ratings_file, tmp_path, *flags)
-    trainer = run_main(ratings_file, tmp_path, *flags, "--num_train_iterations=6", "--outer_lr=0.5",
-                       "--lstm_lr=0.05", "--checkpoint_step=2")
+    first = run_dir(tmp_path / "log")
+    # other rates or another length are another run: --checkpoint_step finds no step 2 of it
+    with pytest.raises(UserError, match=r"for step 2; .*or settings: .*num_train_iterations 4 there, 6 here\).*--resume_from"):
+        run_main(ratings_file, tmp_path, "--num_train_iterations=6", "--log_interval=2", "--checkpoint_step=2")
+    checkpoint = first / "state" / "bert4rec_2_ml-1m_melo.pt"
+    trainer = run_main(ratings_file, tmp_path, "--num_train_iterations=6", "--log_interval=2", "--outer_lr=0.5",
+                       "--lstm_lr=0.05", f"--resume_from={checkpoint}")
+    out = capsys.readouterr().out
     assert "Resuming with changed settings: --outer_lr 0.001 -> 0.5, --lstm_lr 0.1 -> 0.05, " \
-           "--num_train_iterations 4 -> 6" in capsys.readouterr().out
+           "--num_train_iterations 4 -> 6" in out and f"Starting from iteration 2 of {checkpoint}" in out
     # the last of 6 iterations ran at the rates of cosine schedules from the new rates
     meta, encoder = trainer.optimizers["meta"], trainer.optimizers["encoder"]
     assert meta.param_groups[0]["lr"] == pytest.approx(1e-4 + (0.5 - 1e-4) * (1 + math.cos(math.pi * 5 / 6)) / 2)
     assert encoder.param_groups[0]["lr"] == pytest.approx(1e-2 + (0.05 - 1e-2) * (1 + math.cos(math.pi * 5 / 6)) / 2)
-    # another shape is another run, in its own folder: its checkpoint of step 2 is not there
-    with pytest.raises(UserError, match=r"for step 2; .*holds runs of other data or settings.*: data\d+-ratings_seed222_bert4rec_"):
-        run_main(ratings_file, tmp_path, *flags, "--bert_hidden_units=12", "--checkpoint_step=2")
+    assert trainer.files.folder != first
+    assert sorted(p.name for p in (first / "state").glob("bert4rec_*_ml-1m_melo.pt") if "_best_" not in p.name) == [
+        "bert4rec_2_ml-1m_melo.pt", "bert4rec_4_ml-1m_melo.pt"]                    # the first run's, untouched
+    resumed = load_checked(trainer.files.checkpoint(6, best=False), weights_only=False)
+    assert resumed["resumed_from"] == str(checkpoint) and resumed["iteration"] == 6
+    # another shape or method cannot go on from it
     with pytest.raises(UserError, match=r"--lstm_hidden=8 \(now 12\); these cannot change"):
-        run_main(ratings_file, tmp_path, *flags, "--lstm_hidden=12", "--checkpoint_step=2")
-    # a MAML run looks for MAML's checkpoints: point one at MELO's to see it refused
-    args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}",
-                                *flags, "--use_adaptive_loss=False"])
-    maml = main.MetaTrainer(args, data, device)
-    maml.files.method = "melo"
+        run_main(ratings_file, tmp_path, *flags, "--lstm_hidden=12", f"--resume_from={checkpoint}")
     with pytest.raises(UserError, match=r"--use_adaptive_loss=True \(now False\)"):
-        maml.load(2, best=False, resume=True)
+        run_main(ratings_file, tmp_path, *flags, "--use_adaptive_loss=False", f"--resume_from={checkpoint}")
+    with pytest.raises(UserError, match=r"was made for other data or settings: bert_hidden_units 8 \(now 12\)"):
+        run_main(ratings_file, tmp_path, *flags, "--bert_hidden_units=12", f"--resume_from={checkpoint}")
 
 
 def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
     run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
-    melo = run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
+    melo = run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1", "--test", "--checkpoint_step=2")
     assert math.isfinite(melo["rmse"]) and math.isfinite(melo["mae"])
     result = json.loads((run_dir(tmp_path / "log") / "state" / "bert4rec_2_best_ml-1m_melo_test.json").read_text())
     assert result["metrics"]["rmse"] == pytest.approx(melo["rmse"])
@@ -326,7 +332,7 @@ def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
     # the tested encoder's mean loss weight per rating of the test support sets
     weights = result["encoder_weight_per_rating"]
     assert set(weights) == {"1", "2", "3", "4", "5"} and all(w > 0 for w in weights.values())
-    args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}"])
+    args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}", "--num_train_iterations=2", "--log_interval=1"])
     tested = main.MetaTrainer(args, data, device)
     tested.load(2, best=True, resume=False)
     tested.learner.eval()
@@ -334,7 +340,7 @@ def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
     untrained = main.MetaTrainer(args, data, device).learner.eval()
     assert weights != pytest.approx(untrained.mean_weight_per_rating(tested.sampler.fixed_tasks("test")))
 
-    again = run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
+    again = run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1", "--test", "--checkpoint_step=2")
     assert again["rmse"] == melo["rmse"]  # fixed test tasks: the same number every time
 
     flags = [f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path / 'pre'}"]
@@ -351,7 +357,7 @@ def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
 def test_missing_checkpoint_lists_the_steps_that_exist(ratings_file, tmp_path):
     run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
     with pytest.raises(UserError, match=r"steps with a checkpoint: 1, 2"):
-        run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=7", "--test_best")
+        run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1", "--test", "--checkpoint_step=7", "--test_best")
 
 
 def test_missing_pretrained_embedding_names_the_command(ratings_file, tmp_path):
@@ -412,17 +418,22 @@ def test_a_nan_test_result_is_an_error_and_writes_no_json(ratings_file, tmp_path
     original = main.MetaTrainer.evaluate
     monkeypatch.setattr(main.MetaTrainer, "evaluate", lambda self, batch: {**original(self, batch), "mae": math.inf})
     with pytest.raises(UserError, match="no result is written"):
-        run_main(ratings_file, tmp_path, "--test", "--checkpoint_step=2")
+        run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=2", "--test", "--checkpoint_step=2")
     assert not list((run_dir(tmp_path / "log") / "state").glob("*.json"))
 
 
 def test_testing_needs_only_the_checkpoint(ratings_file, tmp_path, capsys):
     """The reference README's test command names --load_pretrained_embedding=True: the
-    checkpoint holds every parameter, so no Basic embedding has to exist."""
-    run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=2")
+    checkpoint holds every parameter, so Basic's embedding need not exist any more."""
+    flags = ["--num_train_iterations=2", "--log_interval=2", "--load_pretrained_embedding=True"]
+    train_original.main([f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path / 'pre'}",
+                         "--pretrain_epochs=1", "--save_pretrained=True"])
+    run_main(ratings_file, tmp_path, *flags)
     out = capsys.readouterr().out
     assert "test the best one with the same flags and --test --checkpoint_step=2" in out
-    metrics = run_main(ratings_file, tmp_path, "--load_pretrained_embedding=True", "--test", "--checkpoint_step=2")
+    for embedding in (tmp_path / "pre").glob("*/embedding/*"):
+        embedding.unlink()
+    metrics = run_main(ratings_file, tmp_path, *flags, "--test", "--checkpoint_step=2")
     assert math.isfinite(metrics["rmse"])
     checkpoint = run_dir(tmp_path / "log") / "state" / "bert4rec_2_best_ml-1m_melo.pt"
     assert f"Loading checkpoint from {checkpoint}" in capsys.readouterr().out
@@ -444,6 +455,7 @@ def test_seeds_and_datasets_in_the_same_folders_keep_their_own_files(ratings_fil
         assert len(list((tmp_path / root).glob("*/state"))) == 3, "one folder per run, nothing overwritten"
     for data, seed in runs:
         metrics = main.main([f"--data_path={data}", *TINY, f"--log_dir={tmp_path / 'log'}", f"--random_seed={seed}",
+                             "--num_train_iterations=2", "--log_interval=2", "--load_pretrained_embedding=True",
                              "--test", "--checkpoint_step=2"])
         record = json.loads(next((tmp_path / "log").glob(f"{data.parent.name}-ratings_seed{seed}_*/state/*_test.json"))
                             .read_text())
@@ -462,9 +474,10 @@ def test_a_new_run_refuses_an_earlier_runs_checkpoints_unless_told_to_overwrite(
     assert sorted(p.name for p in state.iterdir()) == before
     run_main(ratings_file, tmp_path, *flags, "--use_adaptive_loss=False")  # MAML's own names: no conflict
     maml = sorted(p.name for p in state.glob("*_maml.pt"))
-    run_main(ratings_file, tmp_path, "--num_train_iterations=1", "--log_interval=1", "--overwrite=True")
-    melo = sorted(p.name for p in state.glob("*_melo*"))
-    assert melo == ["bert4rec_1_best_ml-1m_melo.pt", "bert4rec_1_ml-1m_melo.pt"], "step 2 of the old run is gone"
+    old = {p.name: p.stat().st_mtime_ns for p in state.glob("*_melo*")}
+    run_main(ratings_file, tmp_path, *flags, "--overwrite=True")
+    melo = {p.name: p.stat().st_mtime_ns for p in state.glob("*_melo*")}
+    assert all(melo[name] > old[name] for name in old if name in melo), "the old run's checkpoints are gone"
     events = list((state.parent / "runs" / "bert4rec_ml-1m_melo").glob("events.*"))
     assert len(events) == 1, "the old run's TensorBoard curves are gone too"
     assert sorted(p.name for p in state.glob("*_maml.pt")) == maml
@@ -473,9 +486,9 @@ def test_a_new_run_refuses_an_earlier_runs_checkpoints_unless_told_to_overwrite(
 def test_test_without_a_step_takes_the_latest_best_checkpoint(ratings_file, tmp_path, capsys):
     run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1")
     best_steps = sorted(int(p.name.split("_")[1]) for p in (run_dir(tmp_path / "log") / "state").glob("*_best_*.pt"))
-    metrics = run_main(ratings_file, tmp_path, "--test")
+    metrics = run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1", "--test")
     assert f"Testing the latest checkpoint, step {best_steps[-1]}" in capsys.readouterr().out
-    assert metrics == run_main(ratings_file, tmp_path, "--test", f"--checkpoint_step={best_steps[-1]}")
+    assert metrics == run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1", "--test", f"--checkpoint_step={best_steps[-1]}")
 
 
 def test_test_without_any_checkpoint_says_to_train_first(ratings_file, tmp_path):

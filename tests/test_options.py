@@ -132,13 +132,31 @@ def test_every_flag_is_classified_once():
         assert flag.study in (None, "data", "budget", "per run"), flag.name
         assert flag.rate in (None, "positive", "non-negative"), flag.name
         assert set(flag.shape_of) <= set(options.MODELS), flag.name
-        assert not (flag.identity and flag.resume != "fixed"), f"{flag.name}: a run's identity cannot change on resume"
+        assert flag.identity in (None, "data", "training"), flag.name
+        assert not (flag.identity == "data" and flag.resume != "fixed"), f"{flag.name}: the data cannot change on resume"
         assert not (flag.shape_of and flag.resume != "fixed"), flag.name
 
 
-def test_run_folders_are_named_as_before_the_flag_table():
-    """The identity that names a run's folder is derived from the table: the same names as when
-    it was listed by hand, so earlier runs are found."""
+def test_runs_that_compute_something_else_have_folders_of_their_own(tmp_path):
+    from run_files import run_folder
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_text("1::2::3::4\n")
+
+    def folder(*flags, method="melo"):
+        return run_folder(parse_args([f"--data_path={ratings}", *flags]), "log", method)
+
+    assert folder() != folder("--outer_lr=0.01") != folder("--num_train_iterations=10") != folder()
+    assert folder() != folder("--normalize_weights=True") != folder("--use_adaptive_loss=False", method="maml")
+    assert folder() == folder("--device=cpu", "--use_vmap=False", "--support_chunks=1", "--log_dir=other")
+    assert folder(method="basic") == folder("--outer_lr=0.01", method="basic")   # Basic reads no outer rate
+    before = folder()
+    ratings.write_text("1::2::5::4\n")            # the same size, another content
+    assert folder() != before
+
+
+def test_basic_run_folders_are_named_as_before_the_flag_table():
+    """Basic's identity, derived from the table, names its folders as when it was listed by
+    hand (the data file's content joins it when the file exists)."""
     from run_files import run_folder
     expected = {"bert4rec": "73e4e6d4", "sasrec": "2a7c84e2", "gru4rec": "05661dd7", "narm": "bfef3ed8",
                 "ncf": "a78a0bca"}
