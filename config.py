@@ -77,8 +77,9 @@ class ModelConfig:
 class MethodConfig:
     """MAML++ with or without MELO's weighting, its meta-objective, and how its inner loop runs.
 
-    ``weighting`` is None for MAML, else MELO's task-state encoder: "lstm" (--use_lstm,
-    which takes precedence, as in the reference) or "mlp" (--use_mlp); with
+    ``weighting`` is None for MAML ("inverse_frequency" with --inverse_frequency_weights), else
+    MELO's task-state encoder: "lstm" (--use_lstm, which takes precedence, as in the
+    reference; it reads no ratings with --rating_blind_encoder) or "mlp" (--use_mlp); with
     ``use_loss_network`` (--use_mlp_mean, or MELO with neither encoder) the loss network
     aggregates each support sequence's weighted losses. ``task_info_features`` are the
     MLP encoder's inputs that the --task_info_* flags switch on. ``recompute_inner_steps``
@@ -96,6 +97,7 @@ class MethodConfig:
     use_softmax: bool
     task_info_features: tuple
     normalize_weights: bool
+    rating_blind_encoder: bool
     normalize_loss: bool
     use_focal_loss: bool
     loss_num_layers: int
@@ -110,12 +112,13 @@ class MethodConfig:
     @property
     def method(self):
         """The method's name in file names and reports."""
-        return "maml" if self.weighting is None and not self.use_loss_network else "melo"
+        return "maml" if self.weighting in (None, "inverse_frequency") and not self.use_loss_network else "melo"
 
     @classmethod
     def from_args(cls, args):
         adaptive = args.use_adaptive_loss
-        weighting = ("lstm" if args.use_lstm else "mlp" if args.use_mlp else None) if adaptive else None
+        weighting = (("lstm" if args.use_lstm else "mlp" if args.use_mlp else None) if adaptive
+                     else "inverse_frequency" if args.inverse_frequency_weights else None)
         use_loss_network = adaptive and (args.use_mlp_mean or (not args.use_lstm and not args.use_mlp))
         features = tuple(name for name, used in (("rating_mean", args.task_info_rating_mean),
                                                  ("rating_std", args.task_info_rating_std),

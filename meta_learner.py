@@ -41,6 +41,22 @@ def importance_vector(iteration, num_steps, num_multi_step_iterations):
     return torch.tensor(weights)
 
 
+BLIND_RATING = 3.0  # what a rating-blind encoder reads at every real position (a control)
+
+
+def inverse_frequency_weights(ratings, mask):
+    """Each real support position's weight [T, S, L]: 1 / the number of real positions of its
+    task with its rating, scaled to mean 1 over the task's real positions (a control: the
+    simplest remedy for imbalance, nothing learned)."""
+    counts = torch.zeros_like(ratings)
+    for value in torch.unique(ratings[mask > 0]):
+        same = (ratings == value) * mask                                   # [T, S, L]
+        counts += same * same.sum(dim=(1, 2), keepdim=True)
+    weights = mask / counts.clamp(min=1)
+    mean = weights.sum(dim=(1, 2), keepdim=True) / mask.sum(dim=(1, 2), keepdim=True)
+    return weights / mean
+
+
 class MetaLearner(nn.Module):
     """The meta-parameters — recommender θ, inner learning rates α and, for MELO, the
     loss-weighting networks — and the adaptation of a task batch with them."""
@@ -93,7 +109,7 @@ class MetaLearner(nn.Module):
         if self.task_info_mlp is not None:
             features = self._task_features(task, predictions, losses)                  # [S, L, F]
             return self._normalized(self.task_info_mlp(features, task["support_mask"]), task["support_mask"])
-        if self.encoder is not None:
+        if "support_weights" in task:   # the LSTM encoder's, or MAML's inverse-frequency control
             return task["support_weights"]
         return 1.0
 
@@ -197,10 +213,12 @@ class MetaLearner(nn.Module):
         }
         if self.encoder is not None:
             num_tasks, num_support, length = support_mask.shape
-            weights = self.encoder(task["support_ratings"].reshape(-1, length),
-                                   task["support_mask"].reshape(-1, length))
+            read = task["support_mask"] * BLIND_RATING if self.config.rating_blind_encoder else task["support_ratings"]
+            weights = self.encoder(read.reshape(-1, length), task["support_mask"].reshape(-1, length))
             task["support_weights"] = self._normalized(weights.reshape(num_tasks, num_support, length),
                                                        task["support_mask"])
+        if self.config.weighting == "inverse_frequency":
+            task["support_weights"] = inverse_frequency_weights(task["support_ratings"], task["support_mask"])
         if self.task_info_mlp is not None:
             task["rating_stats"] = self._rating_stats(batch)
         return task

@@ -165,6 +165,12 @@ FLAGS = (
     _bool("normalize_weights", False, "(new) scale each task's loss weights to mean 1, so that the encoder can "
           "shift the loss between interactions but not scale the inner step; False is the reference", "fixed"),
     _bool("normalize_loss", True, "ratings / 5 in the loss; False: losses in stars", "fixed"),
+    _bool("rating_blind_encoder", False, "(new, a control) MELO's LSTM encoder reads the same rating at every "
+          "real position: it can learn a step size and a profile over positions but cannot re-weight ratings",
+          "fixed"),
+    _bool("inverse_frequency_weights", False, "(new, a control) MAML's support loss weighs each interaction by the "
+          "inverse frequency of its rating in the task's support set, scaled to mean 1: re-weighting, nothing "
+          "learned", "fixed"),
     _bool("task_info_loss", True, "MLP encoder input: each position's loss", "fixed"),
     _bool("task_info_rating_mean", True, "MLP encoder input: the task's mean rating", "fixed"),
     _bool("task_info_rating_std", True, "MLP encoder input: the task's rating std", "fixed"),

@@ -16,10 +16,11 @@ from matplotlib.figure import Figure
 from atomic_files import write_json
 from evaluation import paired_rmse_difference
 from experiment import UserError, run_cli
-from study_options import NORMALIZED_MELO, parse_command_line
+from study_options import VARIANTS, parse_command_line
 
 METRICS = ("rmse", "mae")
-TITLES = {"basic": "Basic", "maml": "MAML", "melo": "MELO", NORMALIZED_MELO: "MELO (normalised)", "mean_rating": "mean rating",
+TITLES = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "mean_rating": "mean rating",
+          **{name: title for name, (title, _, _) in VARIANTS.items()},
           "gru4rec": "GRU4Rec", "narm": "NARM", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
           "ncf": "NCF", "rmse": "RMSE", "mae": "MAE"}
 REFERENCE_METHODS = ("maml", "melo")   # what benchmarks/reference_study.py writes

@@ -47,11 +47,12 @@ from experiment import UserError, run_cli
 from preemption import Preempted
 from report import REFERENCE_METHODS, TITLES, per_user_errors, write_reports
 from run_files import RunFiles
-from study_options import (METHODS, NORMALIZED_MELO, PROJECT_DIR, check_run_flags, data_flags, parse_command_line,
-                   study_flags)
+from study_options import PROJECT_DIR, VARIANTS, check_run_flags, data_flags, parse_command_line, study_flags
 
 # main.py's flags for each meta-learning method
-META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [], NORMALIZED_MELO: ["--normalize_weights=True"]}
+META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [], **{name: flags for name, (_, _, flags) in VARIANTS.items()}}
+SCRIPT_METHOD = {"basic": "basic", "maml": "maml", "melo": "melo", "mean_rating": "mean_rating",
+                 **{name: method for name, (_, method, _) in VARIANTS.items()}}   # main.py's name of each
 LOG_TAIL_LINES = 20
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 RUNNING = set()        # the runs' processes now running, to pass signals on to
@@ -81,7 +82,7 @@ def check_same_study(runs_dir, flags):
 
 
 def finished_records(runs_dir):
-    return [path for method in (*METHODS, NORMALIZED_MELO, "mean_rating")
+    return [path for method in SCRIPT_METHOD
             for path in runs_dir.glob(f"**/{method}.json")]
 
 
@@ -107,8 +108,8 @@ class Run:
     def files(self):
         """The script's own files for this run (run_files.RunFiles) under the --log_dir /
         --pretrain_log_dir given to it; MELO's variants are main.py's "melo"."""
-        named = "melo" if self.method.startswith("melo") else self.method
-        return RunFiles(options.parse_args(script_flags(self.test_command)), self.folder / self.method, named)
+        return RunFiles(options.parse_args(script_flags(self.test_command)), self.folder / self.method,
+                        SCRIPT_METHOD[self.method])
 
     @property
     def log_path(self):

@@ -16,7 +16,15 @@ PROJECT_DIR = Path(__file__).resolve().parent
 QUICK_STUDY = "studies/quick.txt"   # what runs with neither a study file nor --data_path
 PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
 METHODS = ("basic", "maml", "melo")           # the paper's table
-NORMALIZED_MELO = "melo_normalized"             # MELO with --normalize_weights=True
+# variants of MAML or MELO that a study may add, each its own columns and paired differences:
+# name -> (title, main.py's method, its flags)
+VARIANTS = {
+    "melo_normalized": ("MELO (normalised)", "melo", ["--normalize_weights=True"]),
+    "melo_rating_blind": ("MELO (rating-blind encoder)", "melo", ["--rating_blind_encoder=True"]),
+    "maml_inverse_frequency": ("MAML (inverse-frequency weights)", "maml",
+                               ["--use_adaptive_loss=False", "--inverse_frequency_weights=True"]),
+}
+NORMALIZED_MELO = "melo_normalized"
 DATA_FLAGS = options.flags_with(study="data")        # reproduce.py's own flags, the same for every run
 BUDGET_FLAGS = options.flags_with(study="budget")
 # reproduce.py sets these for each run, so they are not accepted after `--`
@@ -52,9 +60,10 @@ def build_parser():
     add("--seeds", nargs="+", type=int, default=[run_defaults.get_default("random_seed")],
         metavar="SEED", help="--random_seed of the runs (data split, test users); several "
         "give mean ± std")
-    add("--normalized_melo", action="store_true",
-        help="also run MELO with --normalize_weights=True (each task's loss weights scaled to "
-        "mean 1), as its own columns and paired differences")
+    add("--variants", nargs="+", choices=list(VARIANTS), default=[], metavar="VARIANT",
+        help="also run these variants, each as its own columns and paired differences: "
+        + "; ".join(f"{name}: {' '.join(flags)}" for name, (_, _, flags) in VARIANTS.items()))
+    add("--normalized_melo", action="store_true", help="the same as --variants melo_normalized")
     add("--reference_results", default=None, metavar="DIR",
         help="per-user test errors of the reference code's MAML and MELO on the same users, as "
         "benchmarks/reference_study.py writes them: table.md sets its MELO − MAML beside ours")
@@ -89,7 +98,7 @@ def parse_command_line(argv=None):
         if getattr(study, flag) < 1:
             raise UserError(f"--{flag}={getattr(study, flag)}: give at least 1")
     study.run_flags = [*run_flags, *argv[split + 1:]]
-    study.methods = [*METHODS, *([NORMALIZED_MELO] if study.normalized_melo else [])]
+    study.methods = [*METHODS, *dict.fromkeys([*([NORMALIZED_MELO] if study.normalized_melo else []), *study.variants])]
     study.command = shlex.join(["python", "reproduce.py", *argv])
     study.name = study.name or default_name(study.data_path, study.mode)
     return study
@@ -143,7 +152,8 @@ def options_given(argv):
 def check_run_flags(study):
     """Refuse flags after `--` that reproduce.py sets itself, or that the runs would refuse;
     return the first seed's run options (for the data statistics)."""
-    reserved_here = RESERVED_FLAGS | ({"normalize_weights"} if study.normalized_melo else set())
+    reserved_here = RESERVED_FLAGS | {flag[2:].split("=")[0] for method in study.methods[3:]
+                                      for flag in VARIANTS[method][2]}
     reserved = sorted(options_given(study.run_flags) & reserved_here)
     if reserved:
         names = ", ".join(f"--{name}" for name in reserved)

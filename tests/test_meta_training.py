@@ -533,3 +533,51 @@ def test_a_run_that_never_beats_the_mean_rating_says_so(ratings_file, tmp_path, 
              "--use_adaptive_loss=False")
     out = capsys.readouterr().out
     assert "warning: the best validation RMSE" in out and "worse than predicting the training mean" in out
+
+
+# --- controls: what MELO's gain is made of ------------------------------------------------------
+def test_a_rating_blind_encoder_gives_the_same_weights_whatever_the_ratings(ratings_file):
+    args, learner, batch = tiny_learner(ratings_file, "--rating_blind_encoder=True")
+    other = copy_batch(batch)
+    other.support_ratings = torch.where(batch.support_items > 0, 6 - batch.support_ratings, batch.support_ratings)
+    assert not torch.equal(other.support_ratings, batch.support_ratings)
+    with torch.no_grad():
+        blind = [learner.prepare_tasks(b)["support_weights"] for b in (batch, other)]
+    assert torch.equal(blind[0], blind[1])
+    _, seeing, _ = tiny_learner(ratings_file)
+    with torch.no_grad():
+        seen = [seeing.prepare_tasks(b)["support_weights"] for b in (batch, other)]
+    assert not torch.equal(seen[0], seen[1])   # the ordinary encoder reads them
+
+
+def test_inverse_frequency_weights_have_mean_one_and_weigh_rare_ratings_more():
+    from meta_learner import inverse_frequency_weights
+    ratings = torch.tensor([[[0.0, 5, 5], [5.0, 5, 1]], [[0.0, 0, 2], [0.0, 3, 3]]])   # [T=2, S=2, L=3]
+    mask = (ratings > 0).float()
+    weights = inverse_frequency_weights(ratings, mask)
+    # task 0: four 5-star and one 1-star positions -> 1/4 and 1/1, scaled to mean 1 over 5 positions
+    assert weights[0][ratings[0] == 5].tolist() == pytest.approx([5 / 8] * 4)
+    assert weights[0][ratings[0] == 1].item() == pytest.approx(5 / 2)
+    assert weights[1][ratings[1] == 2].item() == pytest.approx(1.5) and weights[1][ratings[1] == 3].tolist() == \
+        pytest.approx([0.75, 0.75])
+    assert (weights[mask == 0] == 0).all()
+    for task in range(2):
+        assert weights[task][mask[task] > 0].mean().item() == pytest.approx(1.0)
+
+
+def test_maml_with_inverse_frequency_weights_is_maml_reweighted(ratings_file, tmp_path):
+    args = tiny_args(ratings_file, "--use_adaptive_loss=False", "--inverse_frequency_weights=True", "--bert_dropout=0",
+                     f"--log_dir={tmp_path}")
+    data = load_data(DataConfig.from_args(args))
+    trainer = main.MetaTrainer(args, data, torch.device("cpu"))
+    assert trainer.method == "maml" and trainer.learner.encoder is None
+    batch = trainer.sampler.train_batch(4)
+    reweighted = trainer.learner.meta_loss(batch, 0)[0].item()
+    plain = main.MetaTrainer(tiny_args(ratings_file, "--use_adaptive_loss=False", "--bert_dropout=0"), data,
+                             torch.device("cpu")).learner.meta_loss(batch, 0)[0].item()
+    assert math.isfinite(reweighted) and reweighted != pytest.approx(plain, rel=1e-6)
+
+
+def copy_batch(batch):
+    from dataclasses import replace
+    return replace(batch)

@@ -484,3 +484,18 @@ def test_each_committed_table_renders_again_from_its_results_json(results, tmp_p
     assert report.render(copy) == (results.parent / "table.md").read_text()
     assert (tmp_path / "table.md").read_text() == (results.parent / "table.md").read_text()
     assert (tmp_path / "per_rating.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_are_runs_of_their_own_with_their_flags(study, tmp_path):
+    argv = [*study.argv[:study.argv.index("--")], "--variants", "maml_inverse_frequency", "melo_rating_blind", "--",
+            *RUN_FLAGS]
+    options = study_options.parse_command_line(argv)
+    assert options.methods == ["basic", "maml", "melo", "melo_normalized", "maml_inverse_frequency", "melo_rating_blind"]
+    runs = {run.method: run for run in reproduce.plan_runs(options, tmp_path) if run.seed == SEEDS[0]}
+    inverse, blind = runs["maml_inverse_frequency"], runs["melo_rating_blind"]
+    assert {"--use_adaptive_loss=False", "--inverse_frequency_weights=True"} <= set(inverse.train_command)
+    assert "--rating_blind_encoder=True" in blind.train_command
+    assert (inverse.files.method, blind.files.method) == ("maml", "melo")
+    assert report.TITLES["maml_inverse_frequency"] == "MAML (inverse-frequency weights)"
+    with pytest.raises(UserError, match="--rating_blind_encoder after `--`"):
+        study_options.check_run_flags(study_options.parse_command_line([*argv, "--rating_blind_encoder=True"]))
