@@ -259,6 +259,12 @@ def parse_args(argv=None):
                      f"interactions (a support sequence of --min_sub_window_size={args.min_sub_window_size} "
                      f"before the target, and a window of 3 for a query); raise --min_sequence to {needed} "
                      "or lower --min_sub_window_size")
+    if args.inverse_frequency_weights and args.use_adaptive_loss:
+        parser.error("--inverse_frequency_weights=True weighs MAML's support loss: give it with "
+                     "--use_adaptive_loss=False (MELO learns its weights)")
+    if args.rating_blind_encoder and not (args.use_adaptive_loss and args.use_lstm):
+        parser.error("--rating_blind_encoder=True changes MELO's LSTM encoder: give it with "
+                     "--use_adaptive_loss=True --use_lstm=True")
     if args.bert_hidden_units % args.bert_num_heads:
         parser.error(f"--bert_hidden_units={args.bert_hidden_units} must be divisible by "
                      f"--bert_num_heads={args.bert_num_heads}")

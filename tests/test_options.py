@@ -40,6 +40,8 @@ BAD_FLAGS = [
     ("--recompute_inner_steps=-1", "--recompute_inner_steps must be at least 0"),
     ("--checkpoint_step=-2", "--checkpoint_step must be at least -1"),
     ("--inner_lr=abc", "invalid float value"),
+    ("--inverse_frequency_weights=True", "give it with --use_adaptive_loss=False"),
+    ("--rating_blind_encoder=True --use_lstm=False --use_mlp=True", "give it with --use_adaptive_loss=True"),
     ("--use_vmap=maybe", "expected True or False"),
     ("--mode=netflix", "--mode=netflix is not a dataset reader here"),
     ("--model=sasrec4", "--model=sasrec4 is not a model here"),
