@@ -13,7 +13,7 @@ runs the model with ``functional_call`` and takes the inner gradient with
 unless first order is asked for.
 
 The method reads top to bottom in ``MetaLearner``: ``support_loss`` (with ``support_weights``),
-``inner_step``, ``query_loss``, ``forward`` (the inner loop) and ``meta_loss`` (the outer
+``inner_step``, ``query_loss``, ``adapt`` (the inner loop) and ``forward`` (the outer
 objective: MAML++'s importance-weighted query losses).  How a task batch is run (vmap,
 support chunks, recomputed steps) is in inner_loop_execution.py.
 """
@@ -132,20 +132,19 @@ class MetaLearner(nn.Module):
         loss = (rating_errors(predictions, task["query_ratings"], self.loss_scale) * mask).sum() / mask.sum()
         return loss, predictions
 
-    def forward(self, batch, query_steps, first_order=False, use_vmap=True):
-        """Adapt every task of ``batch``: query losses [T, len(query_steps)] after the inner
-        steps in ``query_steps``, and the final target predictions [T, Q] in stars.
+    def adapt(self, task, query_steps, first_order=False, use_vmap=True):
+        """The inner loop of every task of ``task`` (``task_tensors``): query losses
+        [T, len(query_steps)] after the inner steps in ``query_steps``, and the final target
+        predictions [T, Q] in stars.
 
         The graphs of the first --recompute_inner_steps inner steps are not kept for the
         outer backward, which builds them again (the same meta-gradient in less memory).
         The last step's graph is the first one the backward needs, so rebuilding it would
         save nothing: at most num_inner_steps - 1 steps count."""
-        device = batch.support_items.device
-        chunks = self.support_chunks or default_support_chunks(self.model_name, device, use_vmap)
-        task = self.prepare_tasks(batch, chunks)
+        task = self.with_encoder_weights(task)
         recompute_steps = self.recompute_steps
         if recompute_steps is None:
-            recompute_steps = default_recompute_steps(device)
+            recompute_steps = default_recompute_steps(task["support_mask"].device)
         if first_order or not torch.is_grad_enabled():
             recompute_steps = 0  # no second-order graph to spare
         params = dict(self.model.named_parameters())  # θ_0, shared by the tasks
@@ -161,26 +160,37 @@ class MetaLearner(nn.Module):
                 query_losses.append(losses)
         return torch.stack(query_losses, dim=1), predictions[..., -1] * MAX_RATING
 
-    def meta_loss(self, batch, iteration):
-        """The meta-objective of a batch at outer iteration ``iteration``: while iteration <
-        --multi_step_loss_num_epochs (and --use_multi_step), the MAML++ importance-weighted
-        sum of every step's query loss, else the last step's; averaged over the tasks. Also
-        returns the target predictions [T, Q]."""
-        config = self.config
+    def forward(self, task, step_weights):
+        """The meta-objective of a task batch ``task`` (``task_tensors``): the query losses
+        after the last len(step_weights) inner steps weighted by ``step_weights``
+        (``query_step_weights``), averaged over the tasks; and the target predictions [T, Q].
+        A function of the meta-parameters alone, so that ``torch.func.grad`` of it is the
+        meta-gradient (compiled_meta_gradient.py)."""
         num_steps = self.num_inner_steps
-        multi_step = config.use_multi_step and iteration < config.multi_step_loss_num_epochs
-        query_steps = range(num_steps) if multi_step else (num_steps - 1,)
-        query_losses, predictions = self(batch, query_steps, first_order=config.first_order,
-                                         use_vmap=config.use_vmap)                     # [T, len(query_steps)]
-        if multi_step:
-            weights = importance_vector(iteration, num_steps, config.multi_step_loss_num_epochs)
-            return (query_losses * weights.to(query_losses)).sum(dim=1).mean(), predictions
-        return query_losses[:, -1].mean(), predictions
+        query_losses, predictions = self.adapt(task, range(num_steps - len(step_weights), num_steps),
+                                               first_order=self.config.first_order,
+                                               use_vmap=self.config.use_vmap)          # [T, len(step_weights)]
+        return (query_losses * step_weights.to(query_losses)).sum(dim=1).mean(), predictions
+
+    def query_step_weights(self, iteration):
+        """The weights of the query losses at outer iteration ``iteration``: while iteration <
+        --multi_step_loss_num_epochs (and --use_multi_step), MAML++'s importance weights of
+        every step's query loss, else the last step's alone."""
+        config = self.config
+        if config.use_multi_step and iteration < config.multi_step_loss_num_epochs:
+            return importance_vector(iteration, self.num_inner_steps, config.multi_step_loss_num_epochs)
+        return torch.ones(1)
+
+    def meta_loss(self, batch, iteration):
+        """The meta-objective of a TaskBatch at outer iteration ``iteration`` (``forward``),
+        and its target predictions [T, Q]."""
+        return self(self.task_tensors(batch), self.query_step_weights(iteration))
 
     def adapted_predictions(self, batch):
         """The target predictions [T, Q] after adapting to each task, without an outer graph
         (validation and testing)."""
-        return self(batch, (self.num_inner_steps - 1,), first_order=True, use_vmap=self.config.use_vmap)[1]
+        return self.adapt(self.task_tensors(batch), (self.num_inner_steps - 1,), first_order=True,
+                          use_vmap=self.config.use_vmap)[1]
 
     # --- what the inner loop reads --------------------------------------------------------
     def weighting_parameters(self):
@@ -189,13 +199,17 @@ class MetaLearner(nn.Module):
         modules = (self.inner_optimizer, self.encoder, self.task_info_mlp, self.loss_network)
         return [p for module in modules if module is not None for p in module.parameters() if p.requires_grad]
 
-    def prepare_tasks(self, batch, support_chunks=1):
-        """The batch as a dict of per-task tensors, with what is computed once for the
-        whole batch outside the vmapped inner loop (masks, LSTM weights, statistics).
-        Each task's support rows are sorted longest first (the loss is a sum over them); for
-        a model that ignores padding their items are cut into ``support_chunks`` groups
-        without their all-padding columns (``support_item_chunks``), else kept whole."""
+    def task_tensors(self, batch, support_chunks=None):
+        """The batch as a dict of per-task tensors [T, ...], with what depends on the data
+        alone computed once for the whole batch (masks, statistics, fixed weights). Each
+        task's support rows are sorted longest first (the loss is a sum over them); for a
+        model that ignores padding their items are cut into ``support_chunks`` groups
+        (None: ``default_support_chunks``) without their all-padding columns
+        (``support_item_chunks``), else kept whole."""
         support_mask = batch.support_mask
+        if support_chunks is None:
+            support_chunks = self.support_chunks or default_support_chunks(self.model_name, support_mask.device,
+                                                                           self.config.use_vmap)
         order = support_mask.sum(-1).argsort(dim=1, descending=True, stable=True)  # [T, S]
 
         def longest_first(rows):  # [T, S, L] -> the same rows in ``order``
@@ -211,17 +225,22 @@ class MetaLearner(nn.Module):
             "query_ratings": batch.query_ratings,
             "query_mask": batch.query_mask,
         }
-        if self.encoder is not None:
-            num_tasks, num_support, length = support_mask.shape
-            read = task["support_mask"] * BLIND_RATING if self.config.rating_blind_encoder else task["support_ratings"]
-            weights = self.encoder(read.reshape(-1, length), task["support_mask"].reshape(-1, length))
-            task["support_weights"] = self._normalized(weights.reshape(num_tasks, num_support, length),
-                                                       task["support_mask"])
         if self.config.weighting == "inverse_frequency":
             task["support_weights"] = inverse_frequency_weights(task["support_ratings"], task["support_mask"])
         if self.task_info_mlp is not None:
             task["rating_stats"] = self._rating_stats(batch)
         return task
+
+    def with_encoder_weights(self, task):
+        """``task`` with the LSTM encoder's weight of every support position [T, S, L], computed
+        once for the batch (it reads the ratings alone); ``task`` itself without the encoder."""
+        if self.encoder is None:
+            return task
+        mask = task["support_mask"]
+        num_tasks, num_support, length = mask.shape
+        read = mask * BLIND_RATING if self.config.rating_blind_encoder else task["support_ratings"]
+        weights = self.encoder(read.reshape(-1, length), mask.reshape(-1, length))
+        return dict(task, support_weights=self._normalized(weights.reshape(num_tasks, num_support, length), mask))
 
     def _normalized(self, weights, mask):
         """With --normalize_weights, scale each task's weights [..., S, L] to mean 1 over its
@@ -260,7 +279,7 @@ class MetaLearner(nn.Module):
         if self.encoder is None:
             return {}
         with torch.no_grad():
-            task = self.prepare_tasks(batch)
+            task = self.with_encoder_weights(self.task_tensors(batch, support_chunks=1))
         real = task["support_mask"] > 0
         ratings, weights = task["support_ratings"][real], task["support_weights"][real]
         return {f"{value:g}": weights[ratings == value].mean().item()

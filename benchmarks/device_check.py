@@ -39,7 +39,8 @@ def outer_gradient(learner, batch, device, dtype, use_vmap, first_order=False):
     batch = batch.to(device)
     for name in ("support_ratings", "query_ratings"):
         setattr(batch, name, getattr(batch, name).to(dtype))
-    losses, _ = learner(batch, range(learner.num_inner_steps), first_order=first_order, use_vmap=use_vmap)
+    losses, _ = learner.adapt(learner.task_tensors(batch), range(learner.num_inner_steps), first_order=first_order,
+                              use_vmap=use_vmap)
     parameters = [p for p in learner.parameters() if p.requires_grad]
     gradients = torch.autograd.grad(losses.sum(dim=1).mean(), parameters, allow_unused=True)
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()

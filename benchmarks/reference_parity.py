@@ -382,7 +382,7 @@ def compare_learners(reference, model_name, method, data_flags, num_tasks, itera
     maml.model.eval(), learner.eval()
     with torch.no_grad():
         errors["predictions"] = relative_error(learner.model(query_items), maml.model(reference_inputs))
-        prepared = learner.prepare_tasks(batch)
+        prepared = learner.with_encoder_weights(learner.task_tensors(batch))
         if learner.encoder is not None:
             ratings = batch.support_ratings[0][batch.support_items[0][:, -1] > 0]
             reference_weights = maml.task_lstm_network(ratings)
@@ -394,7 +394,7 @@ def compare_learners(reference, model_name, method, data_flags, num_tasks, itera
     params = dict(learner.model.named_parameters())
     our_support = torch.stack([learner.support_loss(params, 0, one_task(prepared, t)) for t in range(num_tasks)])
     errors["support loss"] = relative_error(our_support, reference_support[:, 0])
-    query_losses, _ = learner(batch, range(J))
+    query_losses, _ = learner.adapt(learner.task_tensors(batch), range(J))
     query_losses.sum(dim=1).mean().backward()
     for step in range(J):
         errors[f"query loss {step + 1}"] = relative_error(query_losses[:, step].detach(), reference_query[:, step])

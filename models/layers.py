@@ -3,7 +3,8 @@
 Everything here is written from plain tensor ops so that the models run under
 ``torch.func.functional_call`` and ``torch.func.vmap`` with exact second-order
 gradients: no nn.LayerNorm (its affine form gives wrong second-order gradients under
-vmap), no fused attention and no nn.GRU (no double backward, or no vmap).
+vmap), no fused attention and no nn.GRU or nn.LSTM (no double backward, no vmap, and
+torch.compile does not trace them).
 Sequences are left-padded with item id 0. Layers start as the reference's do
 (``Linear``, ``Embedding``), since how far one inner step moves a prediction depends on it.
 """
@@ -11,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 MASKED_SCORE = -1e9  # finite, so that no mask can turn the softmax into NaN
 
@@ -186,4 +188,37 @@ class GRU(nn.Module):
     def forward(self, x):  # x [B, L, input] -> [B, L, hidden], the last layer's states
         for layer, initial_state in zip(self.layers, self.initial_states):
             x = layer(x, initial_state)
+        return x
+
+
+class LSTM(nn.Module):
+    """nn.LSTM (batch first, gates i, f, g, o) from given initial states, with nn.LSTM's
+    parameter names and initialisation (uniform ±1/sqrt(hidden), drawn in the same order),
+    so that its checkpoints and random draws are nn.LSTM's."""
+
+    def __init__(self, input_size, hidden_size, num_layers):
+        super().__init__()
+        self.num_layers = num_layers
+        bound = 1 / math.sqrt(hidden_size)
+        for layer in range(num_layers):
+            size = input_size if layer == 0 else hidden_size
+            for name, shape in (("weight_ih", (4 * hidden_size, size)), ("weight_hh", (4 * hidden_size, hidden_size)),
+                                ("bias_ih", (4 * hidden_size,)), ("bias_hh", (4 * hidden_size,))):
+                self.register_parameter(f"{name}_l{layer}", nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
+
+    def forward(self, x, initial_hidden, initial_cell):
+        """x [N, L, input], initial states [num_layers, hidden] -> the last layer's states [N, L, hidden]."""
+        for layer in range(self.num_layers):
+            weight_ih, weight_hh, bias_ih, bias_hh = (getattr(self, f"{name}_l{layer}")
+                                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            h = initial_hidden[layer].expand(x.shape[0], -1)  # [N, hidden]
+            c = initial_cell[layer].expand(x.shape[0], -1)
+            outputs = []
+            for x_gates in F.linear(x, weight_ih, bias_ih).unbind(1):
+                gates = x_gates + F.linear(h, weight_hh, bias_hh)                      # [N, 4 * hidden]
+                in_gate, forget_gate, cell_input, out_gate = gates.chunk(4, dim=-1)
+                c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_input)
+                h = torch.sigmoid(out_gate) * torch.tanh(c)
+                outputs.append(h)
+            x = torch.stack(outputs, dim=1)
         return x

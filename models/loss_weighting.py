@@ -11,6 +11,8 @@
 import torch
 import torch.nn as nn
 
+from models.layers import LSTM
+
 NUM_RATING_IDS = 11  # 0 = padding, 1..10 = 0.5, 1, ..., 5 stars
 
 
@@ -40,16 +42,14 @@ class TaskStateEncoder(nn.Module):
         super().__init__()
         self.use_softmax = use_softmax
         self.rating_embedding = nn.Embedding(NUM_RATING_IDS, input_size)
-        self.lstm = nn.LSTM(input_size, hidden, num_layers, batch_first=True)
+        self.lstm = LSTM(input_size, hidden, num_layers)
         self.initial_hidden = nn.Parameter(torch.randn(num_layers, hidden))
         self.initial_cell = nn.Parameter(torch.randn(num_layers, hidden))
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, ratings, mask):  # ratings [N, L] stars (0 = padding), mask [N, L] -> weights [N, L]
-        n = ratings.shape[0]
-        initial = (self.initial_hidden[:, None].expand(-1, n, -1).contiguous(),
-                   self.initial_cell[:, None].expand(-1, n, -1).contiguous())  # each [layers, N, hidden]
-        out, _ = self.lstm(self.rating_embedding(rating_ids(ratings)), initial)  # [N, L, hidden]
+        embedded = self.rating_embedding(rating_ids(ratings))                          # [N, L, input]
+        out = self.lstm(embedded, self.initial_hidden, self.initial_cell)              # [N, L, hidden]
         return masked_weights(self.head(out).squeeze(-1).abs(), mask, self.use_softmax)
 
 

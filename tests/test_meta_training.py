@@ -60,7 +60,7 @@ METHOD_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
 def outer_step(learner, batch, num_inner_steps, use_vmap=True):
     """Every step's query losses, the target predictions, and the meta-gradient of their
     batch mean (None for a parameter that the step does not reach)."""
-    losses, predictions = learner(batch, range(num_inner_steps), use_vmap=use_vmap)
+    losses, predictions = learner.adapt(learner.task_tensors(batch), range(num_inner_steps), use_vmap=use_vmap)
     gradients = torch.autograd.grad(losses.sum(dim=1).mean(),
                                     [p for p in learner.parameters() if p.requires_grad],
                                     allow_unused=True)
@@ -107,7 +107,7 @@ def test_vmap_and_loop_agree_on_an_outer_step(ratings_file, model, method):
 @pytest.mark.parametrize("chunks", [1, 2, 4])
 def test_support_chunks_cut_only_padding(ratings_file, chunks):
     args, learner, batch = tiny_learner(ratings_file)
-    task = learner.prepare_tasks(batch, chunks)
+    task = learner.task_tensors(batch, chunks)
     item_chunks = task["support_item_chunks"]
     num_tasks, num_rows, length = batch.support_items.shape
     assert len(item_chunks) == chunks
@@ -127,7 +127,7 @@ def test_support_loss_on_chunks_is_the_masked_loss_of_the_batch_as_sampled(ratin
     # whole rows, padding included, for the models that read the padding
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
                                         "--use_adaptive_loss=False", dtype=torch.float64)
-    task = learner.prepare_tasks(batch, support_chunks=4 if model in PADDING_FREE_MODELS else 1)
+    task = learner.task_tensors(batch, support_chunks=4 if model in PADDING_FREE_MODELS else 1)
     params = dict(learner.model.named_parameters())
     for t in range(len(batch)):
         mask = batch.support_mask[t]
@@ -205,7 +205,7 @@ def test_recomputed_steps_keep_no_graph_and_default_to_one_on_the_cpu(ratings_fi
     nodes = []
     for recompute in (0, 1, 2):
         learner.recompute_steps = recompute
-        losses, _ = learner(batch, range(args.num_inner_steps))
+        losses, _ = learner.adapt(learner.task_tensors(batch), range(args.num_inner_steps))
         nodes.append(count_graph_nodes(losses))
     assert nodes[0] > nodes[1] > nodes[2]
 
@@ -225,14 +225,15 @@ def test_second_order_differs_from_first_order(ratings_file):
                                         dtype=torch.float64)
     gradients = []
     for first_order in (False, True):
-        losses, _ = learner(batch, (args.num_inner_steps - 1,), first_order=first_order)
+        losses, _ = learner.adapt(learner.task_tensors(batch), (args.num_inner_steps - 1,),
+                                  first_order=first_order)
         gradients.append(torch.autograd.grad(losses.mean(), learner.model.embedding.items.weight))
     assert not torch.allclose(gradients[0][0], gradients[1][0])
 
 
 def test_melo_weights_reach_the_support_loss(ratings_file):
     args, learner, batch = tiny_learner(ratings_file, "--bert_dropout=0", dtype=torch.float64)
-    task = one_task(learner.prepare_tasks(batch), 0)
+    task = one_task(learner.with_encoder_weights(learner.task_tensors(batch)), 0)
     params = dict(learner.model.named_parameters())
     loss = learner.support_loss(params, 0, task)
     doubled = dict(task, support_weights=2 * task["support_weights"])
@@ -518,7 +519,7 @@ def test_passes_of_fewer_tasks_give_the_same_outer_step(ratings_file, tmp_path):
 def test_normalized_weights_have_mean_one_per_task(ratings_file, normalize):
     args, learner, batch = tiny_learner(ratings_file, f"--normalize_weights={normalize}")
     with torch.no_grad():
-        task = learner.prepare_tasks(batch)
+        task = learner.with_encoder_weights(learner.task_tensors(batch))
     weights, mask = task["support_weights"], task["support_mask"]            # [T, S, L]
     means = (weights * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
     if normalize:
@@ -542,11 +543,11 @@ def test_a_rating_blind_encoder_gives_the_same_weights_whatever_the_ratings(rati
     other.support_ratings = torch.where(batch.support_items > 0, 6 - batch.support_ratings, batch.support_ratings)
     assert not torch.equal(other.support_ratings, batch.support_ratings)
     with torch.no_grad():
-        blind = [learner.prepare_tasks(b)["support_weights"] for b in (batch, other)]
+        blind = [learner.with_encoder_weights(learner.task_tensors(b))["support_weights"] for b in (batch, other)]
     assert torch.equal(blind[0], blind[1])
     _, seeing, _ = tiny_learner(ratings_file)
     with torch.no_grad():
-        seen = [seeing.prepare_tasks(b)["support_weights"] for b in (batch, other)]
+        seen = [seeing.with_encoder_weights(seeing.task_tensors(b))["support_weights"] for b in (batch, other)]
     assert not torch.equal(seen[0], seen[1])   # the ordinary encoder reads them
 
 
