@@ -21,6 +21,7 @@ import distributed
 import evaluation
 from experiment import UserError, log_metrics, run_cli, setup
 from learning_rates import meta_learning_rates
+from meta_gradient import MetaGradient
 from meta_learner import MetaLearner
 from models import model_factory
 from preemption import StopRequests
@@ -49,6 +50,7 @@ class MetaTrainer:
             RunFiles(args, args.pretrain_log_dir, "basic").load_pretrained(model)
         self.learner = MetaLearner(model, config.MethodConfig.from_args(args)).to(device)
         self.method = self.learner.method
+        self.meta_gradient = MetaGradient(self.learner, compile=args.compile)
         self.files = RunFiles(args, args.log_dir, self.method)
         self.optimizers = self._build_optimizers()
         self.iteration = 0
@@ -87,10 +89,9 @@ class MetaTrainer:
         tasks_per_pass = self.training.tasks_per_pass or len(batch)
         for first in range(start, stop, tasks_per_pass):
             tasks = batch[first:min(first + tasks_per_pass, stop)]
-            loss, task_predictions = self.learner.meta_loss(tasks, self.iteration)
-            (loss * len(tasks) / len(batch)).backward()
+            loss, task_predictions = self.meta_gradient(tasks, self.iteration, scale=len(tasks) / len(batch))
             loss_sum += loss.item() * len(tasks)
-            predictions.append(task_predictions.detach().cpu())
+            predictions.append(task_predictions.cpu())
         loss_sum = distributed.sum_over_ranks(loss_sum)
         if not math.isfinite(loss_sum):
             self._stop_diverged(f"the meta-loss became {loss_sum / len(batch)}")

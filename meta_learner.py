@@ -199,13 +199,14 @@ class MetaLearner(nn.Module):
         modules = (self.inner_optimizer, self.encoder, self.task_info_mlp, self.loss_network)
         return [p for module in modules if module is not None for p in module.parameters() if p.requires_grad]
 
-    def task_tensors(self, batch, support_chunks=None):
+    def task_tensors(self, batch, support_chunks=None, whole_rows=False):
         """The batch as a dict of per-task tensors [T, ...], with what depends on the data
         alone computed once for the whole batch (masks, statistics, fixed weights). Each
         task's support rows are sorted longest first (the loss is a sum over them); for a
         model that ignores padding their items are cut into ``support_chunks`` groups
         (None: ``default_support_chunks``) without their all-padding columns
-        (``support_item_chunks``), else kept whole."""
+        (``support_item_chunks``), else — or with ``whole_rows``, the static shapes that a
+        compiled graph needs — kept whole."""
         support_mask = batch.support_mask
         if support_chunks is None:
             support_chunks = self.support_chunks or default_support_chunks(self.model_name, support_mask.device,
@@ -218,7 +219,8 @@ class MetaLearner(nn.Module):
         support_items = longest_first(batch.support_items)
         task = {
             "support_item_chunks": (support_item_chunks(support_items, support_chunks)
-                                    if self.model_name in PADDING_FREE_MODELS else (support_items,)),
+                                    if self.model_name in PADDING_FREE_MODELS and not whole_rows
+                                    else (support_items,)),
             "support_ratings": longest_first(batch.support_ratings),
             "support_mask": longest_first(support_mask),
             "query_items": batch.query_items,

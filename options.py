@@ -114,6 +114,9 @@ FLAGS = (
          "else 1)", "changes", type=int, at_least=1),
     _bool("use_vmap", True, "(new) adapt a task batch at once with torch.func.vmap; False loops over tasks",
           "changes"),
+    _bool("compile", False, "(new) compile the meta-gradient of a task batch into one graph with torch.compile "
+          "(the same gradients; minutes to compile, then faster per iteration: docs/performance.md); keeps "
+          "the support rows whole (no --support_chunks or --recompute_inner_steps)", "changes"),
     Flag("device", None, "(new) torch device (None: cuda when available, else cpu)", "changes", type=str),
 
     # task-state encoder
@@ -259,6 +262,8 @@ def parse_args(argv=None):
                      f"interactions (a support sequence of --min_sub_window_size={args.min_sub_window_size} "
                      f"before the target, and a window of 3 for a query); raise --min_sequence to {needed} "
                      "or lower --min_sub_window_size")
+    if args.compile and not args.use_vmap:
+        parser.error("--compile=True compiles the vmapped inner loop: give it with --use_vmap=True")
     if args.inverse_frequency_weights and args.use_adaptive_loss:
         parser.error("--inverse_frequency_weights=True weighs MAML's support loss: give it with "
                      "--use_adaptive_loss=False (MELO learns its weights)")

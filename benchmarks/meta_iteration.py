@@ -2,6 +2,7 @@
 seconds that testing 1,000 users takes.
 
     python benchmarks/meta_iteration.py                       # every model x MAML/MELO x vmap/loop
+    python benchmarks/meta_iteration.py --paths vmap compiled # eager against --compile
     python benchmarks/meta_iteration.py --models bert4rec --methods melo --paths vmap
     python benchmarks/meta_iteration.py --quick               # tiny sizes, a few iterations (CI)
     python benchmarks/meta_iteration.py --reference DIR       # and the reference code's MELO beside ours
@@ -77,11 +78,11 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
 
     args = parse_args([f"--model={model}", f"--data_path={data_path}", "--num_test_data=150",
                        "--val_size=100", f"--use_adaptive_loss={method == 'melo'}",
-                       f"--use_vmap={path == 'vmap'}", *flags])
+                       f"--use_vmap={path != 'loop'}", f"--compile={path == 'compiled'}", *flags])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_data(DataConfig.from_args(args))
     trainer = main.MetaTrainer(args, data, device)
-    seconds = []
+    seconds, first_step = [], None
     for i in range(warmup + iterations):
         batch = trainer.sampler.train_batch(args.batch_size).to(device)
         if device.type == "cuda":
@@ -92,6 +93,8 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
             torch.cuda.synchronize()
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
+        elif i == 0:
+            first_step = time.perf_counter() - start   # with --compile: compiling the graph
     median = statistics.median(seconds)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated() / 2**20
@@ -101,7 +104,7 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
     table = profile_step(trainer, batch, device) if profile else None
     return {"model": model, "method": method, "path": path, "device": str(device),
             "seconds": median, "tasks_per_second": args.batch_size / median, "peak_mib": memory,
-            "evaluation_seconds_per_1000_users": evaluation,
+            "first_step_seconds": first_step, "evaluation_seconds_per_1000_users": evaluation,
             "threads": torch.get_num_threads(), "profile": table}
 
 
@@ -128,7 +131,7 @@ def measure_reference(directory, model, data_path, warmup, iterations):
                 seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
     return {"model": model, "method": "melo", "path": "reference", "device": "cpu", "seconds": median,
-            "tasks_per_second": args.batch_size / median,
+            "tasks_per_second": args.batch_size / median, "first_step_seconds": None,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "evaluation_seconds_per_1000_users": None, "threads": torch.get_num_threads(), "profile": None}
 
@@ -145,10 +148,11 @@ def run_child(command, workdir, label):
 
 
 def print_result(r):
-    evaluation = r["evaluation_seconds_per_1000_users"]
+    evaluation, first = r["evaluation_seconds_per_1000_users"], r["first_step_seconds"]
     print(f"{r['model']:<9} {r['method']:<5} {r['path']:<9} {r['seconds']:>8.3f} "
           f"{r['tasks_per_second']:>8.1f} {r['peak_mib']:>9.0f} "
-          f"{'-' if evaluation is None else f'{evaluation:.1f}':>16}", flush=True)
+          f"{'-' if evaluation is None else f'{evaluation:.1f}':>16} "
+          f"{'-' if first is None else f'{first:.1f}':>12}", flush=True)
     if r["profile"]:
         print(r["profile"], flush=True)
 
@@ -157,7 +161,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["bert4rec", "sasrec", "gru4rec", "narm"])
     parser.add_argument("--methods", nargs="+", default=["maml", "melo"])
-    parser.add_argument("--paths", nargs="+", default=["vmap", "loop"])
+    parser.add_argument("--paths", nargs="+", default=["vmap", "loop"], choices=["vmap", "loop", "compiled"],
+                        help="eager vmap, eager per-task loop, --compile (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 iterations")
@@ -191,7 +196,7 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         print(f"data: {data_path}; flags: {' '.join(flags) or '(defaults)'}")
         print(f"{'model':<9} {'method':<5} {'path':<9} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9} "
-              f"{'test s/1k users':>16}")
+              f"{'test s/1k users':>16} {'first step s':>12}")
         results, failures = [], 0
         timing = [f"--data_path={data_path}", f"--warmup={options.warmup}", f"--iterations={options.iterations}"]
         for model in options.models:

@@ -62,8 +62,8 @@ def test_meta_iteration_quick_prints_a_row_per_configuration(tmp_path):
                                           ["ncf", "melo", "vmap"], ["ncf", "melo", "loop"]]
     # --quick: 2 timed iterations each, all of them within the benchmark's own run time
     assert 0 < sum(2 * float(row[3]) for row in rows) < wall_seconds
-    for model, method, path_name, seconds, tasks_per_second, peak_mib, evaluation in rows:
-        assert float(tasks_per_second) > 0 and float(peak_mib) > 100
+    for model, method, path_name, seconds, tasks_per_second, peak_mib, evaluation, first_step in rows:
+        assert float(tasks_per_second) > 0 and float(peak_mib) > 100 and float(first_step) >= 0
         assert (evaluation == "-") == (path_name == "loop")
         if path_name == "vmap":
             assert float(evaluation) > 0

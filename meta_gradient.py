@@ -1,0 +1,53 @@
+"""The meta-gradient of a task batch, eager or compiled (--compile).
+
+Eager: ``MetaLearner.forward`` (the meta-objective) and ``.backward()``.  Compiled: the
+same objective as a function of the meta-parameters (``functional_call``), its gradient
+taken with ``torch.func.grad`` and the whole of it — the encoder, every inner step with
+its second-order terms, the query losses and the outer backward — compiled by
+``torch.compile(fullgraph=True)`` into one graph; the gradients are then written to the
+parameters' ``.grad`` as ``.backward()`` would, and clipping and the optimisers stay eager.
+A graph break would silently run the transform eagerly, so ``fullgraph`` makes it an error.
+
+Shapes the graph is specialised to: the task batch's sizes, and the number of query losses
+(every step's while the multi-step loss lasts, then the last one's: two graphs in a run).
+The support rows stay whole: cut to each batch's longest sequence (--support_chunks) their
+length would change from batch to batch, and each length would be another compilation
+(marked dynamic, the graph compiled twice as slowly and still recompiled: measured).
+"""
+import torch
+from torch.func import functional_call, grad
+
+
+class MetaGradient:
+    """``meta_gradient(batch, iteration, scale)``: the meta-loss of a TaskBatch at outer
+    iteration ``iteration`` and its target predictions [T, Q], detached, with ``scale`` ×
+    the meta-gradient added to every meta-parameter's ``.grad``."""
+
+    def __init__(self, learner, compile=False):
+        self.learner = learner
+        self.compiled = None
+        if compile:
+            # recomputing inner steps in the backward (RecomputedInBackward) does not trace;
+            # the compiled graph plans its own memory
+            learner.recompute_steps = 0
+            self.compiled = torch.compile(grad(self._objective, has_aux=True), fullgraph=True)
+
+    def _objective(self, params, task, step_weights):
+        loss, predictions = functional_call(self.learner, params, (task, step_weights))
+        return loss, (loss, predictions)
+
+    def __call__(self, batch, iteration, scale=1.0):
+        learner = self.learner
+        task = learner.task_tensors(batch, whole_rows=self.compiled is not None)
+        step_weights = learner.query_step_weights(iteration).to(batch.support_ratings)
+        if self.compiled is None:
+            loss, predictions = learner(task, step_weights)
+            (loss * scale).backward()
+            return loss.detach(), predictions.detach()
+        params = {name: p for name, p in learner.named_parameters() if p.requires_grad}
+        gradients, (loss, predictions) = self.compiled({name: p.detach() for name, p in params.items()},
+                                                       task, step_weights)
+        for name, p in params.items():
+            scaled = gradients[name] * scale
+            p.grad = scaled if p.grad is None else p.grad + scaled
+        return loss, predictions
