@@ -62,12 +62,12 @@ def restore(trainer, state, step, resume):
     nothing that a resumed run must keep."""
     check_changed_settings(state["args"], vars(trainer.args), step, resume)
     load_matching_state(trainer.learner, state["learner"], f"checkpoint of step {step}", trainer.files.made_by)
+    trainer.best_valid_rmse = state["best_valid_rmse"]   # a best checkpoint's own: its test reports it
     if not resume:
         return
     for name, optimizer in trainer.optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])
     trainer.iteration = state["iteration"]
-    trainer.best_valid_rmse = state["best_valid_rmse"]
     trainer.best_step = state["best_step"]
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.resumed_from = state.get("resumed_from")

@@ -222,8 +222,10 @@ class MetaTrainer:
             return metrics
         # what the LSTM encoder makes of each rating: its mean loss weight on the test support sets
         weights = self.learner.mean_weight_per_rating(test_tasks.to(self.device)) or None
+        # a best checkpoint's own validation RMSE: what reproduce.py's tuned variants choose by
         return self.files.report_test(metrics, f"{self.method.upper()} test (step {step})", step, best,
-                                      encoder_weight_per_rating=weights)
+                                      encoder_weight_per_rating=weights,
+                                      validation_rmse=self.best_valid_rmse if best else None)
 
 
 def test_mean_rating(args, data):

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from atomic_files import write_json
 from evaluation import paired_rmse_difference
 from experiment import UserError, run_cli
-from study_options import VARIANTS, parse_command_line
+from study_options import TUNED_VARIANTS, VARIANTS, parse_command_line
 
 METRICS = ("rmse", "mae")
 TITLES = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "mean_rating": "mean rating",
@@ -108,9 +108,30 @@ def paired_rows(records, model, method, other, seeds):
 
 
 def paired_differences(records, study):
-    """Each MELO variant against MAML and against Basic, per model (see paired_rows)."""
-    return [row for model in study.models for method in study.methods[2:] for other in ("maml", "basic")
+    """Each method after MAML against MAML and against Basic, and MELO and its variants against
+    each tuned variant of MAML, per model (see paired_rows)."""
+    tuned = [method for method in study.methods if method in TUNED_VARIANTS]
+    return [row for model in study.models for method in study.methods[2:]
+            for other in ("maml", "basic", *(tuned if is_melo(method) else []))
             for row in paired_rows(records, model, method, other, study.seeds)]
+
+
+def is_melo(method):
+    return method == "melo" or VARIANTS.get(method, (None, None))[1] == "melo"
+
+
+def tuned_table(study, records):
+    """Which run each tuned variant chose per model and seed, and every run's validation RMSE."""
+    chosen = [record for record in records if record["method"] in TUNED_VARIANTS]
+    if not chosen:
+        return ""
+    runs = list(dict.fromkeys(run for record in chosen for run in record["validation_rmse_of_runs"]))
+    header = ["Variant", "Model", "Seed", "Chosen", *(f"{TITLES[run]} validation RMSE" for run in runs)]
+    rows = [[TITLES[record["method"]], TITLES[record["model"]], str(record["seed"]), TITLES[record["chosen_run"]],
+             *(f"{record['validation_rmse_of_runs'][run]:.4f}" for run in runs)] for record in chosen]
+    return (f"\n## Tuned on validation\n\nEach tuned variant is the run of the lowest validation RMSE "
+            f"(its best checkpoint's) among its runs, per model and seed; the test users play no part.\n\n"
+            f"{markdown_table(header, rows)}\n")
 
 
 def interval_cell(row):
@@ -250,7 +271,7 @@ def write_reports(study, study_dir, stats, records, reference_records):
                 "data_path": study.data_path, "mode": study.mode, "seeds": study.seeds, "models": study.models,
                 "methods": study.methods, "run_flags": study.run_flags, "runs": records, "paired": paired,
                 "reference_runs": reference_records, "reference_paired": reference_summary})
-    table = results_table(study, records) + paired_table(paired) + side_by_side
+    table = results_table(study, records) + paired_table(paired) + tuned_table(study, records) + side_by_side
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
     plot_per_rating(study, records, study_dir / "per_rating.png")
@@ -264,7 +285,7 @@ def render(results_path):
     study = parse_command_line(shlex.split(recorded["command"])[2:])
     records = recorded["runs"]
     paired = paired_differences(records, study)
-    table = (results_table(study, records) + paired_table(paired)
+    table = (results_table(study, records) + paired_table(paired) + tuned_table(study, records)
              + reference_table(study, records, recorded["reference_runs"], paired)[0])
     folder = Path(results_path).parent
     (folder / "table.md").write_text(table)

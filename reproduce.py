@@ -47,12 +47,14 @@ from experiment import UserError, run_cli
 from preemption import Preempted
 from report import REFERENCE_METHODS, TITLES, per_user_errors, write_reports
 from run_files import RunFiles
-from study_options import PROJECT_DIR, VARIANTS, check_run_flags, data_flags, parse_command_line, study_flags
+from study_options import (PROJECT_DIR, RUN_VARIANTS, TUNED_VARIANTS, check_run_flags, data_flags,
+                           parse_command_line, study_flags)
 
 # main.py's flags for each meta-learning method
-META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [], **{name: flags for name, (_, _, flags) in VARIANTS.items()}}
+META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
+              **{name: flags for name, (_, _, flags) in RUN_VARIANTS.items()}}
 SCRIPT_METHOD = {"basic": "basic", "maml": "maml", "melo": "melo", "mean_rating": "mean_rating",
-                 **{name: method for name, (_, method, _) in VARIANTS.items()}}   # main.py's name of each
+                 **{name: method for name, (_, method, _) in RUN_VARIANTS.items()}}   # main.py's name of each
 LOG_TAIL_LINES = 20
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 RUNNING = set()        # the runs' processes now running, to pass signals on to
@@ -91,7 +93,7 @@ class Run:
     """One method of one model and seed: an optional training command, then its test."""
     seed: int
     model: str | None                # None for the mean-rating baseline
-    method: str                      # basic, maml, melo, melo_normalized or mean_rating
+    method: str                      # basic, maml, melo, a variant's run or mean_rating
     folder: Path                     # holds <method>.log, <method>.json and <method>/
     train_command: list[str] | None
     test_command: list[str]
@@ -161,7 +163,7 @@ def plan_runs(study, runs_dir):
                            f"--pretrain_epochs={study.pretrain_epochs}", *study.run_flags,
                            "--save_pretrained=True", processes=study.nproc_per_node)
             runs.append(Run(seed, model, "basic", folder, basic, [*basic, "--test"], final_step=study.pretrain_epochs))
-            for method in study.methods[1:]:
+            for method in study.run_methods[1:]:
                 meta = script("main.py", *model_flags, f"--log_dir={folder / method}",
                               f"--num_train_iterations={study.num_train_iterations}",
                               f"--log_interval={study.log_interval}", *study.run_flags,
@@ -225,12 +227,34 @@ def execute(run, number, total):
     record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
               "checkpoint_step": tested.get("checkpoint_step"),   # Basic's epoch, MAML's / MELO's iteration
               "encoder_weight_per_rating": tested.get("encoder_weight_per_rating"),   # MELO's LSTM encoder
+              "validation_rmse": tested.get("validation_rmse"),   # MAML's / MELO's best checkpoint's
               "commands": [as_typed(command) for command in (run.train_command, run.test_command)
                            if command is not None],
               "log": str(run.log_path)}
     write_json(run.record_path, record)
     announce(f"{tag}: {metrics_summary(metrics)} ({format_duration(time.monotonic() - started)})")
     return record
+
+
+def tuned_records(study, records):
+    """Each tuned variant's record per seed and model: a copy of the record of its run with the
+    best validation RMSE, naming that run and every run's validation RMSE."""
+    chosen = []
+    for method in (method for method in study.methods if method in TUNED_VARIANTS):
+        for seed in study.seeds:
+            for model in study.models:
+                candidates = [record for record in records if (record["seed"], record["model"]) == (seed, model)
+                              and record["method"] in TUNED_VARIANTS[method][1]]
+                for record in candidates:
+                    if record.get("validation_rmse") is None:
+                        raise UserError(f"{Path(record['log']).with_suffix('.json')} has no validation RMSE "
+                                        f"(recorded before {TITLES[method]} chose by it): delete it and run the "
+                                        "study again; its test is run again from its checkpoint")
+                best = min(candidates, key=lambda record: record["validation_rmse"])
+                chosen.append({**best, "method": method, "chosen_run": best["method"],
+                               "validation_rmse_of_runs": {record["method"]: record["validation_rmse"]
+                                                           for record in candidates}})
+    return chosen
 
 
 def train(run, tag):
@@ -408,6 +432,7 @@ def main(argv=None):
         for number, handler in previous.items():
             signal.signal(number, handler)
         STOPPING.clear()
+    records += tuned_records(study, records)
     reference_records = (read_reference_results(study.reference_results, study, records)
                          if study.reference_results else [])
     print(f"\n{write_reports(study, study_dir, stats, records, reference_records)}")

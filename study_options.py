@@ -16,14 +16,30 @@ PROJECT_DIR = Path(__file__).resolve().parent
 QUICK_STUDY = "studies/quick.txt"   # what runs with neither a study file nor --data_path
 PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
 METHODS = ("basic", "maml", "melo")           # the paper's table
-# variants of MAML or MELO that a study may add, each its own columns and paired differences:
-# name -> (title, main.py's method, its flags)
-VARIANTS = {
+# variants of MAML or MELO that a study may add, each one run per model and seed with its own
+# columns and paired differences: name -> (title, main.py's method, its flags)
+TUNED_INNER_LRS = (3e-3, 1e-2, 3e-2, 1e-1)      # with MAML's own 1e-3: the tuned step's grid
+RUN_VARIANTS = {
     "melo_normalized": ("MELO (normalised)", "melo", ["--normalize_weights=True"]),
     "melo_rating_blind": ("MELO (rating-blind encoder)", "melo", ["--rating_blind_encoder=True"]),
     "maml_inverse_frequency": ("MAML (inverse-frequency weights)", "maml",
                                ["--use_adaptive_loss=False", "--inverse_frequency_weights=True"]),
+    # the paper's ablations of MELO
+    "melo_mlp_encoder": ("MELO (MLP encoder)", "melo", ["--use_lstm=False", "--use_mlp=True"]),
+    "melo_loss_network": ("MELO (loss network)", "melo", ["--use_mlp_mean=True"]),
+    "melo_focal": ("MELO (focal inner loss)", "melo", ["--use_focal_loss=True"]),
+    "melo_softmax": ("MELO (softmax weights)", "melo", ["--use_softmax=True"]),
+    **{f"maml_inner_lr_{rate:g}": (f"MAML (--inner_lr={rate:g})", "maml",
+                                   ["--use_adaptive_loss=False", f"--inner_lr={rate:g}"])
+       for rate in TUNED_INNER_LRS},
 }
+# variants chosen per model and seed on the validation users (never the test's) among runs:
+# name -> (title, the runs it chooses from)
+TUNED_VARIANTS = {
+    "maml_tuned_step": ("MAML (inner step tuned on validation)",
+                        ("maml", *(f"maml_inner_lr_{rate:g}" for rate in TUNED_INNER_LRS))),
+}
+VARIANTS = {**RUN_VARIANTS, **{name: (title, "maml", []) for name, (title, _) in TUNED_VARIANTS.items()}}
 NORMALIZED_MELO = "melo_normalized"
 DATA_FLAGS = options.flags_with(study="data")        # reproduce.py's own flags, the same for every run
 BUDGET_FLAGS = options.flags_with(study="budget")
@@ -62,7 +78,9 @@ def build_parser():
         "give mean ± std")
     add("--variants", nargs="+", choices=list(VARIANTS), default=[], metavar="VARIANT",
         help="also run these variants, each as its own columns and paired differences: "
-        + "; ".join(f"{name}: {' '.join(flags)}" for name, (_, _, flags) in VARIANTS.items()))
+        + "; ".join([*(f"{name}: {' '.join(flags)}" for name, (_, _, flags) in RUN_VARIANTS.items()),
+                     *(f"{name}: of {', '.join(runs)}, the run of the best validation RMSE"
+                       for name, (_, runs) in TUNED_VARIANTS.items())]))
     add("--normalized_melo", action="store_true", help="the same as --variants melo_normalized")
     add("--reference_results", default=None, metavar="DIR",
         help="per-user test errors of the reference code's MAML and MELO on the same users, as "
@@ -99,9 +117,16 @@ def parse_command_line(argv=None):
             raise UserError(f"--{flag}={getattr(study, flag)}: give at least 1")
     study.run_flags = [*run_flags, *argv[split + 1:]]
     study.methods = [*METHODS, *dict.fromkeys([*([NORMALIZED_MELO] if study.normalized_melo else []), *study.variants])]
+    study.run_methods = run_methods(study.methods)
     study.command = shlex.join(["python", "reproduce.py", *argv])
     study.name = study.name or default_name(study.data_path, study.mode)
     return study
+
+
+def run_methods(methods):
+    """The methods that run, in order: ``methods`` with each tuned variant replaced by its runs."""
+    return list(dict.fromkeys(run for method in methods
+                              for run in (TUNED_VARIANTS[method][1] if method in TUNED_VARIANTS else [method])))
 
 
 def read_study_files(argv):
@@ -152,8 +177,8 @@ def options_given(argv):
 def check_run_flags(study):
     """Refuse flags after `--` that reproduce.py sets itself, or that the runs would refuse;
     return the first seed's run options (for the data statistics)."""
-    reserved_here = RESERVED_FLAGS | {flag[2:].split("=")[0] for method in study.methods[3:]
-                                      for flag in VARIANTS[method][2]}
+    reserved_here = RESERVED_FLAGS | {flag[2:].split("=")[0] for method in study.run_methods
+                                      if method in RUN_VARIANTS for flag in RUN_VARIANTS[method][2]}
     reserved = sorted(options_given(study.run_flags) & reserved_here)
     if reserved:
         names = ", ".join(f"--{name}" for name in reserved)

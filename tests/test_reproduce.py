@@ -6,6 +6,7 @@ failures.
 """
 import json
 import shlex
+import shutil
 import statistics
 import threading
 import time
@@ -96,6 +97,8 @@ def test_every_run_is_recorded_with_the_metrics_its_test_wrote(study):
         assert (record["checkpoint_step"] is None) == (record["method"] == "mean_rating")
         assert record["encoder_weight_per_rating"] == tested.get("encoder_weight_per_rating")
         assert (record["encoder_weight_per_rating"] is None) == (not record["method"].startswith("melo"))
+        assert record["validation_rmse"] == tested.get("validation_rmse")
+        assert (record["validation_rmse"] is None) == (record["method"] in ("mean_rating", "basic"))
         if record["checkpoint_step"] is not None:
             assert f"_{record['checkpoint_step']}_" in written[0].name   # the checkpoint tested
         assert set(record["metrics"]["per_rating"]) == {"1", "2", "3", "4", "5"}
@@ -497,5 +500,45 @@ def test_variants_are_runs_of_their_own_with_their_flags(study, tmp_path):
     assert "--rating_blind_encoder=True" in blind.train_command
     assert (inverse.files.method, blind.files.method) == ("maml", "melo")
     assert report.TITLES["maml_inverse_frequency"] == "MAML (inverse-frequency weights)"
+    ablation = {run.method: run for run in reproduce.plan_runs(
+        study_options.parse_command_line([*study.argv[:study.argv.index("--")], "--variants", "melo_mlp_encoder"]),
+        tmp_path)}["melo_mlp_encoder"]
+    assert {"--use_lstm=False", "--use_mlp=True"} <= set(ablation.train_command) and ablation.files.method == "melo"
     with pytest.raises(UserError, match="--rating_blind_encoder after `--`"):
         study_options.check_run_flags(study_options.parse_command_line([*argv, "--rating_blind_encoder=True"]))
+
+
+def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_path):
+    shutil.copytree(study.dir, tmp_path / "tiny")   # Basic, MAML and MELO are reused
+    split = study.argv.index("--")
+    argv = [*with_seeds(study.argv, SEEDS[0])[:split - 1], "--variants", "maml_tuned_step",
+            f"--results_dir={tmp_path}", *study.argv[split:]]
+    records = reproduce.main(argv)
+    by_method = {record["method"]: record for record in records if record["model"] == "gru4rec"}
+    grid = study_options.TUNED_VARIANTS["maml_tuned_step"][1]
+    assert grid == ("maml", "maml_inner_lr_0.003", "maml_inner_lr_0.01", "maml_inner_lr_0.03", "maml_inner_lr_0.1")
+    for method in grid[1:]:
+        train_command = by_method[method]["commands"][0]
+        assert f"--inner_lr={method.rsplit('_', 1)[1]}" in train_command and "--use_adaptive_loss=False" in train_command
+    validation = {method: by_method[method]["validation_rmse"] for method in grid}
+    assert len(set(validation.values())) == len(grid)      # the rates made different runs
+    tuned = by_method["maml_tuned_step"]
+    assert tuned["validation_rmse_of_runs"] == validation
+    assert tuned["chosen_run"] == min(validation, key=validation.get)
+    assert tuned["metrics"] == by_method[tuned["chosen_run"]]["metrics"]
+    table = (tmp_path / "tiny" / "table.md").read_text()
+    assert "MELO − MAML (inner step tuned on validation) RMSE [95 % interval]" in table
+    chosen = table_rows(table[table.index("## Tuned on validation"):])["MAML (inner step tuned on validation)"]
+    assert (chosen["Seed"], chosen["Chosen"]) == (str(SEEDS[0]), report.TITLES[tuned["chosen_run"]])
+    assert chosen["MAML (--inner_lr=0.1) validation RMSE"] == f"{validation['maml_inner_lr_0.1']:.4f}"
+    assert report.render(tmp_path / "tiny" / "results.json") == table
+
+
+def test_a_tuned_variant_refuses_runs_recorded_without_their_validation_rmse(study):
+    options = study_options.parse_command_line([*study.argv[:study.argv.index("--")], "--variants", "maml_tuned_step"])
+    records = [{**record, "validation_rmse": None if record["method"] == "maml" else 1.0}
+               for record in study.records] + [
+        {**record, "method": method} for record in study.records if record["method"] == "maml"
+        for method in study_options.TUNED_VARIANTS["maml_tuned_step"][1][1:]]
+    with pytest.raises(UserError, match=r"maml\.json has no validation RMSE .*delete it"):
+        reproduce.tuned_records(options, records)
