@@ -14,8 +14,11 @@ The support rows stay whole: cut to each batch's longest sequence (--support_chu
 length would change from batch to batch, and each length would be another compilation
 (marked dynamic, the graph compiled twice as slowly and still recompiled: measured).
 """
+import time
+
 import torch
 from torch.func import functional_call, grad
+from tqdm import tqdm
 
 
 class MetaGradient:
@@ -26,6 +29,7 @@ class MetaGradient:
     def __init__(self, learner, compile=False):
         self.learner = learner
         self.compiled = None
+        self.graph_shapes = set()   # the shapes compiled for: a new one compiles a graph
         if compile:
             # recomputing inner steps in the backward (RecomputedInBackward) does not trace;
             # the compiled graph plans its own memory
@@ -45,8 +49,18 @@ class MetaGradient:
             (loss * scale).backward()
             return loss.detach(), predictions.detach()
         params = {name: p for name, p in learner.named_parameters() if p.requires_grad}
+        shapes = (tuple(batch.support_items.shape), tuple(batch.query_items.shape), len(step_weights))
+        new_graph = shapes not in self.graph_shapes
+        if new_graph:
+            tqdm.write(f"Compiling the meta-gradient for {shapes[0][0]} tasks and {len(step_weights)} query "
+                       "step(s) into one graph: minutes the first time, seconds once Inductor has it in its "
+                       "cache on disk ...")
+        started = time.perf_counter()
         gradients, (loss, predictions) = self.compiled({name: p.detach() for name, p in params.items()},
                                                        task, step_weights)
+        if new_graph:
+            self.graph_shapes.add(shapes)
+            tqdm.write(f"Compiled in {time.perf_counter() - started:.0f} s (graph {len(self.graph_shapes)})")
         for name, p in params.items():
             scaled = gradients[name] * scale
             p.grad = scaled if p.grad is None else p.grad + scaled

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from tasks import min_window_length
-from models import MODELS, PADDING_FREE_MODELS
+from models import COMPILED_MODELS, MODELS, PADDING_FREE_MODELS
 from rating_files import MODES
 
 
@@ -116,7 +116,8 @@ FLAGS = (
           "changes"),
     _bool("compile", False, "(new) compile the meta-gradient of a task batch into one graph with torch.compile "
           "(the same gradients; minutes to compile, then faster per iteration: docs/performance.md); keeps "
-          "the support rows whole (no --support_chunks or --recompute_inner_steps)", "changes"),
+          "the support rows whole (no --support_chunks or --recompute_inner_steps); bert4rec, sasrec and ncf",
+          "changes"),
     Flag("device", None, "(new) torch device (None: cuda when available, else cpu)", "changes", type=str),
 
     # task-state encoder
@@ -264,6 +265,9 @@ def parse_args(argv=None):
                      "or lower --min_sub_window_size")
     if args.compile and not args.use_vmap:
         parser.error("--compile=True compiles the vmapped inner loop: give it with --use_vmap=True")
+    if args.compile and args.model not in COMPILED_MODELS:
+        parser.error(f"--compile=True with --model={args.model}: its GRU, unrolled into one graph, takes "
+                     f"over 20 minutes to compile; compile {', '.join(COMPILED_MODELS)}, or leave --compile out")
     if args.inverse_frequency_weights and args.use_adaptive_loss:
         parser.error("--inverse_frequency_weights=True weighs MAML's support loss: give it with "
                      "--use_adaptive_loss=False (MELO learns its weights)")

@@ -105,6 +105,7 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
     return {"model": model, "method": method, "path": path, "device": str(device),
             "seconds": median, "tasks_per_second": args.batch_size / median, "peak_mib": memory,
             "first_step_seconds": first_step, "evaluation_seconds_per_1000_users": evaluation,
+            "graphs": len(trainer.meta_gradient.graph_shapes) if path == "compiled" else None,
             "threads": torch.get_num_threads(), "profile": table}
 
 
@@ -133,7 +134,8 @@ def measure_reference(directory, model, data_path, warmup, iterations):
     return {"model": model, "method": "melo", "path": "reference", "device": "cpu", "seconds": median,
             "tasks_per_second": args.batch_size / median, "first_step_seconds": None,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "evaluation_seconds_per_1000_users": None, "threads": torch.get_num_threads(), "profile": None}
+            "evaluation_seconds_per_1000_users": None, "graphs": None, "threads": torch.get_num_threads(),
+            "profile": None}
 
 
 def run_child(command, workdir, label):
@@ -152,7 +154,8 @@ def print_result(r):
     print(f"{r['model']:<9} {r['method']:<5} {r['path']:<9} {r['seconds']:>8.3f} "
           f"{r['tasks_per_second']:>8.1f} {r['peak_mib']:>9.0f} "
           f"{'-' if evaluation is None else f'{evaluation:.1f}':>16} "
-          f"{'-' if first is None else f'{first:.1f}':>12}", flush=True)
+          f"{'-' if first is None else f'{first:.1f}':>12} {'-' if r['graphs'] is None else r['graphs']:>6}",
+          flush=True)
     if r["profile"]:
         print(r["profile"], flush=True)
 
@@ -196,7 +199,7 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         print(f"data: {data_path}; flags: {' '.join(flags) or '(defaults)'}")
         print(f"{'model':<9} {'method':<5} {'path':<9} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9} "
-              f"{'test s/1k users':>16} {'first step s':>12}")
+              f"{'test s/1k users':>16} {'first step s':>12} {'graphs':>6}")
         results, failures = [], 0
         timing = [f"--data_path={data_path}", f"--warmup={options.warmup}", f"--iterations={options.iterations}"]
         for model in options.models:

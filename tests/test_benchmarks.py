@@ -62,8 +62,9 @@ def test_meta_iteration_quick_prints_a_row_per_configuration(tmp_path):
                                           ["ncf", "melo", "vmap"], ["ncf", "melo", "loop"]]
     # --quick: 2 timed iterations each, all of them within the benchmark's own run time
     assert 0 < sum(2 * float(row[3]) for row in rows) < wall_seconds
-    for model, method, path_name, seconds, tasks_per_second, peak_mib, evaluation, first_step in rows:
+    for model, method, path_name, seconds, tasks_per_second, peak_mib, evaluation, first_step, graphs in rows:
         assert float(tasks_per_second) > 0 and float(peak_mib) > 100 and float(first_step) >= 0
+        assert graphs == "-"   # compiled graphs: only --paths compiled counts them
         assert (evaluation == "-") == (path_name == "loop")
         if path_name == "vmap":
             assert float(evaluation) > 0
@@ -163,3 +164,15 @@ def test_the_references_basic_embedding_is_renamed_into_ours(model_name):
         assert torch.equal(renamed["positions.weight"], torch.ones(args.max_seq_len, width))
         with pytest.raises(KeyError, match="no reference tensor maps to"):
             tool.in_our_layout({"embedding.weights": items}, model_name, ours)
+
+
+def test_support_padding_fractions_fall_with_more_chunks_and_stay_above_the_real_ones(tmp_path):
+    path = write_ratings(tmp_path / "ratings.dat", "ml-1m", num_users=300, num_items=200, seed=0)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "support_padding.py"), f"--data_path={path}",
+                          "--batches=5", "--min_item=1", "--num_test_data=20", "--val_size=8"], capture_output=True, text=True, check=True)
+    lines = run.stdout.splitlines()
+    real = float(next(line for line in lines if line.startswith("real positions:")).split()[-1])
+    chunked = [float(line.split()[-1]) for line in lines if "support chunk(s):" in line]
+    assert len(chunked) == 5 and 0 < real <= chunked[-1]
+    assert all(more <= fewer for fewer, more in zip(chunked, chunked[1:])) and chunked[0] <= 1
+    assert "3 chunks, lengths rounded up to multiples of 10" in lines[-1] and lines[-1].endswith("%")

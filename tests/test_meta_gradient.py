@@ -4,7 +4,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from meta_gradient import MetaGradient
-from test_meta_training import ratings_file, tiny_learner  # noqa: F401  (a fixture)
+from test_meta_training import METHOD_FLAGS, ratings_file, tiny_learner  # noqa: F401  (a fixture)
 
 
 def accumulated_gradients(meta_gradient, batch, iteration):
@@ -17,12 +17,15 @@ def accumulated_gradients(meta_gradient, batch, iteration):
     return loss, predictions, gradients
 
 
-def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file):  # noqa: F811
-    # BERT4Rec MELO: the LSTM encoder, attention, LSLR, the multi-step loss; one inner step
-    # keeps the cold compilation under a minute on two cores (the benchmark times three)
-    args, learner, batch = tiny_learner(ratings_file, "--model=bert4rec", "--bert_dropout=0", "--num_inner_steps=1",
-                                        dtype=torch.float64)
+# BERT4Rec MELO: the LSTM encoder, attention, LSLR, the multi-step loss; SASRec MAML: causal
+# attention over padded keys; NCF MELO with the MLP encoder and the loss network. One inner
+# step keeps each cold compilation near a minute on two cores (the benchmark times three).
+@pytest.mark.parametrize("model, method", [("bert4rec", "melo"), ("sasrec", "maml"), ("ncf", "melo-mlp")])
+def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file, model, method):  # noqa: F811
+    args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0", "--num_inner_steps=1",
+                                        *METHOD_FLAGS[method], dtype=torch.float64)
     learner.train()
+    torch._dynamo.reset()
     counters.clear()
     compiled = MetaGradient(learner, compile=True)
     for iteration in (0, 10_000):   # the multi-step loss, then the last step's alone (one weight each)
@@ -31,8 +34,10 @@ def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file):  
         torch.testing.assert_close(result[0], eager[0], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(result[1], eager[1], rtol=1e-9, atol=1e-12)
         for compiled_gradient, eager_gradient in zip(result[2], eager[2]):
+            # atol: a key bias's gradient is 0 in exact arithmetic (softmax ignores it), ~1e-18 here
             torch.testing.assert_close(compiled_gradient, eager_gradient, rtol=1e-9, atol=1e-12)
         assert any(g.abs().sum() > 0 for g in result[2])
     again = accumulated_gradients(compiled, batch, 10_000)   # the same shapes: no new graph
     torch.testing.assert_close(again[2], result[2], rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert compiled.graph_shapes == {(tuple(batch.support_items.shape), tuple(batch.query_items.shape), 1)}

@@ -43,6 +43,8 @@ BAD_FLAGS = [
     ("--inverse_frequency_weights=True", "give it with --use_adaptive_loss=False"),
     ("--rating_blind_encoder=True --use_lstm=False --use_mlp=True", "give it with --use_adaptive_loss=True"),
     ("--use_vmap=maybe", "expected True or False"),
+    ("--compile=True --model=gru4rec", "compile bert4rec, sasrec, ncf, or leave --compile out"),
+    ("--compile=True --use_vmap=False", "give it with --use_vmap=True"),
     ("--mode=netflix", "--mode=netflix is not a dataset reader here"),
     ("--model=sasrec4", "--model=sasrec4 is not a model here"),
     ("--min_sequence=4 --min_sub_window_size=4", "raise --min_sequence to 5"),
