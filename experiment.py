@@ -24,10 +24,18 @@ class UserError(Exception):
     """A problem the user can fix; reported as one line, never a traceback."""
 
 
+DIVERGED_STATUS = 3   # the exit status of a training stopped by Diverged
+
+
+class Diverged(UserError):
+    """Training met a non-finite loss or validation; its checkpoints until then are kept."""
+
+
 def run_cli(main):
-    """Run ``main()``; report user errors in one line (exit 2), interruption as 130, a run
-    stopped by SIGTERM or SIGUSR1 with the command that resumes it (PREEMPTED_STATUS). Scripts
-    exit quietly on Ctrl-C while they import (their first lines); from here on it raises.
+    """Run ``main()``; report user errors in one line (exit 2; a diverged training 3),
+    interruption as 130, a run stopped by SIGTERM or SIGUSR1 with the command that resumes it
+    (PREEMPTED_STATUS). Scripts exit quietly on Ctrl-C while they import (their first lines);
+    from here on it raises.
     With MELO_DEBUG=1 in the environment an error is raised with its traceback instead, and
     with the exception that caused it (a corrupt file's, say)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -42,7 +50,8 @@ def run_cli(main):
             error.__suppress_context__ = False
             raise
         print(one_line_error(error), file=sys.stderr)
-        sys.exit(1 if isinstance(error, distributed.PeerFailure) else 2)
+        sys.exit(1 if isinstance(error, distributed.PeerFailure) else DIVERGED_STATUS if isinstance(error, Diverged)
+                 else 2)
     except KeyboardInterrupt:
         print("\ninterrupted: the checkpoints already written are kept", file=sys.stderr)
         sys.exit(130)

@@ -19,7 +19,7 @@ import checkpoints
 import config
 import distributed
 import evaluation
-from experiment import UserError, log_metrics, run_cli, setup
+from experiment import Diverged, UserError, log_metrics, run_cli, setup
 from learning_rates import meta_learning_rates
 from meta_gradient import MetaGradient
 from meta_learner import MetaLearner
@@ -207,7 +207,7 @@ class MetaTrainer:
         steps = self.files.steps(best=False)
         kept = (f"the last checkpoint (iteration {steps[-1]}) is kept and can be resumed with "
                 f"--checkpoint_step={steps[-1]}" if steps else "no checkpoint was written")
-        raise UserError(f"{what} at iteration {self.iteration}: the run stops, {kept}; lower "
+        raise Diverged(f"{what} at iteration {self.iteration}: the run stops, {kept}; lower "
                         "--outer_lr / --inner_lr / --lstm_lr")
 
     def test(self, step, best):

@@ -8,6 +8,8 @@ import argparse
 import math
 from dataclasses import dataclass
 
+import torch
+
 from tasks import min_window_length
 from models import COMPILED_MODELS, MODELS, PADDING_FREE_MODELS
 from rating_files import MODES
@@ -214,6 +216,11 @@ class Parser(argparse.ArgumentParser):
         raise FlagError(message)
 
 
+def finite_in_float32(value):
+    """Whether a rate stays finite as the float32 tensor the models use."""
+    return math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max
+
+
 def build_parser():
     """The command line of main.py and train_original.py, from ``FLAGS``."""
     parser = Parser(
@@ -241,10 +248,10 @@ def parse_args(argv=None):
         value = getattr(args, flag.name)
         if flag.at_least is not None and value is not None and value < flag.at_least:
             parser.error(f"--{flag.name} must be at least {flag.at_least}, got {value}")
-        if flag.rate == "positive" and not (math.isfinite(value) and value > 0):
-            parser.error(f"--{flag.name} must be a positive finite number, got {value}")
-        if flag.rate == "non-negative" and not (math.isfinite(value) and value >= 0):
-            parser.error(f"--{flag.name} must be a finite number of at least 0, got {value}")
+        if flag.rate == "positive" and not (finite_in_float32(value) and value > 0):
+            parser.error(f"--{flag.name} must be a positive finite number (in float32), got {value}")
+        if flag.rate == "non-negative" and not (finite_in_float32(value) and value >= 0):
+            parser.error(f"--{flag.name} must be a finite number of at least 0 (in float32), got {value}")
     if not 0 <= args.bert_dropout < 1:
         parser.error(f"--bert_dropout is a dropout probability, in [0, 1); got {args.bert_dropout}")
     if args.max_seq_len < 3:

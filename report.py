@@ -120,6 +120,10 @@ def is_melo(method):
     return method == "melo" or VARIANTS.get(method, (None, None))[1] == "melo"
 
 
+def validation_cell(rmse):
+    return "diverged" if rmse is None else f"{rmse:.4f}"
+
+
 def tuned_table(study, records):
     """Which run each tuned variant chose per model and seed, and every run's validation RMSE."""
     chosen = [record for record in records if record["method"] in TUNED_VARIANTS]
@@ -128,9 +132,11 @@ def tuned_table(study, records):
     runs = list(dict.fromkeys(run for record in chosen for run in record["validation_rmse_of_runs"]))
     header = ["Variant", "Model", "Seed", "Chosen", *(f"{TITLES[run]} validation RMSE" for run in runs)]
     rows = [[TITLES[record["method"]], TITLES[record["model"]], str(record["seed"]), TITLES[record["chosen_run"]],
-             *(f"{record['validation_rmse_of_runs'][run]:.4f}" for run in runs)] for record in chosen]
+             *(validation_cell(record["validation_rmse_of_runs"].get(run)) for run in runs)] for record in chosen]
     return (f"\n## Tuned on validation\n\nEach tuned variant is the run of the lowest validation RMSE "
-            f"(its best checkpoint's) among its runs, per model and seed; the test users play no part.\n\n"
+            f"(its best checkpoint's) among its runs, per model and seed; the test users play no part. "
+            f"A run that diverged is judged by its best checkpoint before that, and left out when it "
+            f"diverged before its first validation.\n\n"
             f"{markdown_table(header, rows)}\n")
 
 

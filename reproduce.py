@@ -43,7 +43,7 @@ import options
 from atomic_files import write_json
 from config import DataConfig
 from dataloader import load_data
-from experiment import UserError, run_cli
+from experiment import DIVERGED_STATUS, UserError, run_cli
 from preemption import Preempted
 from report import REFERENCE_METHODS, TITLES, per_user_errors, write_reports
 from run_files import RunFiles
@@ -99,6 +99,7 @@ class Run:
     test_command: list[str]
     final_step: int = 0              # MAML/MELO: the last outer iteration
     threads: int | None = None       # with --jobs: the run's OMP_NUM_THREADS
+    may_diverge: bool = False        # a run only to be chosen among: diverging is one of its outcomes
 
     @property
     def label(self):
@@ -170,7 +171,8 @@ def plan_runs(study, runs_dir):
                               "--load_pretrained_embedding=True", *META_FLAGS[method],
                               processes=study.nproc_per_node)
                 runs.append(Run(seed, model, method, folder, meta, [*meta, "--test"],
-                                final_step=study.num_train_iterations))
+                                final_step=study.num_train_iterations,
+                                may_diverge=method not in study.methods))
     return runs
 
 
@@ -209,31 +211,40 @@ def execute(run, number, total):
     tag = f"[{number}/{total}] {run.label}"
     if run.record_path.is_file():
         record = json.loads(run.record_path.read_text())
-        announce(f"{tag}: done before: {metrics_summary(record['metrics'])}")
+        announce(f"{tag}: done before: {record_summary(record)}")
         return record
     run.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    diverged = False
+    tested = {"metrics": None}   # a run that diverged before its first validation has no checkpoint to test
     try:
         if run.train_command is not None:
-            train(run, tag)
+            diverged = train(run, tag)
         else:
             announce(f"{tag}: testing")
-        invoke(run.test_command, run, "test")
-        tested = read_test_results(run)
+        if not diverged or run.files.steps(best=True):   # a diverged run: its best checkpoint
+            invoke(run.test_command, run, "test")
+            tested = read_test_results(run)
     except UserError:
         announce(f"{tag}: FAILED")
         raise
-    metrics = tested["metrics"]
-    record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": metrics,
+    record = {"seed": run.seed, "model": run.model, "method": run.method, "metrics": tested["metrics"],
               "checkpoint_step": tested.get("checkpoint_step"),   # Basic's epoch, MAML's / MELO's iteration
               "encoder_weight_per_rating": tested.get("encoder_weight_per_rating"),   # MELO's LSTM encoder
               "validation_rmse": tested.get("validation_rmse"),   # MAML's / MELO's best checkpoint's
+              "diverged": diverged,
               "commands": [as_typed(command) for command in (run.train_command, run.test_command)
                            if command is not None],
               "log": str(run.log_path)}
     write_json(run.record_path, record)
-    announce(f"{tag}: {metrics_summary(metrics)} ({format_duration(time.monotonic() - started)})")
+    announce(f"{tag}: {record_summary(record)} ({format_duration(time.monotonic() - started)})")
     return record
+
+
+def record_summary(record):
+    if record["metrics"] is None:
+        return "diverged before its first validation: nothing to test"
+    return metrics_summary(record["metrics"]) + (" (diverged later; its best checkpoint)" if record.get("diverged") else "")
 
 
 def tuned_records(study, records):
@@ -243,8 +254,9 @@ def tuned_records(study, records):
     for method in (method for method in study.methods if method in TUNED_VARIANTS):
         for seed in study.seeds:
             for model in study.models:
-                candidates = [record for record in records if (record["seed"], record["model"]) == (seed, model)
-                              and record["method"] in TUNED_VARIANTS[method][1]]
+                runs = [record for record in records if (record["seed"], record["model"]) == (seed, model)
+                        and record["method"] in TUNED_VARIANTS[method][1]]
+                candidates = [record for record in runs if record["metrics"] is not None]
                 for record in candidates:
                     if record.get("validation_rmse") is None:
                         raise UserError(f"{Path(record['log']).with_suffix('.json')} has no validation RMSE "
@@ -253,24 +265,32 @@ def tuned_records(study, records):
                 best = min(candidates, key=lambda record: record["validation_rmse"])
                 chosen.append({**best, "method": method, "chosen_run": best["method"],
                                "validation_rmse_of_runs": {record["method"]: record["validation_rmse"]
-                                                           for record in candidates}})
+                                                           for record in runs}})
     return chosen
 
 
 def train(run, tag):
     """Train from scratch, resume a run from its last resumable checkpoint (MAML's and MELO's
     every validation, a run stopped by a signal), or skip the training when that checkpoint is
-    the last step's."""
+    the last step's. Returns whether it diverged, which only a run that may is allowed."""
     resume_step = last_checkpoint_step(run)
+    if resume_step is not None and resume_step >= run.final_step:
+        announce(f"{tag}: testing")
+        return False
     if resume_step is None:
         shutil.rmtree(run.files.folder, ignore_errors=True)   # a killed Basic run's leftovers
         announce(f"{tag}: training")
-        invoke(run.train_command, run, "training")
-    elif resume_step < run.final_step:
-        announce(f"{tag}: training (resumed from step {resume_step})")
-        invoke([*run.train_command, f"--checkpoint_step={resume_step}"], run, "training")
+        command = run.train_command
     else:
-        announce(f"{tag}: testing")
+        announce(f"{tag}: training (resumed from step {resume_step})")
+        command = [*run.train_command, f"--checkpoint_step={resume_step}"]
+    try:
+        invoke(command, run, "training")
+    except RunDiverged:
+        if not run.may_diverge:
+            raise
+        return True
+    return False
 
 
 def announce(line):
@@ -313,9 +333,13 @@ def invoke(command, run, phase):
     stop_if_signalled()
     if status != 0:
         how = f"exit status {status}" if status > 0 else f"killed by signal {-status}"
-        raise UserError(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n"
+        raise (RunDiverged if status == DIVERGED_STATUS else UserError)(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n"
                         f"{log_tail(run.log_path)}\n"
                         f"Finished runs are kept: fix the problem and run the same command again.")
+
+
+class RunDiverged(UserError):
+    """A training stopped by a non-finite loss or validation (main.py's DIVERGED_STATUS)."""
 
 
 def forward_signal(number, frame):

@@ -24,6 +24,7 @@ BAD_FLAGS = [
     ("--inner_lr=-1", "--inner_lr must be a positive finite number"),
     ("--outer_lr=nan", "--outer_lr must be a positive finite number"),
     ("--lstm_lr=inf", "--lstm_lr must be a positive finite number"),
+    ("--inner_lr=1e300", "--inner_lr must be a positive finite number (in float32)"),
     ("--pretraining_lr=0", "--pretraining_lr must be a positive finite number"),
     ("--learn_lr=-0.001", "--learn_lr must be a positive finite number"),
     ("--min_outer_lr=-1", "--min_outer_lr must be a finite number of at least 0"),

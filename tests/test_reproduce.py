@@ -508,30 +508,37 @@ def test_variants_are_runs_of_their_own_with_their_flags(study, tmp_path):
         study_options.check_run_flags(study_options.parse_command_line([*argv, "--rating_blind_encoder=True"]))
 
 
-def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_path):
+def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_path, monkeypatch):
     shutil.copytree(study.dir, tmp_path / "tiny")   # Basic, MAML and MELO are reused
+    # the largest step made huge: its run diverges at once, which a grid run may
+    monkeypatch.setitem(reproduce.META_FLAGS, "maml_inner_lr_1", [*reproduce.META_FLAGS["maml_inner_lr_1"], "--inner_lr=1e38"])
     split = study.argv.index("--")
     argv = [*with_seeds(study.argv, SEEDS[0])[:split - 1], "--variants", "maml_tuned_step",
             f"--results_dir={tmp_path}", *study.argv[split:]]
     records = reproduce.main(argv)
     by_method = {record["method"]: record for record in records if record["model"] == "gru4rec"}
     grid = study_options.TUNED_VARIANTS["maml_tuned_step"][1]
-    assert grid == ("maml", "maml_inner_lr_0.003", "maml_inner_lr_0.01", "maml_inner_lr_0.03", "maml_inner_lr_0.1")
+    assert grid == ("maml", *(f"maml_inner_lr_{rate}" for rate in ("0.003", "0.01", "0.03", "0.1", "0.3", "1")))
     for method in grid[1:]:
         train_command = by_method[method]["commands"][0]
         assert f"--inner_lr={method.rsplit('_', 1)[1]}" in train_command and "--use_adaptive_loss=False" in train_command
+    diverged = by_method["maml_inner_lr_1"]
+    assert diverged["diverged"] and diverged["metrics"] is None and diverged["validation_rmse"] is None
+    assert not any(by_method[method]["diverged"] for method in grid[:-1])
     validation = {method: by_method[method]["validation_rmse"] for method in grid}
     assert len(set(validation.values())) == len(grid)      # the rates made different runs
     tuned = by_method["maml_tuned_step"]
     assert tuned["validation_rmse_of_runs"] == validation
-    assert tuned["chosen_run"] == min(validation, key=validation.get)
+    assert tuned["chosen_run"] == min(grid[:-1], key=validation.get)
     assert tuned["metrics"] == by_method[tuned["chosen_run"]]["metrics"]
     table = (tmp_path / "tiny" / "table.md").read_text()
     assert "MELO − MAML (inner step tuned on validation) RMSE [95 % interval]" in table
     chosen = table_rows(table[table.index("## Tuned on validation"):])["MAML (inner step tuned on validation)"]
     assert (chosen["Seed"], chosen["Chosen"]) == (str(SEEDS[0]), report.TITLES[tuned["chosen_run"]])
     assert chosen["MAML (--inner_lr=0.1) validation RMSE"] == f"{validation['maml_inner_lr_0.1']:.4f}"
+    assert chosen["MAML (--inner_lr=1) validation RMSE"] == "diverged"
     assert report.render(tmp_path / "tiny" / "results.json") == table
+    assert reproduce.main(argv) == records               # the diverged run is not run again
 
 
 def test_a_tuned_variant_refuses_runs_recorded_without_their_validation_rmse(study):
