@@ -24,9 +24,10 @@ from tqdm import tqdm
 class MetaGradient:
     """``meta_gradient(batch, iteration, scale)``: the meta-loss of a TaskBatch at outer
     iteration ``iteration`` and its target predictions [T, Q], detached, with ``scale`` ×
-    the meta-gradient added to every meta-parameter's ``.grad``."""
+    the meta-gradient added to every meta-parameter's ``.grad``. ``mode``: torch.compile's
+    (``"reduce-overhead"``: CUDA graphs on a GPU; benchmarks/device_check.py)."""
 
-    def __init__(self, learner, compile=False):
+    def __init__(self, learner, compile=False, mode=None):
         self.learner = learner
         self.compiled = None
         self.graph_shapes = set()   # the shapes compiled for: a new one compiles a graph
@@ -34,7 +35,7 @@ class MetaGradient:
             # recomputing inner steps in the backward (RecomputedInBackward) does not trace;
             # the compiled graph plans its own memory
             learner.recompute_steps = 0
-            self.compiled = torch.compile(grad(self._objective, has_aux=True), fullgraph=True)
+            self.compiled = torch.compile(grad(self._objective, has_aux=True), fullgraph=True, mode=mode)
 
     def _objective(self, params, task, step_weights):
         loss, predictions = functional_call(self.learner, params, (task, step_weights))

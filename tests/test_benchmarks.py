@@ -43,6 +43,20 @@ def test_device_check_passes_on_the_cpu(device_check, data, capsys):
     assert len(rows) == 5 and all(row.endswith(" ok") for row in rows)  # float64/32 x vmap/loop, replay
 
 
+def test_device_check_compares_the_compiled_meta_gradient_with_the_eager_one(device_check, data, monkeypatch,
+                                                                              capsys):
+    path, ratings = data
+    # one compilation of one inner step keeps it near a minute: CUDA graphs' mode, which the
+    # CPU runs without them
+    monkeypatch.setattr(device_check, "SMALL", [*device_check.SMALL, "--num_inner_steps=1"])
+    monkeypatch.setattr(device_check, "COMPILE_MODES", ("reduce-overhead",))
+    monkeypatch.setattr(device_check, "COMPILE_DTYPES", (device_check.torch.float64,))
+    assert device_check.check("ncf", "maml", ratings, path, "cpu", compiled=True) == []
+    line = next(line for line in capsys.readouterr().out.splitlines() if "compiled, reduce-overhead" in line)
+    assert line.startswith("ncf       maml  float64  compiled") and line.endswith("ok")
+    assert float(line.split("gradient")[1].split()[0]) < 1e-12
+
+
 def test_device_check_reports_an_error_over_its_tolerance(device_check, data, monkeypatch):
     path, ratings = data
     monkeypatch.setitem(device_check.TOLERANCE, device_check.torch.float32, 1e-12)
