@@ -82,7 +82,8 @@ def load_checked(path, **options):
     return torch.load(io.BytesIO(outer["payload"]), **options)
 
 
-def write_json(path, value):
-    """``value`` as indented JSON at ``path``; a NaN or infinity is an error, never a file."""
-    text = json.dumps(value, indent=2, allow_nan=False)
+def write_json(path, value, indent=2):
+    """``value`` as JSON at ``path``, indented (``indent=None``: on one line, for files of many
+    numbers); a NaN or infinity is an error, never a file."""
+    text = json.dumps(value, indent=indent, separators=None if indent else (",", ":"), allow_nan=False)
     atomic_write(path, lambda temporary: Path(temporary).write_text(text))

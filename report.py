@@ -268,15 +268,23 @@ def plot_per_rating(study, records, path):
     figure.savefig(path, dpi=120)
 
 
+def without_per_user(metrics):
+    return None if metrics is None else {name: value for name, value in metrics.items() if name != "per_user"}
+
+
 def write_reports(study, study_dir, stats, records, reference_records):
     """results.json, table.md, dataset.md and per_rating.png of a study; returns the table."""
     paired = paired_differences(records, study)
     side_by_side, reference_summary = reference_table(study, records, reference_records, paired)
+    # results.json: one line, and the per-user errors only of the methods in the tables (a tuned
+    # variant's other runs keep theirs in their own records), to keep a study's file small
+    runs = [record if record["method"] in study.methods or record["model"] is None else
+            {**record, "metrics": without_per_user(record["metrics"])} for record in records]
     write_json(study_dir / "results.json",
                {"dataset": study.name, "command": study.command, "study": study.study_files,
                 "data_path": study.data_path, "mode": study.mode, "seeds": study.seeds, "models": study.models,
-                "methods": study.methods, "run_flags": study.run_flags, "runs": records, "paired": paired,
-                "reference_runs": reference_records, "reference_paired": reference_summary})
+                "methods": study.methods, "run_flags": study.run_flags, "runs": runs, "paired": paired,
+                "reference_runs": reference_records, "reference_paired": reference_summary}, indent=None)
     table = results_table(study, records) + paired_table(paired) + tuned_table(study, records) + side_by_side
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))

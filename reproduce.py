@@ -333,9 +333,9 @@ def invoke(command, run, phase):
     stop_if_signalled()
     if status != 0:
         how = f"exit status {status}" if status > 0 else f"killed by signal {-status}"
-        raise (RunDiverged if status == DIVERGED_STATUS else UserError)(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n"
-                        f"{log_tail(run.log_path)}\n"
-                        f"Finished runs are kept: fix the problem and run the same command again.")
+        error = RunDiverged if status == DIVERGED_STATUS else UserError
+        raise error(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n{log_tail(run.log_path)}\n"
+                    f"Finished runs are kept: fix the problem and run the same command again.")
 
 
 class RunDiverged(UserError):

@@ -16,9 +16,9 @@ PROJECT_DIR = Path(__file__).resolve().parent
 QUICK_STUDY = "studies/quick.txt"   # what runs with neither a study file nor --data_path
 PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
 METHODS = ("basic", "maml", "melo")           # the paper's table
+TUNED_INNER_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)   # with MAML's own 1e-3: the tuned step's grid
 # variants of MAML or MELO that a study may add, each one run per model and seed with its own
 # columns and paired differences: name -> (title, main.py's method, its flags)
-TUNED_INNER_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)   # with MAML's own 1e-3: the tuned step's grid
 RUN_VARIANTS = {
     "melo_normalized": ("MELO (normalised)", "melo", ["--normalize_weights=True"]),
     "melo_rating_blind": ("MELO (rating-blind encoder)", "melo", ["--rating_blind_encoder=True"]),

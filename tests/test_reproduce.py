@@ -540,6 +540,10 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     assert chosen["MAML (--inner_lr=0.1) validation RMSE"] == f"{validation['maml_inner_lr_0.1']:.4f}"
     assert chosen["MAML (--inner_lr=1) validation RMSE"] == "diverged"
     assert report.render(tmp_path / "tiny" / "results.json") == table
+    written = {record["method"]: record for record in json.loads((tmp_path / "tiny" / "results.json").read_text())["runs"]
+               if record["model"] == "gru4rec"}
+    assert "per_user" not in written["maml_inner_lr_0.1"]["metrics"]   # a grid run's: only in its own record
+    assert written["maml_tuned_step"]["metrics"]["per_user"] == tuned["metrics"]["per_user"]
     assert reproduce.main(argv) == records               # the diverged run is not run again
 
 
