@@ -244,7 +244,8 @@ def execute(run, number, total):
 def record_summary(record):
     if record["metrics"] is None:
         return "diverged before its first validation: nothing to test"
-    return metrics_summary(record["metrics"]) + (" (diverged later; its best checkpoint)" if record.get("diverged") else "")
+    later = " (diverged later; its best checkpoint)" if record.get("diverged") else ""
+    return metrics_summary(record["metrics"]) + later
 
 
 def tuned_records(study, records):

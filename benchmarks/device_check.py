@@ -84,7 +84,8 @@ def objective_gradient(learner, batch, device, dtype, mode=None, calls=6):
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in parameters])
-    return loss.detach().double().cpu().reshape(1), flat.double().cpu(), seconds[0], statistics.median(seconds[1:] or seconds)
+    median = statistics.median(seconds[1:] or seconds)
+    return loss.detach().double().cpu().reshape(1), flat.double().cpu(), seconds[0], median
 
 
 def check_compiled(learner, batch, device, model, method):

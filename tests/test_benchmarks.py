@@ -183,7 +183,8 @@ def test_the_references_basic_embedding_is_renamed_into_ours(model_name):
 def test_support_padding_fractions_fall_with_more_chunks_and_stay_above_the_real_ones(tmp_path):
     path = write_ratings(tmp_path / "ratings.dat", "ml-1m", num_users=300, num_items=200, seed=0)
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "support_padding.py"), f"--data_path={path}",
-                          "--batches=5", "--min_item=1", "--num_test_data=20", "--val_size=8"], capture_output=True, text=True, check=True)
+                          "--batches=5", "--min_item=1", "--num_test_data=20", "--val_size=8"],
+                         capture_output=True, text=True, check=True)
     lines = run.stdout.splitlines()
     real = float(next(line for line in lines if line.startswith("real positions:")).split()[-1])
     chunked = [float(line.split()[-1]) for line in lines if "support chunk(s):" in line]

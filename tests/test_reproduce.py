@@ -513,7 +513,8 @@ def test_variants_are_runs_of_their_own_with_their_flags(study, tmp_path):
 def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_path, monkeypatch):
     shutil.copytree(study.dir, tmp_path / "tiny")   # Basic, MAML and MELO are reused
     # the largest step made huge: its run diverges at once, which a grid run may
-    monkeypatch.setitem(reproduce.META_FLAGS, "maml_inner_lr_1", [*reproduce.META_FLAGS["maml_inner_lr_1"], "--inner_lr=1e38"])
+    monkeypatch.setitem(reproduce.META_FLAGS, "maml_inner_lr_1",
+                        [*reproduce.META_FLAGS["maml_inner_lr_1"], "--inner_lr=1e38"])
     split = study.argv.index("--")
     argv = [*with_seeds(study.argv, SEEDS[0])[:split - 1], "--variants", "maml_tuned_step",
             f"--results_dir={tmp_path}", *study.argv[split:]]
@@ -523,7 +524,8 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     assert grid == ("maml", *(f"maml_inner_lr_{rate}" for rate in ("0.003", "0.01", "0.03", "0.1", "0.3", "1")))
     for method in grid[1:]:
         train_command = by_method[method]["commands"][0]
-        assert f"--inner_lr={method.rsplit('_', 1)[1]}" in train_command and "--use_adaptive_loss=False" in train_command
+        assert f"--inner_lr={method.rsplit('_', 1)[1]}" in train_command
+        assert "--use_adaptive_loss=False" in train_command
     diverged = by_method["maml_inner_lr_1"]
     assert diverged["diverged"] and diverged["metrics"] is None and diverged["validation_rmse"] is None
     assert not any(by_method[method]["diverged"] for method in grid[:-1])
@@ -540,8 +542,8 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     assert chosen["MAML (--inner_lr=0.1) validation RMSE"] == f"{validation['maml_inner_lr_0.1']:.4f}"
     assert chosen["MAML (--inner_lr=1) validation RMSE"] == "diverged"
     assert report.render(tmp_path / "tiny" / "results.json") == table
-    written = {record["method"]: record for record in json.loads((tmp_path / "tiny" / "results.json").read_text())["runs"]
-               if record["model"] == "gru4rec"}
+    written_runs = json.loads((tmp_path / "tiny" / "results.json").read_text())["runs"]
+    written = {record["method"]: record for record in written_runs if record["model"] == "gru4rec"}
     assert "per_user" not in written["maml_inner_lr_0.1"]["metrics"]   # a grid run's: only in its own record
     assert written["maml_tuned_step"]["metrics"]["per_user"] == tuned["metrics"]["per_user"]
     assert reproduce.main(argv) == records               # the diverged run is not run again
