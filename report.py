@@ -268,14 +268,37 @@ def plot_per_rating(study, records, path):
     figure.savefig(path, dpi=120)
 
 
+PER_USER_DIGITS = 7   # significant digits of the per-user errors in results.json (float32's)
+
+
 def without_per_user(metrics):
     return None if metrics is None else {name: value for name, value in metrics.items() if name != "per_user"}
 
 
-def write_reports(study, study_dir, stats, records, reference_records):
-    """results.json, table.md, dataset.md and per_rating.png of a study; returns the table."""
+def with_rounded_per_user(record):
+    """``record`` with its per-user errors to PER_USER_DIGITS significant digits: what results.json
+    keeps, half the size of the full doubles, and what every table is computed from, so that a
+    table renders again from results.json to the last digit."""
+    per_user = (record["metrics"] or {}).get("per_user")
+    if per_user is None:
+        return record
+    rounded = {name: [float(f"{error:.{PER_USER_DIGITS}g}") for error in errors]
+               for name, errors in per_user.items() if name != "user"}
+    return {**record, "metrics": {**record["metrics"], "per_user": {"user": per_user["user"], **rounded}}}
+
+
+def study_tables(study, records, reference_records):
+    """table.md's text, the paired differences and the reference's summary of a study's records."""
     paired = paired_differences(records, study)
     side_by_side, reference_summary = reference_table(study, records, reference_records, paired)
+    table = results_table(study, records) + paired_table(paired) + tuned_table(study, records) + side_by_side
+    return table, paired, reference_summary
+
+
+def write_reports(study, study_dir, stats, records, reference_records):
+    """results.json, table.md, dataset.md and per_rating.png of a study; returns the table."""
+    records = [with_rounded_per_user(record) for record in records]
+    table, paired, reference_summary = study_tables(study, records, reference_records)
     # results.json: one line, and the per-user errors only of the methods in the tables (a tuned
     # variant's other runs keep theirs in their own records), to keep a study's file small
     runs = [record if record["method"] in study.methods or record["model"] is None else
@@ -285,7 +308,6 @@ def write_reports(study, study_dir, stats, records, reference_records):
                 "data_path": study.data_path, "mode": study.mode, "seeds": study.seeds, "models": study.models,
                 "methods": study.methods, "run_flags": study.run_flags, "runs": runs, "paired": paired,
                 "reference_runs": reference_records, "reference_paired": reference_summary}, indent=None)
-    table = results_table(study, records) + paired_table(paired) + tuned_table(study, records) + side_by_side
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
     plot_per_rating(study, records, study_dir / "per_rating.png")
@@ -298,9 +320,7 @@ def render(results_path):
     recorded = json.loads(Path(results_path).read_text())
     study = parse_command_line(shlex.split(recorded["command"])[2:])
     records = recorded["runs"]
-    paired = paired_differences(records, study)
-    table = (results_table(study, records) + paired_table(paired) + tuned_table(study, records)
-             + reference_table(study, records, recorded["reference_runs"], paired)[0])
+    table = study_tables(study, records, recorded["reference_runs"])[0]
     folder = Path(results_path).parent
     (folder / "table.md").write_text(table)
     plot_per_rating(study, records, folder / "per_rating.png")

@@ -12,6 +12,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import report
@@ -82,7 +83,7 @@ def metric(study, model, method, name):
 # --- what one invocation writes ---------------------------------------------------------
 def test_every_run_is_recorded_with_the_metrics_its_test_wrote(study):
     results = json.loads((study.dir / "results.json").read_text())
-    assert results["runs"] == study.records
+    assert results["runs"] == [report.with_rounded_per_user(record) for record in study.records]
     assert [(r["seed"], r["model"], r["method"]) for r in study.records] == [
         (seed, model, method) for seed in SEEDS
         for model, method in [(None, "mean_rating"), *(("gru4rec", m) for m in METHODS)]]
@@ -164,7 +165,8 @@ def test_paired_differences_per_seed_and_pooled(study):
         if row["seed"] != "pooled":
             melo, other = (metric(study, "gru4rec", method, "rmse")[SEEDS.index(row["seed"])]
                            for method in (row["method"], row["versus"]))
-            assert row["difference"] == pytest.approx(melo - other)
+            # from the per-user errors that results.json keeps, to 7 significant digits
+            assert row["difference"] == pytest.approx(melo - other, rel=0, abs=1e-6)
     table = (study.dir / "table.md").read_text()
     section = table[table.index("## Paired differences"):]
     rows = by_seed(section)
@@ -435,6 +437,20 @@ def test_a_study_file_gives_flags_that_later_flags_override(study, tmp_path):
         study_options.parse_command_line([f"@{tmp_path / 'no_such.txt'}"])
 
 
+def test_results_json_keeps_each_users_errors_to_seven_significant_digits(study):
+    written = {(r["seed"], r["model"], r["method"]): r for r in json.loads((study.dir / "results.json").read_text())["runs"]}
+    for record in study.records:
+        per_user = written[record["seed"], record["model"], record["method"]]["metrics"]["per_user"]
+        full = record["metrics"]["per_user"]
+        assert per_user["user"] == full["user"]
+        for name in ("squared_error", "absolute_error"):
+            assert len(per_user[name]) == len(full[name])
+            assert per_user[name] == [float(f"{error:.7g}") for error in full[name]]
+            assert np.allclose(per_user[name], full[name], rtol=5e-7, atol=0)
+    # the tables are computed from what results.json keeps: rendered again, to the last digit
+    assert report.render(study.dir / "results.json") == (study.dir / "table.md").read_text()
+
+
 def test_results_json_names_the_study_file(study, tmp_path):
     study_file = tmp_path / "tiny.txt"
     study_file.write_text(" ".join(study.argv[:study.argv.index("--")]) + " -- " + " ".join(RUN_FLAGS))
@@ -545,7 +561,7 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     written_runs = json.loads((tmp_path / "tiny" / "results.json").read_text())["runs"]
     written = {record["method"]: record for record in written_runs if record["model"] == "gru4rec"}
     assert "per_user" not in written["maml_inner_lr_0.1"]["metrics"]   # a grid run's: only in its own record
-    assert written["maml_tuned_step"]["metrics"]["per_user"] == tuned["metrics"]["per_user"]
+    assert written["maml_tuned_step"]["metrics"]["per_user"] == report.with_rounded_per_user(tuned)["metrics"]["per_user"]
     assert reproduce.main(argv) == records               # the diverged run is not run again
 
 
