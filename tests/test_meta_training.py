@@ -269,8 +269,10 @@ def learner_state(log_dir, step):
     return load_checked(run_dir(log_dir) / "state" / f"bert4rec_{step}_ml-1m_melo.pt", weights_only=False)["learner"]
 
 
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_path, monkeypatch):
-    flags = ["--num_train_iterations=4", "--log_interval=2", "--multi_step_loss_num_epochs=3"]
+# compiled: one inner step keeps the cold compilation near a minute; dropout is on in both
+@pytest.mark.parametrize("compiled", [[], ["--compile=True", "--num_inner_steps=1"]], ids=["eager", "compiled"])
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_path, monkeypatch, compiled):
+    flags = ["--num_train_iterations=4", "--log_interval=2", "--multi_step_loss_num_epochs=3", *compiled]
     run_main(ratings_file, tmp_path / "whole", *flags)
 
     original_step = main.MetaTrainer.train_step
