@@ -177,6 +177,9 @@ class MetaTrainer:
             if self.iteration % training.log_interval == 0 or self.iteration == training.num_train_iterations:
                 self._validate(writer, valid_tasks, batch)
             stop.stop_if_requested(self.iteration, f"iteration {self.iteration}", self._checkpoint_to_resume)
+        if self.meta_gradient.compiled is not None:
+            tqdm.write(f"Dynamo compiled {self.meta_gradient.graphs_compiled} graph(s) of the meta-gradient in "
+                       f"this run, for {len(self.meta_gradient.graph_shapes)} batch shape(s)")
 
     def _checkpoint_to_resume(self):
         """The checkpoint of this step when the run is stopped (marked, not a validation's); its path."""

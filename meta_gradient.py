@@ -17,6 +17,7 @@ length would change from batch to batch, and each length would be another compil
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from torch.func import functional_call, grad
 from tqdm import tqdm
 
@@ -31,6 +32,7 @@ class MetaGradient:
         self.learner = learner
         self.compiled = None
         self.graph_shapes = set()   # the shapes compiled for: a new one compiles a graph
+        self.graphs_compiled = 0    # Dynamo's count: more than len(graph_shapes) is a recompilation
         if compile:
             # recomputing inner steps in the backward (RecomputedInBackward) does not trace;
             # the compiled graph plans its own memory
@@ -57,8 +59,10 @@ class MetaGradient:
                        "step(s) into one graph: minutes the first time, seconds once Inductor has it in its "
                        "cache on disk ...")
         started = time.perf_counter()
+        graphs_before = counters["stats"]["unique_graphs"]
         gradients, (loss, predictions) = self.compiled({name: p.detach() for name, p in params.items()},
                                                        task, step_weights)
+        self.graphs_compiled += counters["stats"]["unique_graphs"] - graphs_before
         if new_graph:
             self.graph_shapes.add(shapes)
             tqdm.write(f"Compiled in {time.perf_counter() - started:.0f} s (graph {len(self.graph_shapes)})")

@@ -105,7 +105,7 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
     return {"model": model, "method": method, "path": path, "device": str(device),
             "seconds": median, "tasks_per_second": args.batch_size / median, "peak_mib": memory,
             "first_step_seconds": first_step, "evaluation_seconds_per_1000_users": evaluation,
-            "graphs": len(trainer.meta_gradient.graph_shapes) if path == "compiled" else None,
+            "graphs": trainer.meta_gradient.graphs_compiled if path == "compiled" else None,
             "threads": torch.get_num_threads(), "profile": table}
 
 

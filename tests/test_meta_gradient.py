@@ -40,6 +40,7 @@ def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file, mo
     again = accumulated_gradients(compiled, batch, 10_000)   # the same shapes: no new graph
     torch.testing.assert_close(again[2], result[2], rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert compiled.graphs_compiled == 1
     assert compiled.graph_shapes == {(tuple(batch.support_items.shape), tuple(batch.query_items.shape), 1)}
 
 

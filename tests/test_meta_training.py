@@ -273,7 +273,8 @@ def learner_state(log_dir, step):
 @pytest.mark.parametrize("compiled", [[], ["--compile=True", "--num_inner_steps=1"]], ids=["eager", "compiled"])
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_path, monkeypatch, compiled):
     flags = ["--num_train_iterations=4", "--log_interval=2", "--multi_step_loss_num_epochs=3", *compiled]
-    run_main(ratings_file, tmp_path / "whole", *flags)
+    trainer = run_main(ratings_file, tmp_path / "whole", *flags)
+    assert trainer.meta_gradient.graphs_compiled == (1 if compiled else 0)   # one graph: no recompilation
 
     original_step = main.MetaTrainer.train_step
 
