@@ -37,6 +37,10 @@ class MetaGradient:
             # recomputing inner steps in the backward (RecomputedInBackward) does not trace;
             # the compiled graph plans its own memory
             learner.recompute_steps = 0
+            # without deterministic algorithms Inductor's CPU kernels may sum into a gradient
+            # from several threads in any order: two calls with one seed were 1e-13 apart on two
+            # threads (bit-equal on one); with them a seed repeats a compiled run bit for bit
+            torch.use_deterministic_algorithms(True, warn_only=True)
             self.compiled = torch.compile(grad(self._objective, has_aux=True), fullgraph=True, mode=mode)
 
     def _objective(self, params, task, step_weights):

@@ -274,7 +274,9 @@ def learner_state(log_dir, step):
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_path, monkeypatch, compiled):
     flags = ["--num_train_iterations=4", "--log_interval=2", "--multi_step_loss_num_epochs=3", *compiled]
     trainer = run_main(ratings_file, tmp_path / "whole", *flags)
-    assert trainer.meta_gradient.graphs_compiled == (1 if compiled else 0)   # one graph: no recompilation
+    # no recompilation: a graph per batch shape at most (none where an earlier test compiled it)
+    shapes = len(trainer.meta_gradient.graph_shapes)
+    assert shapes == (1 if compiled else 0) and trainer.meta_gradient.graphs_compiled <= shapes
 
     original_step = main.MetaTrainer.train_step
 
