@@ -165,7 +165,7 @@ class MetaLearner(nn.Module):
         after the last len(step_weights) inner steps weighted by ``step_weights``
         (``query_step_weights``), averaged over the tasks; and the target predictions [T, Q].
         A function of the meta-parameters alone, so that ``torch.func.grad`` of it is the
-        meta-gradient (compiled_meta_gradient.py)."""
+        meta-gradient (meta_gradient.py)."""
         num_steps = self.num_inner_steps
         query_losses, predictions = self.adapt(task, range(num_steps - len(step_weights), num_steps),
                                                first_order=self.config.first_order,

@@ -28,7 +28,8 @@ PADDING_FREE_MODELS = ("bert4rec", "ncf")
 # The models whose meta-gradient --compile makes one graph of in minutes. The GRUs' recurrence
 # unrolls over every position, inner step and both backward passes: a tiny GRU4Rec (8
 # positions, one layer, one inner step) compiles exactly in about 3 minutes, the default one
-# not within 20 minutes on two CPU cores.
+# not within 20 minutes on two CPU cores. A loop that is not unrolled, torch's ``scan``, is
+# refused by Dynamo under torch.func's transforms (PyTorch 2.13: docs/performance.md).
 COMPILED_MODELS = ("bert4rec", "sasrec", "ncf")
 
 
