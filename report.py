@@ -58,17 +58,34 @@ def model_row(records, model, methods):
               for other in ("basic", "maml") for metric in METRICS)]
 
 
+def seeds_by_model(study, records):
+    """The seeds of each model that ``records`` have, in the study's order: all of the study's,
+    or with reproduce.py --report_finished those finished so far."""
+    by_model = {model: [seed for seed in study.seeds
+                        if any((r["model"], r["seed"]) == (model, seed) for r in records)] for model in study.models}
+    return {model: seeds for model, seeds in by_model.items() if seeds}
+
+
+def seeds_phrase(by_model, several):
+    """Which seeds a table or figure is of: one phrase when every model has the same ones."""
+    phrases = {model: f"{several} {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+               for model, seeds in by_model.items()}
+    if len(set(phrases.values())) == 1:
+        return next(iter(phrases.values()))
+    return "; ".join(f"{TITLES[model]}: {phrase}" for model, phrase in phrases.items())
+
+
 def results_table(study, records):
     header = ["Model",
               *(f"{TITLES[method]} {TITLES[metric]}" for method in study.methods for metric in METRICS),
               *(f"MELO vs {TITLES[other]} {TITLES[metric]} (%)" for other in ("basic", "maml")
                 for metric in METRICS)]
-    rows = [model_row(records, model, study.methods) for model in study.models]
+    by_model = seeds_by_model(study, records)
+    rows = [model_row(records, model, study.methods) for model in by_model]
     baseline = [mean_cell(metric_values(records, None, "mean_rating", metric)) for metric in METRICS]
     rows.append(["Mean rating", *baseline, *[""] * (len(header) - 3)])
     test_users = metric_values(records, None, "mean_rating", "num_users")[0]
-    spread = (f"mean ± sample standard deviation over seeds {', '.join(map(str, study.seeds))}"
-              if len(study.seeds) > 1 else f"seed {study.seeds[0]}")
+    spread = seeds_phrase(by_model, "mean ± sample standard deviation over seeds")
     extra = f"; flags given to every run: `{shlex.join(study.run_flags)}`" if study.run_flags else ""
     return (f"# Results: {study.name}\n\n"
             f"Test RMSE and MAE in stars on the same {test_users} cold-start test users for every "
@@ -229,7 +246,7 @@ def per_rating_panels(study, records):
     """Per model: its per-rating reports by method (one per seed), the true ratings that
     test targets have, in order, and their target counts summed over seeds."""
     panels = []
-    for model in study.models:
+    for model in seeds_by_model(study, records):
         reports = {method: [r["metrics"]["per_rating"] for r in records
                             if r["model"] == model and r["method"] == method] for method in study.methods}
         counts = {}
@@ -245,6 +262,7 @@ def plot_per_rating(study, records, path):
     """Grouped bars of the RMSE per true rating, Basic / MAML / MELO, one panel per model;
     the tick labels give the number of test targets with that rating (all seeds)."""
     panels = per_rating_panels(study, records)
+    by_model = seeds_by_model(study, records)
     most_ratings = max(len(ratings) for _, _, ratings, _ in panels)
     panel_inches = max(4.8, 0.6 * most_ratings + 1.0)  # half stars need wider panels
     figure = Figure(figsize=(max(6.0, panel_inches * len(panels)), 4.4), layout="constrained")
@@ -256,15 +274,13 @@ def plot_per_rating(study, records, path):
             means, stds = zip(*(per_rating_rmse(reports[method], rating) for rating in ratings))
             axis.bar(positions + (offset - (len(study.methods) - 1) / 2) * width, means, width,
                      label=TITLES[method],
-                     yerr=stds if len(study.seeds) > 1 else None, capsize=2)
+                     yerr=stds if len(by_model[model]) > 1 else None, capsize=2)
         axis.set_xticks(positions, [f"{rating}\nn={counts[rating]}" for rating in ratings])
         axis.set_title(TITLES[model])
         axis.set_xlabel("true rating")
     axes[0][0].set_ylabel("RMSE (stars)")
     axes[0][0].legend()
-    seeds = (f"mean ± std over {len(study.seeds)} seeds" if len(study.seeds) > 1
-             else f"seed {study.seeds[0]}")
-    figure.suptitle(f"{study.name}: test RMSE per true rating\n({seeds})")
+    figure.suptitle(f"{study.name}: test RMSE per true rating\n({seeds_phrase(by_model, 'mean ± std over seeds')})")
     figure.savefig(path, dpi=120)
 
 

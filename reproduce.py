@@ -23,7 +23,8 @@ commands; the study file), table.md (the paper's layout), dataset.md (the data s
 and per_rating.png (RMSE per true rating). A finished run leaves <method>.json beside its log
 and is not run again, so an interrupted study goes on where it stopped: an interrupted
 MAML/MELO training resumes from its last checkpoint, an interrupted Basic training starts
-over.
+over. ``--report_finished`` runs nothing and reports the models and seeds whose runs have all
+finished: a study still under way.
 """
 
 import codecs
@@ -249,24 +250,24 @@ def record_summary(record):
 
 
 def tuned_records(study, records):
-    """Each tuned variant's record per seed and model: a copy of the record of its run with the
-    best validation RMSE, naming that run and every run's validation RMSE."""
+    """Each tuned variant's record per seed and model of ``records``: a copy of the record of its
+    run with the best validation RMSE, naming that run and every run's validation RMSE."""
     chosen = []
+    model_seeds = dict.fromkeys((record["seed"], record["model"]) for record in records if record["model"] is not None)
     for method in (method for method in study.methods if method in TUNED_VARIANTS):
-        for seed in study.seeds:
-            for model in study.models:
-                runs = [record for record in records if (record["seed"], record["model"]) == (seed, model)
-                        and record["method"] in TUNED_VARIANTS[method][1]]
-                candidates = [record for record in runs if record["metrics"] is not None]
-                for record in candidates:
-                    if record.get("validation_rmse") is None:
-                        raise UserError(f"{Path(record['log']).with_suffix('.json')} has no validation RMSE "
-                                        f"(recorded before {TITLES[method]} chose by it): delete it and run the "
-                                        "study again; its test is run again from its checkpoint")
-                best = min(candidates, key=lambda record: record["validation_rmse"])
-                chosen.append({**best, "method": method, "chosen_run": best["method"],
-                               "validation_rmse_of_runs": {record["method"]: record["validation_rmse"]
-                                                           for record in runs}})
+        for seed, model in model_seeds:
+            runs = [record for record in records if (record["seed"], record["model"]) == (seed, model)
+                    and record["method"] in TUNED_VARIANTS[method][1]]
+            candidates = [record for record in runs if record["metrics"] is not None]
+            for record in candidates:
+                if record.get("validation_rmse") is None:
+                    raise UserError(f"{Path(record['log']).with_suffix('.json')} has no validation RMSE "
+                                    f"(recorded before {TITLES[method]} chose by it): delete it and run the "
+                                    "study again; its test is run again from its checkpoint")
+            best = min(candidates, key=lambda record: record["validation_rmse"])
+            chosen.append({**best, "method": method, "chosen_run": best["method"],
+                           "validation_rmse_of_runs": {record["method"]: record["validation_rmse"]
+                                                       for record in runs}})
     return chosen
 
 
@@ -393,6 +394,33 @@ def execute_all(runs, jobs):
     return [records[number] for number, _ in numbered]
 
 
+def execute_forwarding_signals(runs, jobs):
+    """``execute_all``, with the signals that stop a study passed on to the runs (a preempted
+    study stops its runs where they can resume)."""
+    previous = {number: signal.signal(number, forward_signal) for number in FORWARDED_SIGNALS}
+    try:
+        return execute_all(runs, jobs)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        STOPPING.clear()
+
+
+def whole_finished_sets(runs):
+    """The runs of each model and seed whose runs have all finished, with their seed's
+    mean-rating baseline: what --report_finished reports, so that every method of a model is
+    averaged over the same seeds."""
+    sets = {}
+    for run in runs:
+        sets.setdefault((run.seed, run.model), []).append(run)
+    finished = {key for key, members in sets.items() if all(run.record_path.is_file() for run in members)}
+    chosen = [run for run in runs if (run.seed, run.model) in finished and (
+        run.model is not None or any(seed == run.seed and model is not None for seed, model in finished))]
+    if not any(run.model is not None for run in chosen):
+        raise UserError("no model has finished all its runs of a seed yet: nothing to report")
+    return chosen
+
+
 def log_tail(path, lines=LOG_TAIL_LINES):
     """The last lines of a log as a terminal shows them (progress bars redraw after '\\r')."""
     text = path.read_text(errors="replace")
@@ -449,14 +477,11 @@ def main(argv=None):
     stats = load_data(DataConfig.from_args(first_seed_args)).stats
     check_same_study(runs_dir, study_flags(study))
     runs = plan_runs(study, runs_dir)
-    print(plan_summary(study, runs, stats, runs_dir), flush=True)
-    previous = {number: signal.signal(number, forward_signal) for number in FORWARDED_SIGNALS}
-    try:
-        records = execute_all(runs, study.jobs)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        STOPPING.clear()
+    if study.report_finished:
+        records = [json.loads(run.record_path.read_text()) for run in whole_finished_sets(runs)]
+    else:
+        print(plan_summary(study, runs, stats, runs_dir), flush=True)
+        records = execute_forwarding_signals(runs, study.jobs)
     records += tuned_records(study, records)
     reference_records = (read_reference_results(study.reference_results, study, records)
                          if study.reference_results else [])

@@ -91,6 +91,9 @@ def build_parser():
     add("--nproc_per_node", type=int, default=1, metavar="N",
         help="run Basic, MAML and MELO under torchrun with N processes each, e.g. one per GPU "
         "(default: %(default)s)")
+    add("--report_finished", action="store_true",
+        help="run nothing: write the reports of the models and seeds whose runs have all finished, "
+        "a look at a study still under way (another process may be running it)")
     add("--name", default=None,
         help="dataset name in the results folder; None: the data file's folder and --mode")
     add("--results_dir", default="results", help="where NAME/ goes")

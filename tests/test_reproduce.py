@@ -306,6 +306,33 @@ def test_a_second_invocation_reuses_every_run(study, capsys):
     assert (study.dir / "table.md").read_text() == table
 
 
+def test_report_finished_reports_the_whole_model_seed_sets_and_runs_nothing(study, tmp_path, capsys):
+    shutil.copytree(study.dir, tmp_path / "tiny")
+    (tmp_path / "tiny" / "runs" / str(SEEDS[1]) / "gru4rec" / "melo.json").unlink()   # seed 223 under way
+    before = file_times(tmp_path / "tiny" / "runs")
+    split = study.argv.index("--")
+    argv = [*study.argv[:split], "--report_finished", f"--results_dir={tmp_path}", *study.argv[split:]]
+    records = reproduce.main(argv)
+    assert ": training" not in capsys.readouterr().out and file_times(tmp_path / "tiny" / "runs") == before
+    assert sorted((r["seed"], r["method"]) for r in records) == sorted(
+        (SEEDS[0], method) for method in ("mean_rating", *METHODS))
+    table = (tmp_path / "tiny" / "table.md").read_text()
+    assert f"for every method (seed {SEEDS[0]})" in table
+    for method, title in (("maml", "MAML RMSE"), ("melo", "MELO RMSE")):
+        assert table_rows(table)["GRU4Rec"][title] == f"{metric(study, 'gru4rec', method, 'rmse')[0]:.4f}"
+    assert report.render(tmp_path / "tiny" / "results.json") == table
+    for seed in SEEDS:
+        (tmp_path / "tiny" / "runs" / str(seed) / "gru4rec" / "basic.json").unlink()
+    with pytest.raises(UserError, match="no model has finished all its runs of a seed yet"):
+        reproduce.main(argv)
+
+
+def test_a_table_of_models_with_other_seeds_says_which_seeds_each_has():
+    phrase = report.seeds_phrase({"gru4rec": [222, 223], "bert4rec": [222]}, "mean ± std over seeds")
+    assert phrase == "GRU4Rec: mean ± std over seeds 222, 223; BERT4Rec: seed 222"
+    assert report.seeds_phrase({"gru4rec": [222, 223], "narm": [222, 223]}, "over seeds") == "over seeds 222, 223"
+
+
 def test_other_flags_for_the_same_study_are_refused(study):
     changed = [flag.replace("--pretrain_epochs=1", "--pretrain_epochs=2") for flag in study.argv]
     with pytest.raises(UserError, match="other flags .*--pretrain_epochs=1 --pretrain_epochs=2"):
@@ -420,7 +447,7 @@ NOT_FROM_REPRODUCE = {"ml-100k/bert4rec-reference-embedding"}   # benchmarks/ref
 def settings(study):
     """What a parsed study computes: every setting but how it was typed and run."""
     return {name: value for name, value in vars(study).items()
-            if name not in ("command", "study_files", "jobs", "nproc_per_node")}
+            if name not in ("command", "study_files", "jobs", "nproc_per_node", "report_finished")}
 
 
 def test_a_study_file_gives_flags_that_later_flags_override(study, tmp_path):
