@@ -70,9 +70,10 @@ SECONDS_PER_BASIC_USER_EPOCH = 0.0006
 SECONDS_PER_RUN = 6
 
 
-def check_same_study(runs_dir, flags):
+def check_same_study(runs_dir, flags, remember=True):
     """Finished runs made with other flags must not be reused: remember the flags of the
-    study, and refuse others once a run has finished."""
+    study (unless ``remember`` is false: a report writes no runs), and refuse others once a
+    run has finished."""
     path = runs_dir / "flags.json"
     earlier = json.loads(path.read_text()) if path.is_file() else None
     if earlier is not None and sorted(earlier) == sorted(flags):
@@ -81,7 +82,8 @@ def check_same_study(runs_dir, flags):
         differences = " ".join(sorted(set(earlier) ^ set(flags))) or "the order of the flags"
         raise UserError(f"{runs_dir} holds runs made with other flags (they differ in: "
                         f"{differences}); give another --name, or delete {runs_dir} to start over")
-    write_json(path, flags)
+    if remember:
+        write_json(path, flags)
 
 
 def finished_records(runs_dir):
@@ -475,7 +477,7 @@ def main(argv=None):
     runs_dir = study_dir / "runs"
     # read once here: a bad file or setting stops the study before any run starts
     stats = load_data(DataConfig.from_args(first_seed_args)).stats
-    check_same_study(runs_dir, study_flags(study))
+    check_same_study(runs_dir, study_flags(study), remember=not study.report_finished)
     runs = plan_runs(study, runs_dir)
     if study.report_finished:
         records = [json.loads(run.record_path.read_text()) for run in whole_finished_sets(runs)]

@@ -325,6 +325,9 @@ def test_report_finished_reports_the_whole_model_seed_sets_and_runs_nothing(stud
         (tmp_path / "tiny" / "runs" / str(seed) / "gru4rec" / "basic.json").unlink()
     with pytest.raises(UserError, match="no model has finished all its runs of a seed yet"):
         reproduce.main(argv)
+    with pytest.raises(UserError, match="nothing to report"):   # a study not started: nothing is written
+        reproduce.main([flag.replace("--name=tiny", "--name=not_started") for flag in argv])
+    assert not (tmp_path / "not_started").exists()
 
 
 def test_a_table_of_models_with_other_seeds_says_which_seeds_each_has():
