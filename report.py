@@ -292,15 +292,15 @@ def without_per_user(metrics):
 
 
 def with_rounded_per_user(record):
-    """``record`` with its per-user errors to PER_USER_DIGITS significant digits: what results.json
-    keeps, half the size of the full doubles, and what every table is computed from, so that a
-    table renders again from results.json to the last digit."""
+    """``record`` with the per-user errors that the paired tables read, the squared ones, to
+    PER_USER_DIGITS significant digits: what results.json keeps (a run's own record keeps its
+    absolute errors too), and what every table is computed from, so that a table renders again
+    from results.json to the last digit."""
     per_user = (record["metrics"] or {}).get("per_user")
     if per_user is None:
         return record
-    rounded = {name: [float(f"{error:.{PER_USER_DIGITS}g}") for error in errors]
-               for name, errors in per_user.items() if name != "user"}
-    return {**record, "metrics": {**record["metrics"], "per_user": {"user": per_user["user"], **rounded}}}
+    squared = [float(f"{error:.{PER_USER_DIGITS}g}") for error in per_user["squared_error"]]
+    return {**record, "metrics": {**record["metrics"], "per_user": {"user": per_user["user"], "squared_error": squared}}}
 
 
 def study_tables(study, records, reference_records):
