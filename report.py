@@ -303,6 +303,34 @@ def with_rounded_per_user(record):
     return {**record, "metrics": {**record["metrics"], "per_user": {"user": per_user["user"], "squared_error": squared}}}
 
 
+def with_users_once_per_seed(runs):
+    """``runs`` without the test-user ids of their per-user errors where they equal their seed's
+    (the first recorded: every method of a seed is tested on the same users), and those ids per
+    seed: what results.json keeps, each seed's ids once rather than in each of its runs."""
+    test_users = {}
+    for record in runs:
+        if per_user := (record["metrics"] or {}).get("per_user"):
+            test_users.setdefault(str(record["seed"]), per_user["user"])
+
+    def compact(record):
+        per_user = (record["metrics"] or {}).get("per_user")
+        if per_user is None or per_user["user"] != test_users[str(record["seed"])]:
+            return record
+        return {**record, "metrics": {**record["metrics"], "per_user": {
+            name: errors for name, errors in per_user.items() if name != "user"}}}
+    return [compact(record) for record in runs], test_users
+
+
+def with_test_users(runs, test_users):
+    """The runs of a results.json with their test-user ids again (with_users_once_per_seed undone)."""
+    def expand(record):
+        per_user = (record["metrics"] or {}).get("per_user")
+        if per_user is None or "user" in per_user:
+            return record
+        return {**record, "metrics": {**record["metrics"], "per_user": {"user": test_users[str(record["seed"])], **per_user}}}
+    return [expand(record) for record in runs]
+
+
 def study_tables(study, records, reference_records):
     """table.md's text, the paired differences and the reference's summary of a study's records."""
     paired = paired_differences(records, study)
@@ -315,14 +343,16 @@ def write_reports(study, study_dir, stats, records, reference_records):
     """results.json, table.md, dataset.md and per_rating.png of a study; returns the table."""
     records = [with_rounded_per_user(record) for record in records]
     table, paired, reference_summary = study_tables(study, records, reference_records)
-    # results.json: one line, and the per-user errors only of the methods in the tables (a tuned
-    # variant's other runs keep theirs in their own records), to keep a study's file small
-    runs = [record if record["method"] in study.methods or record["model"] is None else
-            {**record, "metrics": without_per_user(record["metrics"])} for record in records]
+    # results.json, kept small: one line, the per-user errors only of the methods in the tables
+    # (a tuned variant's other runs keep theirs in their own records), each seed's users once
+    runs, test_users = with_users_once_per_seed(
+        [record if record["method"] in study.methods or record["model"] is None else
+         {**record, "metrics": without_per_user(record["metrics"])} for record in records])
     write_json(study_dir / "results.json",
                {"dataset": study.name, "command": study.command, "study": study.study_files,
                 "data_path": study.data_path, "mode": study.mode, "seeds": study.seeds, "models": study.models,
-                "methods": study.methods, "run_flags": study.run_flags, "runs": runs, "paired": paired,
+                "methods": study.methods, "run_flags": study.run_flags, "test_users": test_users,
+                "runs": runs, "paired": paired,
                 "reference_runs": reference_records, "reference_paired": reference_summary}, indent=None)
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
@@ -335,7 +365,7 @@ def render(results_path):
     settings from the command it records); returns the table."""
     recorded = json.loads(Path(results_path).read_text())
     study = parse_command_line(shlex.split(recorded["command"])[2:])
-    records = recorded["runs"]
+    records = with_test_users(recorded["runs"], recorded.get("test_users", {}))
     table = study_tables(study, records, recorded["reference_runs"])[0]
     folder = Path(results_path).parent
     (folder / "table.md").write_text(table)

@@ -83,7 +83,8 @@ def metric(study, model, method, name):
 # --- what one invocation writes ---------------------------------------------------------
 def test_every_run_is_recorded_with_the_metrics_its_test_wrote(study):
     results = json.loads((study.dir / "results.json").read_text())
-    assert results["runs"] == [report.with_rounded_per_user(record) for record in study.records]
+    assert report.with_test_users(results["runs"], results["test_users"]) == [
+        report.with_rounded_per_user(record) for record in study.records]
     assert [(r["seed"], r["model"], r["method"]) for r in study.records] == [
         (seed, model, method) for seed in SEEDS
         for model, method in [(None, "mean_rating"), *(("gru4rec", m) for m in METHODS)]]
@@ -467,17 +468,24 @@ def test_a_study_file_gives_flags_that_later_flags_override(study, tmp_path):
         study_options.parse_command_line([f"@{tmp_path / 'no_such.txt'}"])
 
 
-def test_results_json_keeps_each_users_squared_errors_to_seven_significant_digits(study):
-    written = {(r["seed"], r["model"], r["method"]): r for r in json.loads((study.dir / "results.json").read_text())["runs"]}
+def test_results_json_keeps_each_users_squared_errors_to_seven_significant_digits_and_each_seeds_users_once(study):
+    results = json.loads((study.dir / "results.json").read_text())
+    written = {(r["seed"], r["model"], r["method"]): r for r in results["runs"]}
     for record in study.records:
         per_user = written[record["seed"], record["model"], record["method"]]["metrics"]["per_user"]
         full = record["metrics"]["per_user"]
-        assert per_user["user"] == full["user"] and set(per_user) == {"user", "squared_error"}
+        assert set(per_user) == {"squared_error"} and results["test_users"][str(record["seed"])] == full["user"]
         squared = full["squared_error"]
         assert per_user["squared_error"] == [float(f"{error:.7g}") for error in squared]
         assert np.allclose(per_user["squared_error"], squared, rtol=5e-7, atol=0)
     # the tables are computed from what results.json keeps: rendered again, to the last digit
     assert report.render(study.dir / "results.json") == (study.dir / "table.md").read_text()
+    # a run tested on other users keeps its own (the tables then refuse to pair it)
+    records = [report.with_rounded_per_user(record) for record in study.records]
+    records[-1]["metrics"]["per_user"]["user"] = list(reversed(records[-1]["metrics"]["per_user"]["user"]))
+    runs, test_users = report.with_users_once_per_seed(records)
+    assert runs[-1] == records[-1] and "user" not in runs[-2]["metrics"]["per_user"]
+    assert report.with_test_users(runs, test_users) == records
 
 
 def test_results_json_names_the_study_file(study, tmp_path):
@@ -590,7 +598,9 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     written_runs = json.loads((tmp_path / "tiny" / "results.json").read_text())["runs"]
     written = {record["method"]: record for record in written_runs if record["model"] == "gru4rec"}
     assert "per_user" not in written["maml_inner_lr_0.1"]["metrics"]   # a grid run's: only in its own record
-    assert written["maml_tuned_step"]["metrics"]["per_user"] == report.with_rounded_per_user(tuned)["metrics"]["per_user"]
+    assert report.with_test_users([written["maml_tuned_step"]], json.loads(
+        (tmp_path / "tiny" / "results.json").read_text())["test_users"])[0]["metrics"]["per_user"] == \
+        report.with_rounded_per_user(tuned)["metrics"]["per_user"]
     assert reproduce.main(argv) == records               # the diverged run is not run again
 
 
