@@ -34,9 +34,6 @@ class MetaGradient:
         self.graph_shapes = set()   # the shapes compiled for: a new one compiles a graph
         self.graphs_compiled = 0    # Dynamo's count: more than len(graph_shapes) is a recompilation
         if compile:
-            # recomputing inner steps in the backward (RecomputedInBackward) does not trace;
-            # the compiled graph plans its own memory
-            learner.recompute_steps = 0
             # without deterministic algorithms Inductor's CPU kernels may sum into a gradient
             # from several threads in any order: two calls with one seed were 1e-13 apart on two
             # threads (bit-equal on one); with them a seed repeats a compiled run bit for bit

@@ -147,6 +147,8 @@ class MetaLearner(nn.Module):
             recompute_steps = default_recompute_steps(task["support_mask"].device)
         if first_order or not torch.is_grad_enabled():
             recompute_steps = 0  # no second-order graph to spare
+        if torch.compiler.is_compiling():
+            recompute_steps = 0  # recomputing does not trace; a compiled graph plans its own memory
         params = dict(self.model.named_parameters())  # θ_0, shared by the tasks
         query_losses = []
         for step in range(self.num_inner_steps):
