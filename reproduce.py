@@ -68,6 +68,9 @@ SECONDS_PER_ITERATION = {"gru4rec": 0.6, "narm": 0.4, "sasrec": 1.1, "bert4rec":
 SECONDS_PER_EVALUATED_USER = 0.006
 SECONDS_PER_BASIC_USER_EPOCH = 0.0006
 SECONDS_PER_RUN = 6
+# A run on one thread beside another (--jobs 2 on two cores) takes 1.1-1.9x its two-thread time
+# (benchmarks/meta_iteration.py, MELO of every model, 2026-12-04; the Amazon HIN study's runs).
+ONE_THREAD_SLOWDOWN = 1.5
 
 
 def check_same_study(runs_dir, flags, remember=True):
@@ -183,7 +186,9 @@ def plan_summary(study, runs, stats, runs_dir):
     """What the study will run, and about how long that takes."""
     source = f"{', '.join(study.study_files)}: " if study.study_files else ""
     to_run = [run for run in runs if not run.record_path.is_file()]
-    minutes = sum(expected_seconds(run, study, stats["num_train_users"]) for run in to_run) / 60 / study.jobs
+    slowdown = ONE_THREAD_SLOWDOWN if study.jobs > 1 and threads_per_run(study.jobs) == 1 else 1
+    minutes = (sum(expected_seconds(run, study, stats["num_train_users"]) for run in to_run)
+               * slowdown / 60 / study.jobs)
     return (f"Study {study.name} ({source}{stats['path']}, {stats['num_users']:,} users, "
             f"{stats['num_ratings']:,} ratings; {study.num_test_data} test users)\n"
             f"  seeds {' '.join(map(str, study.seeds))}; models {' '.join(study.models)}; "
@@ -379,14 +384,18 @@ def run_environment(run):
     return {**os.environ, "PYTHONUNBUFFERED": "1", **threads}
 
 
+def threads_per_run(jobs):
+    """The cores shared out between ``jobs`` runs at once (--jobs): each run's thread count."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def execute_all(runs, jobs):
     """Every run's record, in the order of ``runs``: one after the other, or with ``jobs`` > 1
     that many at once, each with its share of the cores — first the baselines and Basic,
     then MAML and MELO, which start from Basic's embedding."""
     if jobs == 1:
         return [execute(run, number, len(runs)) for number, run in enumerate(runs, start=1)]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    numbered = [(number, replace(run, threads=threads)) for number, run in enumerate(runs, start=1)]
+    numbered = [(number, replace(run, threads=threads_per_run(jobs))) for number, run in enumerate(runs, start=1)]
     records = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for wave in ([pair for pair in numbered if pair[1].method in ("mean_rating", "basic")],

@@ -5,6 +5,7 @@ calls) is run once for the module; the tests read what it wrote and invoke it ag
 failures.
 """
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -506,7 +507,7 @@ def test_with_neither_a_study_file_nor_data_the_quick_study_runs():
     assert own_data.study_files == [] and own_data.pretrain_epochs == parse_args([]).pretrain_epochs
 
 
-def test_the_quick_study_is_expected_to_take_at_most_ten_minutes(tmp_path):
+def test_the_quick_study_is_expected_to_take_at_most_ten_minutes(tmp_path, monkeypatch):
     quick = study_options.parse_command_line(["--results_dir", str(tmp_path)])
     runs = reproduce.plan_runs(quick, tmp_path / "runs")
     data = load_data(DataConfig.from_args(study_options.check_run_flags(quick)))
@@ -514,6 +515,13 @@ def test_the_quick_study_is_expected_to_take_at_most_ten_minutes(tmp_path):
     minutes = int(summary.split("expected: about ")[1].split()[0])
     assert 3 <= minutes <= 10
     assert f"{len(runs)} runs (0 finished earlier)" in summary
+    # two runs at once on two cores: one thread each, each slower than on two
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    in_pairs = study_options.parse_command_line(["--results_dir", str(tmp_path), "--jobs", "2"])
+    summary = reproduce.plan_summary(in_pairs, runs, data.stats, tmp_path / "runs")
+    seconds = sum(reproduce.expected_seconds(run, quick, data.stats["num_train_users"]) for run in runs)
+    assert f"expected: about {round(seconds * reproduce.ONE_THREAD_SLOWDOWN / 2 / 60)} min" in summary
+    assert reproduce.threads_per_run(2) == 1 and reproduce.threads_per_run(1) == 2
 
 
 @pytest.mark.parametrize("results", sorted(RESULTS.rglob("results.json")),
