@@ -327,7 +327,8 @@ def with_test_users(runs, test_users):
         per_user = (record["metrics"] or {}).get("per_user")
         if per_user is None or "user" in per_user:
             return record
-        return {**record, "metrics": {**record["metrics"], "per_user": {"user": test_users[str(record["seed"])], **per_user}}}
+        users = test_users[str(record["seed"])]
+        return {**record, "metrics": {**record["metrics"], "per_user": {"user": users, **per_user}}}
     return [expand(record) for record in runs]
 
 
