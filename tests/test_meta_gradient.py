@@ -24,7 +24,8 @@ def accumulated_gradients(meta_gradient, batch, iteration):
 # benchmark times three).
 @pytest.mark.parametrize("model, method, inner_steps", [("bert4rec", "melo", 1), ("sasrec", "maml", 1),
                                                         ("ncf", "melo-mlp", 2)])
-def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file, model, method, inner_steps):  # noqa: F811
+def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file, model, method,  # noqa: F811
+                                                                inner_steps):
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
                                         f"--num_inner_steps={inner_steps}", "--recompute_inner_steps=1",
                                         *METHOD_FLAGS[method], dtype=torch.float64)

@@ -603,12 +603,11 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     assert chosen["MAML (--inner_lr=0.1) validation RMSE"] == f"{validation['maml_inner_lr_0.1']:.4f}"
     assert chosen["MAML (--inner_lr=1) validation RMSE"] == "diverged"
     assert report.render(tmp_path / "tiny" / "results.json") == table
-    written_runs = json.loads((tmp_path / "tiny" / "results.json").read_text())["runs"]
-    written = {record["method"]: record for record in written_runs if record["model"] == "gru4rec"}
+    results = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    written = {record["method"]: record for record in report.with_test_users(results["runs"], results["test_users"])
+               if record["model"] == "gru4rec"}
     assert "per_user" not in written["maml_inner_lr_0.1"]["metrics"]   # a grid run's: only in its own record
-    assert report.with_test_users([written["maml_tuned_step"]], json.loads(
-        (tmp_path / "tiny" / "results.json").read_text())["test_users"])[0]["metrics"]["per_user"] == \
-        report.with_rounded_per_user(tuned)["metrics"]["per_user"]
+    assert written["maml_tuned_step"]["metrics"]["per_user"] == report.with_rounded_per_user(tuned)["metrics"]["per_user"]
     assert reproduce.main(argv) == records               # the diverged run is not run again
 
 
