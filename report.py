@@ -361,13 +361,28 @@ def write_reports(study, study_dir, stats, records, reference_records):
     return table
 
 
-def render(results_path):
-    """table.md and per_rating.png of a study again, from its results.json alone (the study's
-    settings from the command it records); returns the table."""
+def read_results(results_path):
+    """The study that a results.json records (its settings from the command it records), its
+    runs with their test-user ids again, and the reference's runs."""
     recorded = json.loads(Path(results_path).read_text())
     study = parse_command_line(shlex.split(recorded["command"])[2:])
-    records = with_test_users(recorded["runs"], recorded.get("test_users", {}))
-    table = study_tables(study, records, recorded["reference_runs"])[0]
+    return study, with_test_users(recorded["runs"], recorded.get("test_users", {})), recorded["reference_runs"]
+
+
+def runs_own_records(records):
+    """The records of the runs themselves among a results.json's: without the tuned variants'
+    copies (tuned_records makes them again), and each run that a tuned variant chose with the
+    per-user errors that its copy kept."""
+    chosen = {(record["seed"], record["model"], record["chosen_run"]): record["metrics"]
+              for record in records if "chosen_run" in record}
+    return [{**record, "metrics": chosen.get((record["seed"], record["model"], record["method"]), record["metrics"])}
+            for record in records if "chosen_run" not in record]
+
+
+def render(results_path):
+    """table.md and per_rating.png of a study again, from its results.json alone; returns the table."""
+    study, records, reference_records = read_results(results_path)
+    table = study_tables(study, records, reference_records)[0]
     folder = Path(results_path).parent
     (folder / "table.md").write_text(table)
     plot_per_rating(study, records, folder / "per_rating.png")

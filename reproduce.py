@@ -23,8 +23,9 @@ commands; the study file), table.md (the paper's layout), dataset.md (the data s
 and per_rating.png (RMSE per true rating). A finished run leaves <method>.json beside its log
 and is not run again, so an interrupted study goes on where it stopped: an interrupted
 MAML/MELO training resumes from its last checkpoint, an interrupted Basic training starts
-over. ``--report_finished`` runs nothing and reports the models and seeds whose runs have all
-finished: a study still under way.
+over. A runs folder with no finished run (a fresh clone, a lost disk) gets the finished runs
+that results.json records, if it was written with the same flags. ``--report_finished`` runs
+nothing and reports the models and seeds whose runs have all finished: a study still under way.
 """
 
 import codecs
@@ -46,7 +47,7 @@ from config import DataConfig
 from dataloader import load_data
 from experiment import DIVERGED_STATUS, UserError, run_cli
 from preemption import Preempted
-from report import REFERENCE_METHODS, TITLES, per_user_errors, write_reports
+from report import REFERENCE_METHODS, TITLES, per_user_errors, read_results, runs_own_records, write_reports
 from run_files import RunFiles
 from study_options import (PROJECT_DIR, RUN_VARIANTS, TUNED_VARIANTS, check_run_flags, data_flags,
                            parse_command_line, study_flags)
@@ -92,6 +93,25 @@ def check_same_study(runs_dir, flags, remember=True):
 def finished_records(runs_dir):
     return [path for method in SCRIPT_METHOD
             for path in runs_dir.glob(f"**/{method}.json")]
+
+
+def restore_finished_runs(study, study_dir, runs):
+    """A study whose runs folder holds no finished run (a fresh clone, a lost scratch disk)
+    starts from the runs that its results.json records, when that was written with the same
+    flags: their records are written back, so they are not run again."""
+    path = study_dir / "results.json"
+    if finished_records(study_dir / "runs") or not path.is_file():
+        return
+    recorded_study, records, _ = read_results(path)
+    if sorted(study_flags(recorded_study)) != sorted(study_flags(study)):
+        return
+    by_run = {(record["seed"], record["model"], record["method"]): record for record in runs_own_records(records)}
+    restored = [run for run in runs if (run.seed, run.model, run.method) in by_run]
+    for run in restored:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        write_json(run.record_path, by_run[run.seed, run.model, run.method])
+    if restored:
+        announce(f"{len(restored)} finished runs restored from {path} (the runs folder held none)")
 
 
 @dataclass
@@ -488,6 +508,7 @@ def main(argv=None):
     stats = load_data(DataConfig.from_args(first_seed_args)).stats
     check_same_study(runs_dir, study_flags(study), remember=not study.report_finished)
     runs = plan_runs(study, runs_dir)
+    restore_finished_runs(study, study_dir, runs)
     if study.report_finished:
         records = [json.loads(run.record_path.read_text()) for run in whole_finished_sets(runs)]
     else:

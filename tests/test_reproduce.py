@@ -308,6 +308,26 @@ def test_a_second_invocation_reuses_every_run(study, capsys):
     assert (study.dir / "table.md").read_text() == table
 
 
+def test_a_study_without_its_runs_folder_goes_on_from_its_results_json(study, tmp_path, capsys):
+    (tmp_path / "tiny").mkdir()
+    shutil.copy(study.dir / "results.json", tmp_path / "tiny")     # a fresh clone: no runs folder
+    split = study.argv.index("--")
+    argv = [*study.argv[:split], f"--results_dir={tmp_path}", *study.argv[split:]]
+    capsys.readouterr()
+    reproduce.main(argv)
+    output = capsys.readouterr().out
+    assert "10 finished runs restored from" in output and output.count("done before") == 10
+    assert ": training" not in output and ": testing" not in output
+    assert (tmp_path / "tiny" / "table.md").read_text() == (study.dir / "table.md").read_text()
+    restored, original = (json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "tiny", study.dir))
+    assert {**restored, "command": None} == {**original, "command": None}      # the command names its --results_dir
+    shutil.rmtree(tmp_path / "tiny" / "runs")          # a results.json of other flags restores nothing
+    changed = [flag.replace("--pretrain_epochs=1", "--pretrain_epochs=2") for flag in argv]
+    with pytest.raises(UserError, match="nothing to report"):
+        reproduce.main([*changed[:split], "--report_finished", *changed[split:]])
+    assert not (tmp_path / "tiny" / "runs").exists() or not reproduce.finished_records(tmp_path / "tiny" / "runs")
+
+
 def test_report_finished_reports_the_whole_model_seed_sets_and_runs_nothing(study, tmp_path, capsys):
     shutil.copytree(study.dir, tmp_path / "tiny")
     (tmp_path / "tiny" / "runs" / str(SEEDS[1]) / "gru4rec" / "melo.json").unlink()   # seed 223 under way
@@ -609,6 +629,9 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     assert "per_user" not in written["maml_inner_lr_0.1"]["metrics"]   # a grid run's: only in its own record
     assert written["maml_tuned_step"]["metrics"]["per_user"] == report.with_rounded_per_user(tuned)["metrics"]["per_user"]
     assert reproduce.main(argv) == records               # the diverged run is not run again
+    shutil.rmtree(tmp_path / "tiny" / "runs")           # the chosen run's per-user errors come back from its copy
+    reproduce.main(argv)
+    assert (tmp_path / "tiny" / "table.md").read_text() == table
 
 
 def test_a_tuned_variant_refuses_runs_recorded_without_their_validation_rmse(study):
