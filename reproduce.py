@@ -23,8 +23,9 @@ commands; the study file), table.md (the paper's layout), dataset.md (the data s
 and per_rating.png (RMSE per true rating). A finished run leaves <method>.json beside its log
 and is not run again, so an interrupted study goes on where it stopped: an interrupted
 MAML/MELO training resumes from its last checkpoint, an interrupted Basic training starts
-over. A runs folder with no finished run (a fresh clone, a lost disk) gets the finished runs
-that results.json records, if it was written with the same flags. ``--report_finished`` runs
+over. With ``--from_results`` a runs folder with no finished run (a fresh clone, a lost disk)
+gets the finished runs that results.json records, if it was written with the same flags
+(without it a fresh clone runs the study again). ``--report_finished`` runs
 nothing and reports the models and seeds whose runs have all finished: a study still under way.
 """
 
@@ -508,7 +509,8 @@ def main(argv=None):
     stats = load_data(DataConfig.from_args(first_seed_args)).stats
     check_same_study(runs_dir, study_flags(study), remember=not study.report_finished)
     runs = plan_runs(study, runs_dir)
-    restore_finished_runs(study, study_dir, runs)
+    if study.from_results:
+        restore_finished_runs(study, study_dir, runs)
     if study.report_finished:
         records = [json.loads(run.record_path.read_text()) for run in whole_finished_sets(runs)]
     else:

@@ -94,6 +94,10 @@ def build_parser():
     add("--report_finished", action="store_true",
         help="run nothing: write the reports of the models and seeds whose runs have all finished, "
         "a look at a study still under way (another process may be running it)")
+    add("--from_results", action="store_true",
+        help="a runs folder with no finished run first gets the runs that NAME/results.json "
+        "records, if it has the same flags: a study goes on in a fresh clone or on another "
+        "machine, computing only what the committed tables lack")
     add("--name", default=None,
         help="dataset name in the results folder; None: the data file's folder and --mode")
     add("--results_dir", default="results", help="where NAME/ goes")

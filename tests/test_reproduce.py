@@ -312,8 +312,10 @@ def test_a_study_without_its_runs_folder_goes_on_from_its_results_json(study, tm
     (tmp_path / "tiny").mkdir()
     shutil.copy(study.dir / "results.json", tmp_path / "tiny")     # a fresh clone: no runs folder
     split = study.argv.index("--")
-    argv = [*study.argv[:split], f"--results_dir={tmp_path}", *study.argv[split:]]
+    argv = [*study.argv[:split], f"--results_dir={tmp_path}", "--from_results", *study.argv[split:]]
     capsys.readouterr()
+    with pytest.raises(UserError, match="nothing to report"):      # without --from_results: nothing restored
+        reproduce.main([*study.argv[:split], f"--results_dir={tmp_path}", "--report_finished", *study.argv[split:]])
     reproduce.main(argv)
     output = capsys.readouterr().out
     assert "10 finished runs restored from" in output and output.count("done before") == 10
@@ -630,7 +632,7 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     assert written["maml_tuned_step"]["metrics"]["per_user"] == report.with_rounded_per_user(tuned)["metrics"]["per_user"]
     assert reproduce.main(argv) == records               # the diverged run is not run again
     shutil.rmtree(tmp_path / "tiny" / "runs")           # the chosen run's per-user errors come back from its copy
-    reproduce.main(argv)
+    reproduce.main([*argv[:argv.index("--")], "--from_results", *argv[argv.index("--"):]])
     assert (tmp_path / "tiny" / "table.md").read_text() == table
 
 
