@@ -1,8 +1,10 @@
-"""A study's reports: the paper's table with MELO's paired differences (table.md), the
-reference code's runs beside ours, the data statistics (dataset.md), RMSE per true rating
-(per_rating.png) and every record (results.json).
+"""A study's reports: the results table with the paired differences (table.md), the
+reference code's runs beside ours, the data statistics (dataset.md), the figures (figures.py:
+per_rating.png, curves.png) and every record (results.json); and the forest plot of every
+committed study.
 
-    python report.py results/quick/results.json    # table.md and per_rating.png again, from the JSON
+    python report.py results/quick/results.json    # table.md and the figures again, from the JSON
+    python report.py --forest                      # results/forest.png from every committed results.json
 """
 import argparse
 import json
@@ -10,20 +12,18 @@ import shlex
 import statistics
 from pathlib import Path
 
-import numpy as np
-from matplotlib.figure import Figure
-
 from atomic_files import write_json
 from evaluation import paired_rmse_difference
 from experiment import UserError, run_cli
-from study_options import TUNED_VARIANTS, VARIANTS, parse_command_line
+from figures import plot_curves, plot_forest, plot_per_rating, seeds_by_model, seeds_phrase
+from options import FLAGS
+from study_options import PROJECT_DIR, TITLES, TUNED_VARIANTS, VARIANTS, parse_command_line
 
 METRICS = ("rmse", "mae")
-TITLES = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "mean_rating": "mean rating",
-          **{name: title for name, (title, _, _) in VARIANTS.items()},
-          "gru4rec": "GRU4Rec", "narm": "NARM", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
-          "ncf": "NCF", "rmse": "RMSE", "mae": "MAE"}
 REFERENCE_METHODS = ("maml", "melo")   # what benchmarks/reference_study.py writes
+MULTI_STEP_LOSS_END = next(flag.default for flag in FLAGS if flag.name == "multi_step_loss_num_epochs")
+FOREST_METHODS = ("melo", "melo_rating_blind")   # each against MAML
+FOREST_PATH = PROJECT_DIR / "results" / "forest.png"
 
 
 def metric_values(records, model, method, metric):
@@ -36,54 +36,38 @@ def mean_cell(values):
     return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {statistics.stdev(values):.4f}"
 
 
-def improvement(other, melo):
-    """MELO's improvement over another method in %: positive when MELO's error is lower."""
-    return (other - melo) / other * 100
-
-
 def markdown_table(header, rows):
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def model_row(records, model, methods):
-    """A model's cells: each method's RMSE and MAE, then MELO's improvements on the means."""
-    def mean(method, metric):
-        return statistics.fmean(metric_values(records, model, method, metric))
-
-    return [TITLES[model],
-            *(mean_cell(metric_values(records, model, method, metric))
-              for method in methods for metric in METRICS),
-            *(f"{improvement(mean(other, metric), mean('melo', metric)):+.2f}"
-              for other in ("basic", "maml") for metric in METRICS)]
+def overall_rows(paired):
+    """Each (model, method, versus)'s difference over all its seeds: pooled, or its one seed's."""
+    return {(row["model"], row["method"], row["versus"]): row for row in paired}   # pooled comes last
 
 
-def seeds_by_model(study, records):
-    """The seeds of each model that ``records`` have, in the study's order: all of the study's,
-    or with reproduce.py --report_finished those finished so far."""
-    by_model = {model: [seed for seed in study.seeds
-                        if any((r["model"], r["seed"]) == (model, seed) for r in records)] for model in study.models}
-    return {model: seeds for model, seeds in by_model.items() if seeds}
+def best_steps(records, model, method):
+    """The step each seed's run tested: Basic's epoch, MAML's / MELO's best-validation iteration."""
+    return ", ".join(str(r["checkpoint_step"]) for r in records
+                     if (r["model"], r["method"]) == (model, method) and r.get("checkpoint_step") is not None)
 
 
-def seeds_phrase(by_model, several):
-    """Which seeds a table or figure is of: one phrase when every model has the same ones."""
-    phrases = {model: f"{several} {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-               for model, seeds in by_model.items()}
-    if len(set(phrases.values())) == 1:
-        return next(iter(phrases.values()))
-    return "; ".join(f"{TITLES[model]}: {phrase}" for model, phrase in phrases.items())
+def method_row(records, model, method, overall):
+    return [TITLES[model], TITLES[method],
+            *(mean_cell(metric_values(records, model, method, metric)) for metric in METRICS),
+            *(interval_cell(overall[model, method, other]) if (model, method, other) in overall else ""
+              for other in ("maml", "melo")),
+            best_steps(records, model, method)]
 
 
-def results_table(study, records):
-    header = ["Model",
-              *(f"{TITLES[method]} {TITLES[metric]}" for method in study.methods for metric in METRICS),
-              *(f"MELO vs {TITLES[other]} {TITLES[metric]} (%)" for other in ("basic", "maml")
-                for metric in METRICS)]
+def results_table(study, records, paired):
+    """One row per model and method: RMSE, MAE, the pooled difference from MAML and from MELO."""
+    header = ["Model", "Method", "RMSE", "MAE", "− MAML RMSE [95 %]", "− MELO RMSE [95 %]", "Best step"]
     by_model = seeds_by_model(study, records)
-    rows = [model_row(records, model, study.methods) for model in by_model]
+    overall = overall_rows(paired)
+    rows = [method_row(records, model, method, overall) for model in by_model for method in study.methods]
     baseline = [mean_cell(metric_values(records, None, "mean_rating", metric)) for metric in METRICS]
-    rows.append(["Mean rating", *baseline, *[""] * (len(header) - 3)])
+    rows.append(["", "Mean rating", *baseline, "", "", ""])
     test_users = metric_values(records, None, "mean_rating", "num_users")[0]
     spread = seeds_phrase(by_model, "mean ± sample standard deviation over seeds")
     extra = f"; flags given to every run: `{shlex.join(study.run_flags)}`" if study.run_flags else ""
@@ -92,9 +76,11 @@ def results_table(study, records):
             f"method ({spread}). Basic: {study.pretrain_epochs} epochs; MAML and MELO: "
             f"{study.num_train_iterations} iterations from Basic's embedding{extra}.\n\n"
             f"{markdown_table(header, rows)}\n\n"
-            f"MELO vs X = (X − MELO) / X × 100 on the means over seeds: positive when MELO's "
-            f"error is lower. Mean rating: the training users' mean rating predicted for every "
-            f"test target (no model); its RMSE and MAE are in the Basic columns.\n")
+            f"− MAML, − MELO: the method's test RMSE minus MAML's (MELO's) on the same users, the "
+            f"seeds' users pooled, with its 95 % paired-bootstrap interval (per seed below): "
+            f"negative when the method's error is lower. Best step: the checkpoint each seed tested "
+            f"(Basic: its best epoch; MAML and MELO: the outer iteration of their best validation). "
+            f"Mean rating: the training users' mean rating predicted for every test target (no model).\n")
 
 
 def per_user_errors(records, model, method, seed):
@@ -125,11 +111,11 @@ def paired_rows(records, model, method, other, seeds):
 
 
 def paired_differences(records, study):
-    """Each method after MAML against MAML and against Basic, and MELO and its variants against
-    each tuned variant of MAML, per model (see paired_rows)."""
+    """Each method after MAML against MAML and against Basic, each after MELO against MELO, and
+    MELO and its variants against each tuned variant of MAML, per model (see paired_rows)."""
     tuned = [method for method in study.methods if method in TUNED_VARIANTS]
     return [row for model in study.models for method in study.methods[2:]
-            for other in ("maml", "basic", *(tuned if is_melo(method) else []))
+            for other in ("maml", "basic", *(["melo"] if method != "melo" else []), *(tuned if is_melo(method) else []))
             for row in paired_rows(records, model, method, other, study.seeds)]
 
 
@@ -162,21 +148,22 @@ def interval_cell(row):
 
 
 def paired_table(paired):
+    """One row per model and difference, one column per seed and the pooled one."""
     if not paired:
         return ""
-    columns = list(dict.fromkeys((row["method"], row["versus"]) for row in paired))
-    header = ["Model", "Seed", *(f"{TITLES[method]} − {TITLES[other]} RMSE [95 % interval]"
-                                 for method, other in columns)]
+    seeds = list(dict.fromkeys(row["seed"] for row in paired))
+    header = ["Model", "Difference in RMSE [95 % interval]", *(f"seed {seed}" if seed != "pooled" else "pooled"
+                                                                for seed in seeds)]
     cells = {}
     for row in paired:
-        cells.setdefault((row["model"], row["seed"]), {})[row["method"], row["versus"]] = interval_cell(row)
-    rows = [[TITLES[model], str(seed), *(found.get(column, "") for column in columns)]
-            for (model, seed), found in cells.items()]
-    return (f"\n## Paired differences\n\nMELO's test RMSE minus the other method's on the same test "
+        cells.setdefault((row["model"], row["method"], row["versus"]), {})[row["seed"]] = interval_cell(row)
+    rows = [[TITLES[model], f"{TITLES[method]} − {TITLES[other]}", *(found.get(seed, "") for seed in seeds)]
+            for (model, method, other), found in cells.items()]
+    return (f"\n## Paired differences\n\nA method's test RMSE minus another's on the same test "
             f"users, with a 95 % interval from a paired bootstrap over the users "
-            f"({paired[0]['resamples']:,} resamples, seeded): negative when MELO's error is lower; "
-            f"an interval that excludes 0 is a difference that the choice of test users does not "
-            f"explain. Pooled: the seeds' test users together.\n\n{markdown_table(header, rows)}\n")
+            f"({paired[0]['resamples']:,} resamples, seeded): negative when the first method's error is "
+            f"lower; an interval that excludes 0 is a difference that the choice of test users does "
+            f"not explain. Pooled: the seeds' test users together.\n\n{markdown_table(header, rows)}\n")
 
 
 def reference_table(study, records, reference_records, paired):
@@ -233,57 +220,6 @@ def dataset_table(study, stats):
             f"valid, {stats['num_test_users']:,} test\n")
 
 
-def per_rating_rmse(reports, rating):
-    """Mean and standard deviation over seeds of the RMSE at one true rating (nan when absent)."""
-    values = [report[rating]["rmse"] for report in reports
-              if rating in report and report[rating]["rmse"] is not None]
-    if not values:
-        return float("nan"), 0.0
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def per_rating_panels(study, records):
-    """Per model: its per-rating reports by method (one per seed), the true ratings that
-    test targets have, in order, and their target counts summed over seeds."""
-    panels = []
-    for model in seeds_by_model(study, records):
-        reports = {method: [r["metrics"]["per_rating"] for r in records
-                            if r["model"] == model and r["method"] == method] for method in study.methods}
-        counts = {}
-        for report in reports["basic"]:
-            for rating, entry in report.items():
-                counts[rating] = counts.get(rating, 0) + entry["count"]
-        ratings = sorted((rating for rating, count in counts.items() if count), key=float)
-        panels.append((model, reports, ratings, counts))
-    return panels
-
-
-def plot_per_rating(study, records, path):
-    """Grouped bars of the RMSE per true rating, Basic / MAML / MELO, one panel per model;
-    the tick labels give the number of test targets with that rating (all seeds)."""
-    panels = per_rating_panels(study, records)
-    by_model = seeds_by_model(study, records)
-    most_ratings = max(len(ratings) for _, _, ratings, _ in panels)
-    panel_inches = max(4.8, 0.6 * most_ratings + 1.0)  # half stars need wider panels
-    figure = Figure(figsize=(max(6.0, panel_inches * len(panels)), 4.4), layout="constrained")
-    axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)
-    width = 0.8 / len(study.methods)
-    for axis, (model, reports, ratings, counts) in zip(axes[0], panels):
-        positions = np.arange(len(ratings))
-        for offset, method in enumerate(study.methods):
-            means, stds = zip(*(per_rating_rmse(reports[method], rating) for rating in ratings))
-            axis.bar(positions + (offset - (len(study.methods) - 1) / 2) * width, means, width,
-                     label=TITLES[method],
-                     yerr=stds if len(by_model[model]) > 1 else None, capsize=2)
-        axis.set_xticks(positions, [f"{rating}\nn={counts[rating]}" for rating in ratings])
-        axis.set_title(TITLES[model])
-        axis.set_xlabel("true rating")
-    axes[0][0].set_ylabel("RMSE (stars)")
-    axes[0][0].legend()
-    figure.suptitle(f"{study.name}: test RMSE per true rating\n({seeds_phrase(by_model, 'mean ± std over seeds')})")
-    figure.savefig(path, dpi=120)
-
-
 PER_USER_DIGITS = 7   # significant digits of the per-user errors in results.json (float32's)
 
 
@@ -336,7 +272,7 @@ def study_tables(study, records, reference_records):
     """table.md's text, the paired differences and the reference's summary of a study's records."""
     paired = paired_differences(records, study)
     side_by_side, reference_summary = reference_table(study, records, reference_records, paired)
-    table = results_table(study, records) + paired_table(paired) + tuned_table(study, records) + side_by_side
+    table = results_table(study, records, paired) + paired_table(paired) + tuned_table(study, records) + side_by_side
     return table, paired, reference_summary
 
 
@@ -357,8 +293,14 @@ def write_reports(study, study_dir, stats, records, reference_records):
                 "reference_runs": reference_records, "reference_paired": reference_summary}, indent=None)
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
-    plot_per_rating(study, records, study_dir / "per_rating.png")
+    write_figures(study, records, study_dir)
     return table
+
+
+def write_figures(study, records, folder):
+    """per_rating.png, and curves.png when the runs have learning curves."""
+    plot_per_rating(study, records, folder / "per_rating.png")
+    plot_curves(study, records, folder / "curves.png", multi_step_loss_end=MULTI_STEP_LOSS_END)
 
 
 def read_results(results_path):
@@ -385,16 +327,56 @@ def render(results_path):
     table = study_tables(study, records, reference_records)[0]
     folder = Path(results_path).parent
     (folder / "table.md").write_text(table)
-    plot_per_rating(study, records, folder / "per_rating.png")
+    write_figures(study, records, folder)
     return table
+
+
+def forest_rows(results_paths):
+    """Per committed study, model and method of FOREST_METHODS: its difference from MAML pooled
+    over the seeds (paired_rows), the study's budget and a label; ordered by dataset, model,
+    method and budget, so that a study at 300 and at 3,000 iterations stand together."""
+    rows = []
+    for path in results_paths:
+        study, records, _ = read_results(path)
+        for model in study.models:
+            for method in (method for method in FOREST_METHODS if method in study.methods):
+                found = paired_rows(records, model, method, "maml", study.seeds)
+                if not found:
+                    continue
+                users = sum(len(per_user_errors(records, model, "maml", seed)["user"]) for seed in study.seeds
+                            if per_user_errors(records, model, "maml", seed) is not None)
+                rows.append({"study": study.name, "dataset": study.data_path, "model": model, "method": method,
+                             "iterations": study.num_train_iterations, "users": users, **found[-1],
+                             "label": f"{study.name} · {TITLES[model]} · {TITLES[method]} · "
+                                      f"{study.num_train_iterations:,} it · {users:,} users"})
+    rows.sort(key=lambda row: (row["dataset"], row["model"], row["method"], row["iterations"], row["study"]))
+    # a study that reused another's runs (the controls reuse MAML and MELO) repeats its rows: once
+    same = [(row["dataset"], row["model"], row["method"], row["iterations"], row["users"], round(row["difference"], 6))
+            for row in rows]
+    return [row for position, row in enumerate(rows) if same[position] not in same[:position]]
+
+
+def committed_results():
+    """The results.json of every committed study that reproduce.py wrote (one that records its command)."""
+    return [path for path in sorted(PROJECT_DIR.glob("results/**/results.json"))
+            if "command" in json.loads(path.read_text())]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", help="results.json files that reproduce.py wrote")
-    for path in parser.parse_args(argv).results:
+    parser.add_argument("results", nargs="*", help="results.json files that reproduce.py wrote")
+    parser.add_argument("--forest", metavar="PNG", nargs="?", const=str(FOREST_PATH),
+                        help="write the forest plot of the results.json files given (default: every committed "
+                             "one) to PNG (default: %(const)s)")
+    arguments = parser.parse_args(argv)
+    if arguments.forest:
+        rows = forest_rows(arguments.results or committed_results())
+        plot_forest(rows, arguments.forest)
+        print(f"{arguments.forest}: {len(rows)} differences")
+        return rows
+    for path in arguments.results:
         render(path)
-        print(f"{Path(path).parent / 'table.md'}, {Path(path).parent / 'per_rating.png'}")
+        print(f"{Path(path).parent / 'table.md'} and its figures")
 
 
 if __name__ == "__main__":

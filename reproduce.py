@@ -47,10 +47,11 @@ from atomic_files import write_json
 from config import DataConfig
 from dataloader import load_data
 from experiment import DIVERGED_STATUS, UserError, run_cli
+from learning_curves import read_curve
 from preemption import Preempted
-from report import REFERENCE_METHODS, TITLES, per_user_errors, read_results, runs_own_records, write_reports
+from report import REFERENCE_METHODS, per_user_errors, read_results, runs_own_records, write_reports
 from run_files import RunFiles
-from study_options import (PROJECT_DIR, RUN_VARIANTS, TUNED_VARIANTS, check_run_flags, data_flags,
+from study_options import (PROJECT_DIR, RUN_VARIANTS, TITLES, TUNED_VARIANTS, check_run_flags, data_flags,
                            parse_command_line, study_flags)
 
 # main.py's flags for each meta-learning method
@@ -239,7 +240,7 @@ def execute(run, number, total):
     one when it ends."""
     tag = f"[{number}/{total}] {run.label}"
     if run.record_path.is_file():
-        record = json.loads(run.record_path.read_text())
+        record = finished_record(run)
         announce(f"{tag}: done before: {record_summary(record)}")
         return record
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -262,12 +263,27 @@ def execute(run, number, total):
               "encoder_weight_per_rating": tested.get("encoder_weight_per_rating"),   # MELO's LSTM encoder
               "validation_rmse": tested.get("validation_rmse"),   # MAML's / MELO's best checkpoint's
               "diverged": diverged,
+              "curve": learning_curve(run),
               "commands": [as_typed(command) for command in (run.train_command, run.test_command)
                            if command is not None],
               "log": str(run.log_path)}
     write_json(run.record_path, record)
     announce(f"{tag}: {record_summary(record)} ({format_duration(time.monotonic() - started)})")
     return record
+
+
+def finished_record(run):
+    """A finished run's record; a MAML or MELO run recorded before records kept their learning
+    curve gets it from its TensorBoard events."""
+    record = json.loads(run.record_path.read_text())
+    if "curve" not in record:
+        record["curve"] = learning_curve(run)
+    return record
+
+
+def learning_curve(run):
+    """A MAML or MELO run's validation curve (learning_curves.read_curve), None for other runs."""
+    return read_curve(run.files.events) if run.method in META_FLAGS else None
 
 
 def record_summary(record):
@@ -512,7 +528,7 @@ def main(argv=None):
     if study.from_results:
         restore_finished_runs(study, study_dir, runs)
     if study.report_finished:
-        records = [json.loads(run.record_path.read_text()) for run in whole_finished_sets(runs)]
+        records = [finished_record(run) for run in whole_finished_sets(runs)]
     else:
         print(plan_summary(study, runs, stats, runs_dir), flush=True)
         records = execute_forwarding_signals(runs, study.jobs)

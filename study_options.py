@@ -41,6 +41,10 @@ TUNED_VARIANTS = {
 }
 VARIANTS = {**RUN_VARIANTS, **{name: (title, "maml", []) for name, (title, _) in TUNED_VARIANTS.items()}}
 NORMALIZED_MELO = "melo_normalized"
+TITLES = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "mean_rating": "mean rating",
+          **{name: title for name, (title, _, _) in VARIANTS.items()},
+          "gru4rec": "GRU4Rec", "narm": "NARM", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
+          "ncf": "NCF", "rmse": "RMSE", "mae": "MAE"}   # how tables and figures name each
 DATA_FLAGS = options.flags_with(study="data")        # reproduce.py's own flags, the same for every run
 BUDGET_FLAGS = options.flags_with(study="budget")
 # reproduce.py sets these for each run, so they are not accepted after `--`

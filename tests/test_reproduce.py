@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import figures
+import learning_curves
 import report
 import reproduce
 import study_options
@@ -130,38 +132,61 @@ def test_each_method_runs_the_right_commands(study):
                 assert " ".join(RUN_FLAGS) in command
 
 
-def test_table_holds_the_mean_and_std_over_seeds_and_melos_improvements(study):
-    rows = table_rows((study.dir / "table.md").read_text())
-    assert set(rows) == {"GRU4Rec", "Mean rating"}
-    row = rows["GRU4Rec"]
-    titles = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "melo_normalized": "MELO (normalised)",
-              "rmse": "RMSE", "mae": "MAE"}
+def method_rows(markdown):
+    """{(model, method): {column: cell}} of the results table (its first)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    end = next((i for i in range(1, len(lines)) if lines[i].startswith("| Model ")), len(lines))
+    split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[:end]]
+    return {(cells[0], cells[1]): dict(zip(split[0], cells)) for cells in split[1:]}
+
+
+def paired_cells(markdown):
+    """{(model, difference): {column: cell}} of the paired-differences section."""
+    section = markdown[markdown.index("## Paired differences"):]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    end = next((i for i in range(1, len(lines)) if lines[i].startswith("| Model ")), len(lines))
+    split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[:end]]
+    return {(cells[0], cells[1]): dict(zip(split[0], cells)) for cells in split[1:]}
+
+
+def test_table_holds_a_row_per_method_with_its_mean_std_pooled_differences_and_best_steps(study):
+    rows = method_rows((study.dir / "table.md").read_text())
+    titles = {"basic": "Basic", "maml": "MAML", "melo": "MELO", "melo_normalized": "MELO (normalised)"}
+    assert list(rows) == [*(("GRU4Rec", titles[method]) for method in METHODS), ("", "Mean rating")]
+    paired = json.loads((study.dir / "results.json").read_text())["paired"]
+    pooled = {(row["method"], row["versus"]): row for row in paired if row["seed"] == "pooled"}
     for method in METHODS:
-        for name in ("rmse", "mae"):
+        row = rows["GRU4Rec", titles[method]]
+        for name, column in (("rmse", "RMSE"), ("mae", "MAE")):
             values = metric(study, "gru4rec", method, name)
             assert len(values) == 2
-            mean, std = mean_and_std(row[f"{titles[method]} {titles[name]}"])
+            mean, std = mean_and_std(row[column])
             assert mean == pytest.approx(statistics.fmean(values), abs=6e-5)
             assert std == pytest.approx(statistics.stdev(values), abs=6e-5)
-    for other in ("basic", "maml"):
-        for name in ("rmse", "mae"):
-            other_mean = statistics.fmean(metric(study, "gru4rec", other, name))
-            melo_mean = statistics.fmean(metric(study, "gru4rec", "melo", name))
-            shown = float(row[f"MELO vs {titles[other]} {titles[name]} (%)"])
-            assert shown == pytest.approx((other_mean - melo_mean) / other_mean * 100, abs=6e-3)
-    baseline = rows["Mean rating"]
-    for name in ("rmse", "mae"):
-        mean, std = mean_and_std(baseline[f"Basic {titles[name]}"])
+        for other, column in (("maml", "− MAML RMSE [95 %]"), ("melo", "− MELO RMSE [95 %]")):
+            found = pooled.get((method, other))
+            assert row[column] == ("" if found is None else
+                                   f"{found['difference']:+.4f} [{found['low']:+.4f}, {found['high']:+.4f}]")
+        assert row["Best step"] == ", ".join(str(step) for step in metric_field(study, method, "checkpoint_step"))
+    assert rows["GRU4Rec", "MELO"]["− MAML RMSE [95 %]"] and rows["GRU4Rec", "MELO (normalised)"]["− MELO RMSE [95 %]"]
+    baseline = rows["", "Mean rating"]
+    for name, column in (("rmse", "RMSE"), ("mae", "MAE")):
+        mean, std = mean_and_std(baseline[column])
         values = metric(study, None, "mean_rating", name)
         assert mean == pytest.approx(statistics.fmean(values), abs=6e-5)
         assert std == pytest.approx(statistics.stdev(values), abs=6e-5)
 
 
+def metric_field(study, method, field):
+    return [r[field] for r in study.records if (r["model"], r["method"]) == ("gru4rec", method)]
+
+
 def test_paired_differences_per_seed_and_pooled(study):
     paired = json.loads((study.dir / "results.json").read_text())["paired"]
     assert [(row["method"], row["versus"], row["seed"]) for row in paired] == [
-        (method, other, seed) for method in ("melo", "melo_normalized") for other in ("maml", "basic")
-        for seed in (*SEEDS, "pooled")]
+        (method, other, seed) for method, others in (("melo", ("maml", "basic")),
+                                                     ("melo_normalized", ("maml", "basic", "melo")))
+        for other in others for seed in (*SEEDS, "pooled")]
     for row in paired:
         assert row["low"] <= row["difference"] <= row["high"] and row["resamples"] == 1000
         if row["seed"] != "pooled":
@@ -169,13 +194,51 @@ def test_paired_differences_per_seed_and_pooled(study):
                            for method in (row["method"], row["versus"]))
             # from the per-user errors that results.json keeps, to 7 significant digits
             assert row["difference"] == pytest.approx(melo - other, rel=0, abs=1e-6)
-    table = (study.dir / "table.md").read_text()
-    section = table[table.index("## Paired differences"):]
-    rows = by_seed(section)
-    for method, title in (("melo", "MELO"), ("melo_normalized", "MELO (normalised)")):
-        pooled = next(row for row in paired if (row["method"], row["versus"], row["seed"]) == (method, "maml", "pooled"))
-        shown = rows["pooled"][f"{title} − MAML RMSE [95 % interval]"]
-        assert shown == f"{pooled['difference']:+.4f} [{pooled['low']:+.4f}, {pooled['high']:+.4f}]"
+    cells = paired_cells((study.dir / "table.md").read_text())
+    assert list(next(iter(cells.values()))) == ["Model", "Difference in RMSE [95 % interval]",
+                                                *(f"seed {seed}" for seed in SEEDS), "pooled"]
+    for row in paired:
+        title = {"melo": "MELO", "melo_normalized": "MELO (normalised)", "maml": "MAML", "basic": "Basic"}
+        shown = cells["GRU4Rec", f"{title[row['method']]} − {title[row['versus']]}"][
+            "pooled" if row["seed"] == "pooled" else f"seed {row['seed']}"]
+        assert shown == f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]"
+
+
+def test_each_meta_learning_run_records_its_learning_curve_and_the_figure_draws_it(study):
+    for record in study.records:
+        curve = record["curve"]
+        if record["method"] in ("mean_rating", "basic"):
+            assert curve is None
+            continue
+        assert curve["step"] == [1, 2]            # --log_interval=1, 2 iterations
+        assert len(curve["valid_rmse"]) == len(curve["inner_lr"]) == 2
+        assert min(curve["valid_rmse"]) == pytest.approx(record["validation_rmse"], rel=1e-4)
+        assert (curve["encoder_weight"] is None) == (record["method"] == "maml")
+        steps = learning_curves.effective_step(curve)
+        factor = [1.0, 1.0] if curve["encoder_weight"] is None else curve["encoder_weight"]
+        assert steps == pytest.approx([rate * weight for rate, weight in zip(curve["inner_lr"], factor)])
+    assert (study.dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_record_written_without_its_curve_gets_it_from_the_runs_events(study):
+    run = next(run for run in reproduce.plan_runs(study_options.parse_command_line(study.argv), study.dir / "runs")
+               if run.method == "melo")
+    written = json.loads(run.record_path.read_text())
+    assert reproduce.finished_record(run) == written
+    older = {name: value for name, value in written.items() if name != "curve"}
+    run.record_path.write_text(json.dumps(older))
+    try:
+        assert reproduce.finished_record(run)["curve"] == written["curve"]
+    finally:
+        run.record_path.write_text(json.dumps(written))
+
+
+def test_the_best_validation_of_a_curve_is_the_step_tested(study):
+    for record in study.records:
+        if record["curve"] is not None:
+            curve = record["curve"]
+            best = curve["step"][curve["valid_rmse"].index(min(curve["valid_rmse"]))]
+            assert record["checkpoint_step"] == best
 
 
 def reference_records(study, scale):
@@ -247,23 +310,6 @@ def test_reference_results_of_other_users_are_refused(study, tmp_path):
         reproduce.read_reference_results(tmp_path / "reference", options, study.records)
 
 
-def test_improvements_are_relative_to_the_other_method():
-    def record(method, rmse, mae, model="narm"):
-        return {"seed": 1, "model": model, "method": method,
-                "metrics": {"rmse": rmse, "mae": mae, "num_users": 8}}
-
-    records = [record("mean_rating", 1.2, 1.0, model=None), record("basic", 1.0, 0.5),
-               record("maml", 0.9, 0.4), record("melo", 0.8, 0.6)]
-    options = SimpleNamespace(name="x", models=["narm"], seeds=[1], pretrain_epochs=1,
-                              num_train_iterations=1, run_flags=[], methods=["basic", "maml", "melo"])
-    row = table_rows(report.results_table(options, records))["NARM"]
-    assert (row["MELO RMSE"], row["MELO MAE"]) == ("0.8000", "0.6000")    # one seed: no ±
-    assert row["MELO vs Basic RMSE (%)"] == "+20.00"                     # (1.0 - 0.8) / 1.0
-    assert row["MELO vs MAML RMSE (%)"] == "+11.11"                      # (0.9 - 0.8) / 0.9
-    assert row["MELO vs Basic MAE (%)"] == "-20.00"
-    assert row["MELO vs MAML MAE (%)"] == "-50.00"
-
-
 def test_dataset_table_equals_the_statistics_of_load_data(study):
     stats = load_data(DataConfig.from_args(parse_args([f"--data_path={study.ratings}", *DATA, *RUN_FLAGS]))).stats
     row = table_rows((study.dir / "dataset.md").read_text())["tiny"]
@@ -288,7 +334,7 @@ def test_per_rating_panels_sum_counts_over_seeds_and_leave_out_absent_ratings():
     records = [record(seed, method, {"0.5": 0, "1": 2, "4.5": seed, "10": 0})
                for seed in (1, 2) for method in ("basic", "maml", "melo")]
     options = SimpleNamespace(name="x", models=["narm"], seeds=[1, 2], methods=["basic", "maml", "melo"])
-    [(model, reports, ratings, counts)] = report.per_rating_panels(options, records)
+    [(model, reports, ratings, counts)] = figures.per_rating_panels(options, records)
     assert model == "narm" and len(reports["melo"]) == 2
     assert ratings == ["1", "4.5"]                       # in numeric order, only ratings with targets
     assert (counts["1"], counts["4.5"]) == (4, 3)
@@ -342,8 +388,8 @@ def test_report_finished_reports_the_whole_model_seed_sets_and_runs_nothing(stud
         (SEEDS[0], method) for method in ("mean_rating", *METHODS))
     table = (tmp_path / "tiny" / "table.md").read_text()
     assert f"for every method (seed {SEEDS[0]})" in table
-    for method, title in (("maml", "MAML RMSE"), ("melo", "MELO RMSE")):
-        assert table_rows(table)["GRU4Rec"][title] == f"{metric(study, 'gru4rec', method, 'rmse')[0]:.4f}"
+    for method, title in (("maml", "MAML"), ("melo", "MELO")):
+        assert method_rows(table)["GRU4Rec", title]["RMSE"] == f"{metric(study, 'gru4rec', method, 'rmse')[0]:.4f}"
     assert report.render(tmp_path / "tiny" / "results.json") == table
     for seed in SEEDS:
         (tmp_path / "tiny" / "runs" / str(seed) / "gru4rec" / "basic.json").unlink()
@@ -355,9 +401,9 @@ def test_report_finished_reports_the_whole_model_seed_sets_and_runs_nothing(stud
 
 
 def test_a_table_of_models_with_other_seeds_says_which_seeds_each_has():
-    phrase = report.seeds_phrase({"gru4rec": [222, 223], "bert4rec": [222]}, "mean ± std over seeds")
+    phrase = figures.seeds_phrase({"gru4rec": [222, 223], "bert4rec": [222]}, "mean ± std over seeds")
     assert phrase == "GRU4Rec: mean ± std over seeds 222, 223; BERT4Rec: seed 222"
-    assert report.seeds_phrase({"gru4rec": [222, 223], "narm": [222, 223]}, "over seeds") == "over seeds 222, 223"
+    assert figures.seeds_phrase({"gru4rec": [222, 223], "narm": [222, 223]}, "over seeds") == "over seeds 222, 223"
 
 
 def test_other_flags_for_the_same_study_are_refused(study):
@@ -574,6 +620,22 @@ def test_each_committed_table_renders_again_from_its_results_json(results, tmp_p
     assert (tmp_path / "per_rating.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_forest_plot_draws_every_committed_studys_pooled_difference_from_maml(tmp_path):
+    rows = report.main(["--forest", str(tmp_path / "forest.png")])
+    assert (tmp_path / "forest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    found = {(row["study"], row["model"], row["method"]): row for row in rows}
+    controls = found["ml-100k-controls", "gru4rec", "melo"]     # its table.md: -0.0099 [-0.0303, +0.0101]
+    assert [round(controls[name], 4) for name in ("difference", "low", "high")] == [-0.0099, -0.0303, 0.0101]
+    assert (controls["iterations"], controls["users"]) == (300, 900)
+    blind = found["ml-100k-controls", "bert4rec", "melo_rating_blind"]
+    assert [round(blind[name], 4) for name in ("difference", "low", "high")] == [-0.0142, -0.0372, 0.0082]
+    # the controls reused amazon-magazine's MAML and MELO: their difference is drawn once
+    assert ("amazon-magazine", "gru4rec", "melo") in found
+    assert ("amazon-magazine-controls", "gru4rec", "melo") not in found
+    assert ("amazon-magazine-controls", "gru4rec", "melo_rating_blind") in found
+    assert all(row["low"] <= row["difference"] <= row["high"] for row in rows)
+
+
 def test_variants_are_runs_of_their_own_with_their_flags(study, tmp_path):
     argv = [*study.argv[:study.argv.index("--")], "--variants", "maml_inverse_frequency", "melo_rating_blind", "--",
             *RUN_FLAGS]
@@ -619,7 +681,7 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     assert tuned["chosen_run"] == min(grid[:-1], key=validation.get)
     assert tuned["metrics"] == by_method[tuned["chosen_run"]]["metrics"]
     table = (tmp_path / "tiny" / "table.md").read_text()
-    assert "MELO − MAML (inner step tuned on validation) RMSE [95 % interval]" in table
+    assert "| GRU4Rec | MELO − MAML (inner step tuned on validation) |" in table
     chosen = table_rows(table[table.index("## Tuned on validation"):])["MAML (inner step tuned on validation)"]
     assert (chosen["Seed"], chosen["Chosen"]) == (str(SEEDS[0]), report.TITLES[tuned["chosen_run"]])
     assert chosen["MAML (--inner_lr=0.1) validation RMSE"] == f"{validation['maml_inner_lr_0.1']:.4f}"
