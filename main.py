@@ -25,6 +25,7 @@ from meta_gradient import MetaGradient
 from meta_learner import MetaLearner
 from models import model_factory
 from preemption import StopRequests
+from progress import Progress
 from run_files import RunFiles
 from tasks import TaskSampler
 
@@ -165,14 +166,13 @@ class MetaTrainer:
         if not self.own_stream_restored:
             distributed.own_dropout_stream()
         print(f"Starting {self.method.upper()} training at iteration {self.iteration}")
-        progress = tqdm(range(self.iteration + 1, training.num_train_iterations + 1),
-                        initial=self.iteration, total=training.num_train_iterations, desc=self.method.upper(),
-                        disable=not distributed.is_main())
-        for _ in progress:
+        self.progress = Progress(self.method.upper(), self.iteration + 1, training.num_train_iterations,
+                                 shown=distributed.is_main())
+        for _ in self.progress:
             batch = self.sampler.train_batch(training.batch_size).to(self.device)
             metrics = self.train_step(batch)
-            progress.set_postfix(rmse=f"{metrics['rmse']:.4f}")
-            tqdm.write(evaluation.format_metrics(f"Iteration {self.iteration}: ", metrics))
+            self.progress.every_step(evaluation.format_metrics(f"Iteration {self.iteration}: ", metrics),
+                                     rmse=f"{metrics['rmse']:.4f}")
             log_metrics(writer, "train", metrics, self.iteration)
             if self.iteration % training.log_interval == 0 or self.iteration == training.num_train_iterations:
                 self._validate(writer, valid_tasks, batch)
@@ -204,6 +204,7 @@ class MetaTrainer:
             self.save(best=True)
             tqdm.write(f"........Model saved (step: {self.best_step} | RMSE loss: {metrics['rmse']:.4f})")
         self.save(best=False)
+        self.progress.validated(self.iteration, metrics["rmse"], self.best_valid_rmse, self.best_step)
 
     def _stop_diverged(self, what):
         """Stop the run on a non-finite number; nothing of this iteration is checkpointed."""

@@ -39,43 +39,25 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import options
 from atomic_files import write_json
 from config import DataConfig
 from dataloader import load_data
 from experiment import DIVERGED_STATUS, UserError, run_cli
 from learning_curves import read_curve
 from preemption import Preempted
+from progress import PROGRESS_VARIABLE, format_duration
 from report import REFERENCE_METHODS, per_user_errors, read_results, runs_own_records, write_reports
-from run_files import RunFiles
-from study_options import (PROJECT_DIR, RUN_VARIANTS, TITLES, TUNED_VARIANTS, check_run_flags, data_flags,
-                           parse_command_line, study_flags)
+from study_options import TITLES, TUNED_VARIANTS, check_run_flags, parse_command_line, study_flags
+from study_plan import (META_FLAGS, SCRIPT_METHOD, Estimate, as_typed, plan_runs, plan_summary,
+                        threads_per_run)
 
-# main.py's flags for each meta-learning method
-META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
-              **{name: flags for name, (_, _, flags) in RUN_VARIANTS.items()}}
-SCRIPT_METHOD = {"basic": "basic", "maml": "maml", "melo": "melo", "mean_rating": "mean_rating",
-                 **{name: method for name, (_, method, _) in RUN_VARIANTS.items()}}   # main.py's name of each
 LOG_TAIL_LINES = 20
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 RUNNING = set()        # the runs' processes now running, to pass signals on to
 STOPPING = []          # the name of a signal the study received: no run starts after it
-# What a run costs on two CPU cores at the default task sizes (docs/performance.md; the
-# quick study's runs), for the estimate printed at the start: seconds per MAML/MELO outer
-# iteration, per validation or test user, per Basic epoch and training user, and per run
-# (start-up, data, test).
-SECONDS_PER_ITERATION = {"gru4rec": 0.6, "narm": 0.4, "sasrec": 1.1, "bert4rec": 1.0, "ncf": 0.4}
-SECONDS_PER_EVALUATED_USER = 0.006
-SECONDS_PER_BASIC_USER_EPOCH = 0.0006
-SECONDS_PER_RUN = 6
-# A run on one thread beside another (--jobs 2 on two cores) takes 1.1-1.9x its two-thread time
-# (benchmarks/meta_iteration.py, MELO of every model, 2026-12-04; the Amazon HIN study's runs).
-ONE_THREAD_SLOWDOWN = 1.5
-
-
 def check_same_study(runs_dir, flags, remember=True):
     """Finished runs made with other flags must not be reused: remember the flags of the
     study (unless ``remember`` is false: a report writes no runs), and refuse others once a
@@ -116,128 +98,11 @@ def restore_finished_runs(study, study_dir, runs):
         announce(f"{len(restored)} finished runs restored from {path} (the runs folder held none)")
 
 
-@dataclass
-class Run:
-    """One method of one model and seed: an optional training command, then its test."""
-    seed: int
-    model: str | None                # None for the mean-rating baseline
-    method: str                      # basic, maml, melo, a variant's run or mean_rating
-    folder: Path                     # holds <method>.log, <method>.json and <method>/
-    train_command: list[str] | None
-    test_command: list[str]
-    final_step: int = 0              # MAML/MELO: the last outer iteration
-    threads: int | None = None       # with --jobs: the run's OMP_NUM_THREADS
-    may_diverge: bool = False        # a run only to be chosen among: diverging is one of its outcomes
-
-    @property
-    def label(self):
-        if self.model is None:
-            return f"seed {self.seed} {TITLES[self.method]}"
-        return f"seed {self.seed} {self.model} {TITLES[self.method]}"
-
-    @property
-    def files(self):
-        """The script's own files for this run (run_files.RunFiles) under the --log_dir /
-        --pretrain_log_dir given to it; MELO's variants are main.py's "melo"."""
-        return RunFiles(options.parse_args(script_flags(self.test_command)), self.folder / self.method,
-                        SCRIPT_METHOD[self.method])
-
-    @property
-    def log_path(self):
-        return self.folder / f"{self.method}.log"
-
-    @property
-    def record_path(self):
-        return self.folder / f"{self.method}.json"
-
-
-def script(name, *flags, processes=1):
-    """The command that runs one of the project's scripts, under torchrun with ``processes`` > 1."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
-    return [*launcher, str(PROJECT_DIR / name), *flags]
-
-
-def script_position(command):
-    """Where a ``script`` command names its script."""
-    return next(i for i, part in enumerate(command) if part.endswith(".py"))
-
-
-def script_flags(command):
-    """The flags that a ``script`` command gives its script."""
-    return command[script_position(command) + 1:]
-
-
-def as_typed(command):
-    """A command as a user types it in the repository: `python train_original.py …`, or
-    `torchrun --standalone --nproc_per_node=2 main.py …`."""
-    position = script_position(command)
-    launcher = ["torchrun", *command[3:position]] if "torch.distributed.run" in command[:position] else ["python"]
-    return shlex.join([*launcher, Path(command[position]).name, *command[position + 1:]])
-
-
-def plan_runs(study, runs_dir):
-    """Every run of the study, in order: per seed the baseline, then per model Basic, MAML, MELO."""
-    runs = []
-    for seed in study.seeds:
-        seed_dir = runs_dir / str(seed)
-        shared = [*data_flags(study), f"--random_seed={seed}"]
-        baseline = script("main.py", *shared, f"--log_dir={seed_dir / 'mean_rating'}",
-                          *study.run_flags, "--test_baseline")
-        runs.append(Run(seed, None, "mean_rating", seed_dir, None, baseline))
-        for model in study.models:
-            folder = seed_dir / model
-            model_flags = [*shared, f"--model={model}", f"--pretrain_log_dir={folder / 'basic'}"]
-            basic = script("train_original.py", *model_flags,
-                           f"--pretrain_epochs={study.pretrain_epochs}", *study.run_flags,
-                           "--save_pretrained=True", processes=study.nproc_per_node)
-            runs.append(Run(seed, model, "basic", folder, basic, [*basic, "--test"], final_step=study.pretrain_epochs))
-            for method in study.run_methods[1:]:
-                meta = script("main.py", *model_flags, f"--log_dir={folder / method}",
-                              f"--num_train_iterations={study.num_train_iterations}",
-                              f"--log_interval={study.log_interval}", *study.run_flags,
-                              "--load_pretrained_embedding=True", *META_FLAGS[method],
-                              processes=study.nproc_per_node)
-                runs.append(Run(seed, model, method, folder, meta, [*meta, "--test"],
-                                final_step=study.num_train_iterations,
-                                may_diverge=method not in study.methods))
-    return runs
-
-
-def plan_summary(study, runs, stats, runs_dir):
-    """What the study will run, and about how long that takes."""
-    source = f"{', '.join(study.study_files)}: " if study.study_files else ""
-    to_run = [run for run in runs if not run.record_path.is_file()]
-    slowdown = ONE_THREAD_SLOWDOWN if study.jobs > 1 and threads_per_run(study.jobs) == 1 else 1
-    minutes = (sum(expected_seconds(run, study, stats["num_train_users"]) for run in to_run)
-               * slowdown / 60 / study.jobs)
-    return (f"Study {study.name} ({source}{stats['path']}, {stats['num_users']:,} users, "
-            f"{stats['num_ratings']:,} ratings; {study.num_test_data} test users)\n"
-            f"  seeds {' '.join(map(str, study.seeds))}; models {' '.join(study.models)}; "
-            f"{', '.join(TITLES[method] for method in study.methods)}; the mean-rating baseline\n"
-            f"  Basic {study.pretrain_epochs} epochs, then MAML and MELO {study.num_train_iterations} "
-            f"outer iterations from its embedding, validated every {study.log_interval}\n"
-            f"  {len(runs)} runs ({len(runs) - len(to_run)} finished earlier); expected: about "
-            f"{max(1, round(minutes))} min on two CPU cores ({os.cpu_count()} here)\n"
-            f"  logs and checkpoints: {runs_dir}")
-
-
-def expected_seconds(run, study, num_train_users):
-    """A rough duration of one run on two CPU cores (the SECONDS_ constants)."""
-    if run.method == "mean_rating":
-        return SECONDS_PER_RUN
-    if run.method == "basic":
-        return SECONDS_PER_RUN + study.pretrain_epochs * (
-            num_train_users * SECONDS_PER_BASIC_USER_EPOCH + study.val_size * SECONDS_PER_EVALUATED_USER)
-    validations = study.num_train_iterations // study.log_interval
-    return (SECONDS_PER_RUN + study.num_train_iterations * SECONDS_PER_ITERATION[run.model]
-            + (validations * study.val_size + study.num_test_data) * SECONDS_PER_EVALUATED_USER)
-
-
-def execute(run, number, total):
+def execute(run, number, total, estimate=None):
     """Train (unless that is done) and test one run; return its record. A run with a
-    record from an earlier invocation is not run again. Prints a line when a run starts and
-    one when it ends."""
+    record from an earlier invocation is not run again. Prints a line when a run starts, with
+    the time the study still needs (``estimate``, a study_plan.Estimate), and one when it ends;
+    the estimate learns how long the run took."""
     tag = f"[{number}/{total}] {run.label}"
     if run.record_path.is_file():
         record = finished_record(run)
@@ -245,13 +110,15 @@ def execute(run, number, total):
         return record
     run.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    from_scratch = last_checkpoint_step(run) is None
+    note = f"; the study: {estimate.left()}" if estimate else ""
     diverged = False
     tested = {"metrics": None}   # a run that diverged before its first validation has no checkpoint to test
     try:
         if run.train_command is not None:
-            diverged = train(run, tag)
+            diverged = train(run, tag, note)
         else:
-            announce(f"{tag}: testing")
+            announce(f"{tag}: testing{note}")
         if not diverged or run.files.steps(best=True):   # a diverged run: its best checkpoint
             invoke(run.test_command, run, "test")
             tested = read_test_results(run)
@@ -268,7 +135,10 @@ def execute(run, number, total):
                            if command is not None],
               "log": str(run.log_path)}
     write_json(run.record_path, record)
-    announce(f"{tag}: {record_summary(record)} ({format_duration(time.monotonic() - started)})")
+    seconds = time.monotonic() - started
+    if estimate and from_scratch:
+        estimate.ran(run, seconds)
+    announce(f"{tag}: {record_summary(record)} ({format_duration(seconds)})")
     return record
 
 
@@ -315,20 +185,20 @@ def tuned_records(study, records):
     return chosen
 
 
-def train(run, tag):
+def train(run, tag, note=""):
     """Train from scratch, resume a run from its last resumable checkpoint (MAML's and MELO's
     every validation, a run stopped by a signal), or skip the training when that checkpoint is
     the last step's. Returns whether it diverged, which only a run that may is allowed."""
     resume_step = last_checkpoint_step(run)
     if resume_step is not None and resume_step >= run.final_step:
-        announce(f"{tag}: testing")
+        announce(f"{tag}: testing{note}")
         return False
     if resume_step is None:
         shutil.rmtree(run.files.folder, ignore_errors=True)   # a killed Basic run's leftovers
-        announce(f"{tag}: training")
+        announce(f"{tag}: training{note}")
         command = run.train_command
     else:
-        announce(f"{tag}: training (resumed from step {resume_step})")
+        announce(f"{tag}: training (resumed from step {resume_step}){note}")
         command = [*run.train_command, f"--checkpoint_step={resume_step}"]
     try:
         invoke(command, run, "training")
@@ -356,26 +226,25 @@ def last_checkpoint_step(run):
 
 
 def invoke(command, run, phase):
-    """Run one script with its output appended to the run's log; run alone (no --jobs), its
-    progress bars (its standard error) are shown too. It runs in a session of its own, so
-    that only the signals the study passes on reach it (forward_signal). A failure is a
-    UserError that shows the end of the log."""
+    """Run one script with its output appended to the run's log, in plain lines (progress.py:
+    no bars, a line per validation); run alone (no --jobs), its lines are shown too. It runs in
+    a session of its own, so that only the signals the study passes on reach it
+    (forward_signal). A failure is a UserError that shows the end of the log."""
     stop_if_signalled()
     with open(run.log_path, "a") as log:
         log.write(f"\n$ {shlex.join(command)}\n")
         log.flush()
         shown = run.threads is None
-        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                              stderr=subprocess.PIPE if shown else subprocess.STDOUT,
-                              env=run_environment(run), start_new_session=True) as process:
+        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if shown else log,
+                              stderr=subprocess.STDOUT, env=run_environment(run), start_new_session=True) as process:
             RUNNING.add(process)
             try:
                 if shown:
-                    copy_stream(process.stderr, log, sys.stderr)
+                    copy_stream(process.stdout, log, sys.stdout)
             finally:
                 process.wait()
                 RUNNING.discard(process)
-        status = process.returncode
+    status = process.returncode
     stop_if_signalled()
     if status != 0:
         how = f"exit status {status}" if status > 0 else f"killed by signal {-status}"
@@ -406,7 +275,7 @@ def stop_if_signalled():
 
 
 def copy_stream(source, *targets):
-    """Copy a child's byte stream to text files as it comes (progress bars redraw in place)."""
+    """Copy a child's byte stream to text files as it comes."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for chunk in iter(lambda: source.read1(1 << 16), b""):
         text = decoder.decode(chunk)
@@ -416,38 +285,34 @@ def copy_stream(source, *targets):
 
 
 def run_environment(run):
-    """The scripts' environment: unbuffered output, and with --jobs the run's thread count."""
+    """The scripts' environment: unbuffered output in plain lines, and with --jobs the run's
+    thread count."""
     threads = {} if run.threads is None else {"OMP_NUM_THREADS": str(run.threads)}
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **threads}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_VARIABLE: "lines", **threads}
 
 
-def threads_per_run(jobs):
-    """The cores shared out between ``jobs`` runs at once (--jobs): each run's thread count."""
-    return max(1, (os.cpu_count() or 1) // jobs)
-
-
-def execute_all(runs, jobs):
+def execute_all(runs, jobs, estimate=None):
     """Every run's record, in the order of ``runs``: one after the other, or with ``jobs`` > 1
     that many at once, each with its share of the cores — first the baselines and Basic,
     then MAML and MELO, which start from Basic's embedding."""
     if jobs == 1:
-        return [execute(run, number, len(runs)) for number, run in enumerate(runs, start=1)]
+        return [execute(run, number, len(runs), estimate) for number, run in enumerate(runs, start=1)]
     numbered = [(number, replace(run, threads=threads_per_run(jobs))) for number, run in enumerate(runs, start=1)]
     records = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for wave in ([pair for pair in numbered if pair[1].method in ("mean_rating", "basic")],
                      [pair for pair in numbered if pair[1].method not in ("mean_rating", "basic")]):
-            for (number, _), record in zip(wave, pool.map(lambda pair: execute(pair[1], pair[0], len(runs)), wave)):
+            for (number, _), record in zip(wave, pool.map(lambda pair: execute(pair[1], pair[0], len(runs), estimate), wave)):
                 records[number] = record
     return [records[number] for number, _ in numbered]
 
 
-def execute_forwarding_signals(runs, jobs):
+def execute_forwarding_signals(runs, jobs, estimate):
     """``execute_all``, with the signals that stop a study passed on to the runs (a preempted
     study stops its runs where they can resume)."""
     previous = {number: signal.signal(number, forward_signal) for number in FORWARDED_SIGNALS}
     try:
-        return execute_all(runs, jobs)
+        return execute_all(runs, jobs, estimate)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -491,12 +356,6 @@ def metrics_summary(metrics):
     return f"RMSE {metrics['rmse']:.4f} | MAE {metrics['mae']:.4f}"
 
 
-def format_duration(seconds):
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
 def read_reference_results(folder, study, records):
     """The reference's MAML and MELO records (benchmarks/reference_study.py's JSON files) for
     the study's models and seeds that have them, checked to be of this study's test users."""
@@ -531,7 +390,7 @@ def main(argv=None):
         records = [finished_record(run) for run in whole_finished_sets(runs)]
     else:
         print(plan_summary(study, runs, stats, runs_dir), flush=True)
-        records = execute_forwarding_signals(runs, study.jobs)
+        records = execute_forwarding_signals(runs, study.jobs, Estimate(study, stats["num_train_users"], runs))
     records += tuned_records(study, records)
     reference_records = (read_reference_results(study.reference_results, study, records)
                          if study.reference_results else [])

@@ -29,6 +29,7 @@ from learning_rates import encoder_rate_of_basic
 from models import model_factory
 from models.loss_weighting import TaskStateEncoder
 from preemption import StopRequests
+from progress import Progress, bars_wanted
 from rating_loss import MAX_RATING, loss_scale, rating_errors
 from run_files import RunFiles, load_matching_state
 from tasks import PretrainDataset, TaskSampler
@@ -75,7 +76,8 @@ class BasicTrainer:
             for group in self.encoder_optimizer.param_groups:
                 group["lr"] = encoder_rate_of_basic(self.config, epoch)
         target_errors = []
-        for items, ratings in tqdm(self.train_loader, desc="batches", leave=False, disable=not distributed.is_main()):
+        for items, ratings in tqdm(self.train_loader, desc="batches", leave=False,
+                                   disable=not (distributed.is_main() and bars_wanted())):
             items, ratings = items.to(self.device), ratings.to(self.device)
             mask = (items != 0).float()
             real_positions = mask.sum()                                    # of the whole batch
@@ -130,8 +132,8 @@ class BasicTrainer:
                 if not self.own_stream_restored:
                     distributed.own_dropout_stream()
                 print(f"Starting Basic model training ({self.model_config.model}, {config.pretrain_epochs} epochs)")
-                for epoch in tqdm(range(self.epoch + 1, config.pretrain_epochs + 1), initial=self.epoch,
-                                  total=config.pretrain_epochs, desc="epochs", disable=not distributed.is_main()):
+                for epoch in Progress("Basic", self.epoch + 1, config.pretrain_epochs, unit="epoch",
+                                      shown=distributed.is_main()):
                     self._train_and_validate(epoch, valid_tasks, writer)
                     stop.stop_if_requested(epoch, f"epoch {epoch}", self._checkpoint_to_resume)
         self.files.print_summary(self.best_epoch, self.best_rmse)

@@ -173,7 +173,9 @@ def test_each_rank_draws_its_own_dropout_masks(two_ranks):
 
 def start_ranks(command, world_size, **popen):
     port = free_port()
-    return [subprocess.Popen(command, env={**os.environ, **rank_environment(rank, world_size, port)},
+    # MELO_PROGRESS=bars: the line per iteration that the tests wait for, into a pipe
+    return [subprocess.Popen(command, env={**os.environ, **rank_environment(rank, world_size, port),
+                                           "MELO_PROGRESS": "bars"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
             for rank in range(world_size)]
 

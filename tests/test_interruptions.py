@@ -103,7 +103,8 @@ def test_a_signalled_basic_finishes_its_epoch_and_resumes_exactly(ratings_file, 
 
 def test_the_command_line_says_how_to_resume_and_exits_75(ratings_file, tmp_path):
     command = [sys.executable, "-u", str(ROOT / "main.py"), *flags(ratings_file, tmp_path, "--num_train_iterations=400")]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "MELO_PROGRESS": "bars"})   # a line per iteration
     for line in process.stdout:
         if line.startswith("Iteration 3:"):
             process.send_signal(signal.SIGTERM)
@@ -248,7 +249,7 @@ def test_write_errors_name_the_file_and_leave_no_temporary(tmp_path, monkeypatch
 def test_sigterm_to_a_study_stops_its_run_and_leaves_no_process(ratings_file, tmp_path):
     study = [sys.executable, "-u", str(ROOT / "reproduce.py"), f"--data_path={ratings_file}", "--min_item=1",
              "--num_test_data=8", "--val_size=8", "--max_seq_len=8", "--pretrain_epochs=1",
-             "--num_train_iterations=400", "--log_interval=200", "--models", "bert4rec", "--name=stopped",
+             "--num_train_iterations=400", "--log_interval=2", "--models", "bert4rec", "--name=stopped",
              f"--results_dir={tmp_path}", "--", *TINY[4:]]
     process = subprocess.Popen(study, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in process.stdout:
@@ -256,7 +257,7 @@ def test_sigterm_to_a_study_stops_its_run_and_leaves_no_process(ratings_file, tm
             break
     log = tmp_path / "stopped" / "runs" / "222" / "bert4rec" / "maml.log"
     deadline = time.monotonic() + 60
-    while "Iteration 2:" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+    while "validation RMSE" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)

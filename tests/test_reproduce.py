@@ -20,6 +20,7 @@ import figures
 import learning_curves
 import report
 import reproduce
+import study_plan
 import study_options
 from config import DataConfig
 from dataloader import load_data
@@ -434,7 +435,10 @@ def test_a_failed_run_stops_the_study_with_the_end_of_its_log(study, capsys):
     assert stopped.value.code != 0
     output = capsys.readouterr()
     assert output.out.count("done before") == 10
-    assert "[11/15] seed 224 mean rating: testing\n[11/15] seed 224 mean rating: FAILED\n" in output.out
+    started = output.out.index("[11/15] seed 224 mean rating: testing; the study: about ")
+    shown = output.out[started:].splitlines()
+    assert "cannot write to" in shown[1]           # run alone: its own lines are shown as it runs
+    assert shown[-1] == "[11/15] seed 224 mean rating: FAILED"
     assert "seed 224 mean rating test failed (exit status 2)" in output.err
     assert str(seed_dir / "mean_rating.log") in output.err
     assert "cannot write to" in output.err          # the run's own error, from its log
@@ -453,10 +457,11 @@ def test_an_interrupted_meta_training_resumes_from_its_last_checkpoint(study, ca
     capsys.readouterr()
     records = reproduce.main(study.argv)
     output = capsys.readouterr()
-    assert "[9/10] seed 223 gru4rec MELO: training (resumed from step 1)\n[9/10] seed 223 gru4rec MELO: RMSE" \
-        in output.out
-    assert "MELO: 100%" in output.err          # run alone, its progress bar is shown
-    assert "Resuming from iteration 1" in (folder / "melo.log").read_text()
+    assert "[9/10] seed 223 gru4rec MELO: training (resumed from step 1); the study: about 1 min left\n" in output.out
+    shown = output.out[output.out.index("(resumed from step 1)"):output.out.index("[9/10] seed 223 gru4rec MELO: RMSE")]
+    assert "Resuming from iteration 1" in shown and "MELO iteration 2/2, " in shown   # run alone: its lines shown
+    log = (folder / "melo.log").read_bytes().decode()   # with any carriage return
+    assert "Resuming from iteration 1" in log and "\r" not in log and "it/s" not in log
     assert records[-2]["metrics"] == earlier["metrics"]      # resuming is exact
     now = file_times(study.dir / "runs")
     assert {path: now.get(path) for path in untouched} == untouched
@@ -466,7 +471,7 @@ def test_jobs_run_at_once_with_their_share_of_the_cores_and_meta_runs_after_basi
     runs = reproduce.plan_runs(study_options.parse_command_line([*study.argv[:-len(RUN_FLAGS) - 1]]), study.dir / "runs")
     running, events, lock = set(), [], threading.Lock()
 
-    def fake_execute(run, number, total):
+    def fake_execute(run, number, total, estimate=None):
         with lock:
             running.add(number)
             events.append(("start", run.method, len(running), run.threads))
@@ -492,7 +497,7 @@ def test_with_jobs_each_line_of_a_run_is_written_at_once(tmp_path, monkeypatch):
     # lets another run's line land in the middle of it.
     writes = []
     monkeypatch.setattr(reproduce.sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
-    run = reproduce.Run(223, "gru4rec", "basic", tmp_path, None, ["python", "train_original.py"], threads=1)
+    run = study_plan.Run(223, "gru4rec", "basic", tmp_path, None, ["python", "train_original.py"], threads=1)
     (tmp_path / "basic.json").write_text(json.dumps({"metrics": {"rmse": 1.0, "mae": 0.8}}))
     reproduce.execute(run, 2, 9)
     assert [text for text in writes if text] == ["[2/9] seed 223 gru4rec Basic: done before: RMSE 1.0000 | MAE 0.8000\n"]
@@ -509,7 +514,7 @@ def test_runs_go_to_torchrun_with_nproc_per_node(study):
             script = "train_original.py" if run.method == "basic" else "main.py"
             assert all(command.startswith(f"torchrun --standalone --nproc_per_node=2 {script} --mode=ml-1m")
                        for command in typed)
-            assert reproduce.script_flags(run.test_command)[-1] == "--test"
+            assert study_plan.script_flags(run.test_command)[-1] == "--test"
 
 
 # --- study files and the quick study ---------------------------------------------------------
@@ -564,6 +569,25 @@ def test_results_json_names_the_study_file(study, tmp_path):
     assert json.loads((study.dir / "results.json").read_text())["study"] == [str(study_file)]
 
 
+def test_the_estimate_learns_the_machines_speed_from_the_runs_that_finished(tmp_path):
+    quick = study_options.parse_command_line(["--results_dir", str(tmp_path)])
+    runs = reproduce.plan_runs(quick, tmp_path / "runs")
+    estimate = study_plan.Estimate(quick, 400, runs)
+    expected = {id(run): study_plan.expected_seconds(run, quick, 400) for run in runs}
+    total = sum(expected.values()) / 60
+    assert estimate.minutes(runs) == pytest.approx(total)
+    basic, maml = (next(run for run in runs if run.method == method) for method in ("basic", "maml"))
+    estimate.ran(basic, 3 * expected[id(basic)])      # Basic took three times the cost model's guess
+    assert estimate.minutes(runs) == pytest.approx(3 * total)   # MAML and MELO: Basic's factor until one ran
+    estimate.ran(maml, 2 * expected[id(maml)])        # a MAML run: twice
+    meta = sum(seconds for run in runs for key, seconds in expected.items()
+               if key == id(run) and run.method in ("maml", "melo"))
+    assert estimate.minutes(runs) == pytest.approx((3 * (total * 60 - meta) + 2 * meta) / 60)
+    basic.folder.mkdir(parents=True)
+    basic.record_path.write_text("{}")                 # finished: no longer left
+    assert estimate.left() == f"about {round(estimate.minutes(runs) - 3 * expected[id(basic)] / 60)} min left"
+
+
 def test_with_neither_a_study_file_nor_data_the_quick_study_runs():
     quick = study_options.parse_command_line([])
     assert quick.study_files == [study_options.QUICK_STUDY]
@@ -587,8 +611,8 @@ def test_the_quick_study_is_expected_to_take_at_most_ten_minutes(tmp_path, monke
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     in_pairs = study_options.parse_command_line(["--results_dir", str(tmp_path), "--jobs", "2"])
     summary = reproduce.plan_summary(in_pairs, runs, data.stats, tmp_path / "runs")
-    seconds = sum(reproduce.expected_seconds(run, quick, data.stats["num_train_users"]) for run in runs)
-    assert f"expected: about {round(seconds * reproduce.ONE_THREAD_SLOWDOWN / 2 / 60)} min" in summary
+    seconds = sum(study_plan.expected_seconds(run, quick, data.stats["num_train_users"]) for run in runs)
+    assert f"expected: about {round(seconds * study_plan.ONE_THREAD_SLOWDOWN / 2 / 60)} min" in summary
     assert reproduce.threads_per_run(2) == 1 and reproduce.threads_per_run(1) == 2
 
 
