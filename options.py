@@ -41,7 +41,7 @@ class Flag:
     learning rates, the run's length and batches, its starting point), so that runs that
     compute something else never share a folder. ``study``: reproduce.py's own data
     or budget flag ("data", "budget"), or a flag it sets for each run ("per run").
-    ``at_least``: the smallest value of an integer; ``rate``: a finite number, "positive"
+    ``at_least``, ``at_most``: the range of an integer; ``rate``: a finite number, "positive"
     (learning rates) or "non-negative".
     """
     name: str
@@ -54,7 +54,16 @@ class Flag:
     shape_of: tuple = ()
     study: str | None = None
     at_least: int | None = None
+    at_most: int | None = None
     rate: str | None = None
+
+    def out_of_range(self, value):
+        """What is wrong with an integer ``value`` of this flag, None when it is in range."""
+        if self.at_least is not None and value is not None and value < self.at_least:
+            return f"--{self.name} must be at least {self.at_least}, got {value}"
+        if self.at_most is not None and value is not None and value > self.at_most:
+            return f"--{self.name} must be at most {self.at_most}, got {value}"
+        return None
 
 
 def _bool(name, default, help, resume, **properties):
@@ -82,7 +91,8 @@ FLAGS = (
           "date); False keeps them, as the reference does (their number is printed)", "fixed", identity="data"),
     _bool("stable_date_sort", False, "(new) keep ratings of the same date in file order; False sorts them as "
           "the reference does (numpy's quicksort, whose order of ties depends on the CPU)", "fixed", identity="data"),
-    Flag("random_seed", 222, "seed of the data split and the test tasks", "fixed", identity="data", study="per run"),
+    Flag("random_seed", 222, "seed of the data split and the test tasks", "fixed", identity="data", study="per run",
+         at_least=0, at_most=2**32 - 1),   # numpy's seeds
     _bool("overwrite", False, "(new) start a run again whose checkpoints are already there, deleting them; "
           "without it such a run stops and says how to resume or test it", "changes"),
     Flag("resume_from", None, "(new) a MAML/MELO checkpoint of another run of the same data, model and method "
@@ -246,8 +256,8 @@ def parse_args(argv=None):
         parser.error(f"--mode={args.mode} is not a dataset reader here; choose one of {', '.join(MODES)}")
     for flag in FLAGS:
         value = getattr(args, flag.name)
-        if flag.at_least is not None and value is not None and value < flag.at_least:
-            parser.error(f"--{flag.name} must be at least {flag.at_least}, got {value}")
+        if (wrong := flag.out_of_range(value)) is not None:
+            parser.error(wrong)
         if flag.rate == "positive" and not (finite_in_float32(value) and value > 0):
             parser.error(f"--{flag.name} must be a positive finite number (in float32), got {value}")
         if flag.rate == "non-negative" and not (finite_in_float32(value) and value >= 0):

@@ -19,6 +19,8 @@ import pandas as pd
 
 CHUNK_ROWS = 500_000              # rows held as raw text at once while reading
 RATING_MIN, RATING_MAX = 0.5, 5.0  # accepted ratings: 0.5 .. 5 in half stars
+OFF_SCALE = f"a rating outside {RATING_MIN:g}..{RATING_MAX:g} in half stars"
+LATEST_DATE = 2.0 ** 62            # |date| beyond this (in any unit) would overflow the int64 sort key
 
 
 class DataError(Exception):
@@ -201,18 +203,21 @@ def read_ratings(path: Path, mode: str) -> RawRatings:
     users, items = _IdEncoder(), _IdEncoder()
     parts: list[tuple[np.ndarray, ...]] = []
     dropped: Counter[str] = Counter()   # rows dropped, by their first reason
+    found_scale = [np.inf, -np.inf]     # the lowest and highest numeric rating read
     try:
         with open_text(path) as stream:
             chunks = _json_chunks(stream, layout, dropped) if layout.json_lines \
                 else _csv_chunks(stream, layout)
             for user, item, rating, date in chunks:
                 keep, stars, time = _usable_rows(user, item, rating, date, dropped)
+                if not np.isnan(stars).all():
+                    found_scale = [min(found_scale[0], np.nanmin(stars)), max(found_scale[1], np.nanmax(stars))]
                 parts.append((users.encode(user[keep]), items.encode(item[keep]),
                               stars[keep], time[keep]))
     except (pd.errors.ParserError, UnicodeDecodeError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile,
             zlib.error) as error:   # a damaged archive too
         raise DataError(f"{path}: cannot parse it as {layout.name}: {error}; if it is damaged, get it again") from None
-    _report_dropped(path, sum(len(part[2]) for part in parts), dropped)
+    _report_dropped(path, sum(len(part[2]) for part in parts), dropped, found_scale)
     user_codes, item_codes, ratings, dates = (np.concatenate(column) for column in zip(*parts))
     return RawRatings(layout.name, user_codes, item_codes, ratings.astype(np.float32), dates,
                       users.names(), items.names())
@@ -272,8 +277,9 @@ def _usable_rows(user, item, rating, date, dropped: Counter):
     keep = np.ones(len(stars), dtype=bool)
     for reason, rows in (("a missing user or item id", (user == "") | (item == "")),
                          ("a non-numeric rating", non_numeric),
-                         (f"a rating outside {RATING_MIN:g}..{RATING_MAX:g} in half stars", off_scale),
-                         ("a missing or unreadable date", np.isnan(time))):
+                         (OFF_SCALE, off_scale),
+                         ("a missing or unreadable date", np.isnan(time)),
+                         (f"a date that is infinite or beyond ±{LATEST_DATE:.0e}", np.abs(time) > LATEST_DATE)):
         dropped[reason] += int((rows & keep).sum())   # each row counted under its first reason
         keep &= ~rows
     return keep, stars, time
@@ -290,8 +296,14 @@ def _date_values(date: np.ndarray) -> np.ndarray:
     return values
 
 
-def _report_dropped(path: Path, usable: int, dropped: Counter) -> None:
+def _report_dropped(path: Path, usable: int, dropped: Counter, found_scale: list[float]) -> None:
+    """A warning that counts the rows dropped by reason; an error when none is usable, or when
+    most ratings are off the scale (another scale, which the few on it would misrepresent)."""
     total = usable + sum(dropped.values())
+    if dropped[OFF_SCALE] > total / 2:
+        raise DataError(f"{path}: {dropped[OFF_SCALE]:,} of its {total:,} ratings are outside "
+                        f"{RATING_MIN:g}..{RATING_MAX:g} (its ratings go from {found_scale[0]:g} to "
+                        f"{found_scale[1]:g}): another rating scale; map it onto 1..5 stars first")
     reasons = ", ".join(f"{count:,} with {reason}" for reason, count in dropped.items() if count)
     if usable == 0:
         raise DataError(f"{path}: none of its {total:,} rows is usable ({reasons or 'no rows'}); "

@@ -123,6 +123,9 @@ def parse_command_line(argv=None):
     study.study_files = study_files
     study.models = list(dict.fromkeys(study.models))
     study.seeds = list(dict.fromkeys(study.seeds))
+    for seed in study.seeds:
+        if (wrong := options.FLAG["random_seed"].out_of_range(seed)) is not None:
+            raise UserError(f"--seeds {seed}: {wrong.split(' ', 1)[1]}")
     for flag in ("jobs", "nproc_per_node"):
         if getattr(study, flag) < 1:
             raise UserError(f"--{flag}={getattr(study, flag)}: give at least 1")

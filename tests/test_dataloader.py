@@ -461,6 +461,29 @@ def test_bad_ratings_are_dropped_and_counted(tmp_path, capsys):
     assert loaded_sequences(data) == expected
 
 
+def test_infinite_and_overflowing_dates_are_dropped_and_counted(tmp_path, capsys):
+    frame = make_ratings_frame(num_users=40, num_items=50, seed=5)
+    path = write_ratings(tmp_path / "ratings.dat", "ml-1m", frame)
+    lines = path.read_text().splitlines()
+    for row, date in ((0, "inf"), (1, "-inf"), (2, "1e30")):   # once cast to INT64_MIN: moved to the front
+        lines[row] = lines[row].rsplit("::", 1)[0] + "::" + date
+    path.write_text("\n".join(lines) + "\n")
+    data = load_data(DataConfig.from_args(make_args(path)))
+    out = capsys.readouterr().out
+    assert f"dropped 3 of {len(frame):,} rows" in out and "3 with a date that is infinite or beyond ±5e+18" in out
+    without = write_ratings(tmp_path / "without" / "ratings.dat", "ml-1m", frame.drop(index=[0, 1, 2]))
+    assert loaded_sequences(data) == loaded_sequences(load_data(DataConfig.from_args(make_args(without))))
+
+
+def test_a_file_on_another_rating_scale_is_refused_naming_the_scale(tmp_path):
+    frame = make_ratings_frame(num_users=40, num_items=50, seed=5)
+    frame["rating"] = (frame["rating"] * 2).astype(int)            # 2..10: most off the 0.5..5 scale
+    path = write_ratings(tmp_path / "ratings.dat", "ml-1m", frame)
+    with pytest.raises(DataError, match=r"ratings are outside 0.5..5 \(its ratings go from 2 to 10\): another "
+                                        r"rating scale; map it onto 1..5 stars first"):
+        load_data(DataConfig.from_args(make_args(path)))
+
+
 def test_broken_json_lines_are_dropped_and_counted(tmp_path, capsys):
     frame = make_ratings_frame(num_users=30, num_items=40, seed=11, string_ids=True)
     path = write_ratings(tmp_path / "review.json", "yelp-review-json", frame)

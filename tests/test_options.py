@@ -184,3 +184,12 @@ def test_debug_shows_the_traceback_behind_a_one_line_error(tmp_path, monkeypatch
     with pytest.raises(UserError) as raised:
         run_cli(failing)
     assert isinstance(raised.value.__context__, KeyError) and not raised.value.__suppress_context__
+
+
+@pytest.mark.parametrize("seed, wrong", [(-1, "at least 0"), (2**32, "at most 4294967295")])
+def test_seeds_out_of_numpys_range_are_refused_in_one_line(seed, wrong):
+    with pytest.raises(FlagError, match=f"--random_seed must be {wrong}, got {seed}"):
+        parse_args([f"--random_seed={seed}"])
+    with pytest.raises(UserError, match=f"--seeds {seed}: must be {wrong}"):
+        study_options.parse_command_line(["--data_path=ratings.dat", "--seeds", "222", str(seed)])
+    assert parse_args([f"--random_seed={2**32 - 1}"]).random_seed == 2**32 - 1
