@@ -2,18 +2,23 @@
 renamed over it, so that a run killed while writing never leaves half a checkpoint or record.
 Checkpoints and embeddings carry their SHA-256 inside, checked when they are read, and a
 write that fails (a full disk, a quota, a read-only folder) says so in one line."""
+import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 CHECKED_FORMAT = "melo-checked-1"   # a torch file {format, sha256, payload: the saved object's bytes}
+CHECKED_FIELDS = ("format", "sha256", "payload")
 TEMPORARY_PREFIX = "."             # temporary files are ".<name>.<random>" beside their place
 
 
@@ -23,7 +28,34 @@ class WriteError(OSError):
 
 
 class DamagedFile(ValueError):
-    """A checked file whose content does not match its SHA-256."""
+    """A checked file whose content does not match its SHA-256, or that lost its fields."""
+
+
+class LockHeld(OSError):
+    """A lock that another live process holds; the message is what it wrote: its pid and host."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+    """Hold an exclusive lock on ``path`` (made when missing), writing this process's pid, host
+    and start time in it; LockHeld at once when another process holds it. The OS lets go of it
+    when the holder dies, so a lock is never stale."""
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise LockHeld(handle.read().strip() or "another process") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+
+
+def remove_temporaries(path):
+    """Remove the temporary files that a killed process's writes of ``path`` left beside it."""
+    for leftover in Path(path).parent.glob(f"{TEMPORARY_PREFIX}{Path(path).name}.*"):
+        leftover.unlink(missing_ok=True)
 
 
 def atomic_write(path, write):
@@ -75,8 +107,12 @@ def load_checked(path, **options):
     torch.load."""
     import torch
     outer = torch.load(path, **options)
-    if not (isinstance(outer, dict) and outer.get("format") == CHECKED_FORMAT):
+    if not (isinstance(outer, dict) and any(field in outer for field in CHECKED_FIELDS)):
         return outer
+    if lost := [field for field in CHECKED_FIELDS if field not in outer]:
+        raise DamagedFile(f"{path} is damaged: its checksum wrapper lost its {', '.join(map(repr, lost))}")
+    if outer["format"] != CHECKED_FORMAT:
+        raise DamagedFile(f"{path} is damaged or of an unknown format ({outer['format']!r})")
     if hashlib.sha256(outer["payload"]).hexdigest() != outer["sha256"]:
         raise DamagedFile(f"{path} is damaged: its content does not match the checksum written with it")
     return torch.load(io.BytesIO(outer["payload"]), **options)

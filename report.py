@@ -17,6 +17,7 @@ from evaluation import paired_rmse_difference
 from experiment import UserError, run_cli
 from figures import plot_curves, plot_forest, plot_per_rating, seeds_by_model, seeds_phrase
 from options import FLAGS
+from records import check_checksum, check_numbers, with_checksum
 from study_options import PROJECT_DIR, TITLES, TUNED_VARIANTS, VARIANTS, parse_command_line
 
 METRICS = ("rmse", "mae")
@@ -285,12 +286,12 @@ def write_reports(study, study_dir, stats, records, reference_records):
     runs, test_users = with_users_once_per_seed(
         [record if record["method"] in study.methods or record["model"] is None else
          {**record, "metrics": without_per_user(record["metrics"])} for record in records])
-    write_json(study_dir / "results.json",
+    write_json(study_dir / "results.json", with_checksum(
                {"dataset": study.name, "command": study.command, "study": study.study_files,
                 "data_path": study.data_path, "mode": study.mode, "seeds": study.seeds, "models": study.models,
                 "methods": study.methods, "run_flags": study.run_flags, "test_users": test_users,
                 "runs": runs, "paired": paired,
-                "reference_runs": reference_records, "reference_paired": reference_summary}, indent=None)
+                "reference_runs": reference_records, "reference_paired": reference_summary}), indent=None)
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
     write_figures(study, records, study_dir)
@@ -305,10 +306,15 @@ def write_figures(study, records, folder):
 
 def read_results(results_path):
     """The study that a results.json records (its settings from the command it records), its
-    runs with their test-user ids again, and the reference's runs."""
+    runs with their test-user ids again, and the reference's runs; checked first (records.py)."""
     recorded = json.loads(Path(results_path).read_text())
+    advice = "take it again from git (git checkout), or run its study again"
+    check_checksum(recorded, results_path, advice)
     study = parse_command_line(shlex.split(recorded["command"])[2:])
-    return study, with_test_users(recorded["runs"], recorded.get("test_users", {})), recorded["reference_runs"]
+    runs = with_test_users(recorded["runs"], recorded.get("test_users", {}))
+    for record in runs:
+        check_numbers(record, results_path, advice)
+    return study, runs, recorded["reference_runs"]
 
 
 def runs_own_records(records):

@@ -30,6 +30,8 @@ nothing and reports the models and seeds whose runs have all finished: a study s
 """
 
 import codecs
+import contextlib
+import ctypes
 import json
 import os
 import shlex
@@ -42,19 +44,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from atomic_files import write_json
+from atomic_files import LockHeld, exclusive_lock, write_json
 from config import DataConfig
 from dataloader import load_data
 from experiment import DIVERGED_STATUS, UserError, run_cli
 from learning_curves import read_curve
 from preemption import Preempted
 from progress import PROGRESS_VARIABLE, format_duration
+from records import CHECKSUM, check_record, with_checksum
 from report import REFERENCE_METHODS, per_user_errors, read_results, runs_own_records, write_reports
 from study_options import TITLES, TUNED_VARIANTS, check_run_flags, parse_command_line, study_flags
 from study_plan import (META_FLAGS, SCRIPT_METHOD, Estimate, as_typed, plan_runs, plan_summary,
                         threads_per_run)
 
 LOG_TAIL_LINES = 20
+PR_SET_PDEATHSIG = 1   # prctl(2): the signal a process gets when the thread that started it ends
+PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 RUNNING = set()        # the runs' processes now running, to pass signals on to
 STOPPING = []          # the name of a signal the study received: no run starts after it
@@ -93,7 +98,7 @@ def restore_finished_runs(study, study_dir, runs):
     restored = [run for run in runs if (run.seed, run.model, run.method) in by_run]
     for run in restored:
         run.folder.mkdir(parents=True, exist_ok=True)
-        write_json(run.record_path, by_run[run.seed, run.model, run.method])
+        write_json(run.record_path, with_checksum(by_run[run.seed, run.model, run.method]))
     if restored:
         announce(f"{len(restored)} finished runs restored from {path} (the runs folder held none)")
 
@@ -134,7 +139,7 @@ def execute(run, number, total, estimate=None):
               "commands": [as_typed(command) for command in (run.train_command, run.test_command)
                            if command is not None],
               "log": str(run.log_path)}
-    write_json(run.record_path, record)
+    write_json(run.record_path, with_checksum(record))
     seconds = time.monotonic() - started
     if estimate and from_scratch:
         estimate.ran(run, seconds)
@@ -143,9 +148,11 @@ def execute(run, number, total, estimate=None):
 
 
 def finished_record(run):
-    """A finished run's record; a MAML or MELO run recorded before records kept their learning
-    curve gets it from its TensorBoard events."""
+    """A finished run's record, checked (records.py); a MAML or MELO run recorded before records
+    kept their learning curve gets it from its TensorBoard events."""
     record = json.loads(run.record_path.read_text())
+    check_record(record, run.record_path, f"delete it to run {run.label} again")
+    record.pop(CHECKSUM, None)
     if "curve" not in record:
         record["curve"] = learning_curve(run)
     return record
@@ -194,7 +201,7 @@ def train(run, tag, note=""):
         announce(f"{tag}: testing{note}")
         return False
     if resume_step is None:
-        shutil.rmtree(run.files.folder, ignore_errors=True)   # a killed Basic run's leftovers
+        remove_leftovers(run)
         announce(f"{tag}: training{note}")
         command = run.train_command
     else:
@@ -207,6 +214,21 @@ def train(run, tag, note=""):
             raise
         return True
     return False
+
+
+def remove_leftovers(run):
+    """Delete what a killed run that left no resumable checkpoint wrote, holding the run's own
+    lock: a run still running there (one that outlived an earlier study) is reported, never
+    deleted under it."""
+    files = run.files
+    if not files.folder.is_dir():
+        return
+    try:
+        with exclusive_lock(files.folder / f".{files.method}.lock"):
+            shutil.rmtree(files.folder)
+    except LockHeld as holder:
+        raise UserError(f"{run.label}: {files.folder} is in use by a run ({holder}), perhaps one that an "
+                        "earlier study left running; stop it (kill that pid), then run the study again") from None
 
 
 def announce(line):
@@ -236,7 +258,8 @@ def invoke(command, run, phase):
         log.flush()
         shown = run.threads is None
         with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if shown else log,
-                              stderr=subprocess.STDOUT, env=run_environment(run), start_new_session=True) as process:
+                              stderr=subprocess.STDOUT, env=run_environment(run), start_new_session=True,
+                              preexec_fn=stop_with_the_study) as process:
             RUNNING.add(process)
             try:
                 if shown:
@@ -251,6 +274,14 @@ def invoke(command, run, phase):
         error = RunDiverged if status == DIVERGED_STATUS else UserError
         raise error(f"{run.label} {phase} failed ({how}). The end of {run.log_path}:\n{log_tail(run.log_path)}\n"
                     f"Finished runs are kept: fix the problem and run the same command again.")
+
+
+def stop_with_the_study():
+    """In a run's process before it starts (Linux): SIGTERM when the study's thread that started
+    it ends, however the study ends — even killed with SIGKILL — so that the run checkpoints
+    and stops rather than outliving its study."""
+    if PRCTL is not None:
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class RunDiverged(UserError):
@@ -382,15 +413,12 @@ def main(argv=None):
     runs_dir = study_dir / "runs"
     # read once here: a bad file or setting stops the study before any run starts
     stats = load_data(DataConfig.from_args(first_seed_args)).stats
-    check_same_study(runs_dir, study_flags(study), remember=not study.report_finished)
-    runs = plan_runs(study, runs_dir)
-    if study.from_results:
-        restore_finished_runs(study, study_dir, runs)
-    if study.report_finished:
-        records = [finished_record(run) for run in whole_finished_sets(runs)]
+    if study.report_finished:   # runs nothing, writes no run: the study may be running
+        check_same_study(runs_dir, study_flags(study), remember=False)
+        records = [finished_record(run) for run in whole_finished_sets(plan_runs(study, runs_dir))]
     else:
-        print(plan_summary(study, runs, stats, runs_dir), flush=True)
-        records = execute_forwarding_signals(runs, study.jobs, Estimate(study, stats["num_train_users"], runs))
+        with study_lock(runs_dir, study.name):
+            records = run_study(study, study_dir, runs_dir, stats)
     records += tuned_records(study, records)
     reference_records = (read_reference_results(study.reference_results, study, records)
                          if study.reference_results else [])
@@ -398,6 +426,32 @@ def main(argv=None):
     print(f"Results: {study_dir / 'table.md'}, {study_dir / 'dataset.md'}, "
           f"{study_dir / 'per_rating.png'}, {study_dir / 'results.json'}")
     return records
+
+
+@contextlib.contextmanager
+def study_lock(runs_dir, name):
+    """One invocation of a study at a time: its runs folder's lock, taken before anything there
+    is written or deleted (the OS lets go of it when the study dies)."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot make {runs_dir}: {error.strerror}; give a --results_dir that can be written") from None
+    try:
+        with exclusive_lock(runs_dir / ".study.lock"):
+            yield
+    except LockHeld as holder:
+        raise UserError(f"the study {name} is running already ({holder}); wait for it to end, or see what it "
+                        "has finished with --report_finished") from None
+
+
+def run_study(study, study_dir, runs_dir, stats):
+    """Every run's record, running those that have none (the study's lock held)."""
+    check_same_study(runs_dir, study_flags(study))
+    runs = plan_runs(study, runs_dir)
+    if study.from_results:
+        restore_finished_runs(study, study_dir, runs)
+    print(plan_summary(study, runs, stats, runs_dir), flush=True)
+    return execute_forwarding_signals(runs, study.jobs, Estimate(study, stats["num_train_users"], runs))
 
 
 if __name__ == "__main__":

@@ -10,21 +10,19 @@ results, and the pretrained files that Basic leaves for MAML and MELO.
         runs/{model}_{mode}_{method}/                    TensorBoard
 """
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import os
 import re
-import socket
-import time
 from pathlib import Path
 
 import torch
 
 import distributed
 import evaluation
-from atomic_files import TEMPORARY_PREFIX, DamagedFile, WriteError, load_checked, save_checked
+from atomic_files import (TEMPORARY_PREFIX, DamagedFile, LockHeld, WriteError, exclusive_lock, load_checked,
+                          remove_temporaries, save_checked)
 from experiment import UserError, make_dirs
 from options import FLAGS
 
@@ -181,25 +179,30 @@ class RunFiles:
         if not distributed.is_main():   # rank 0 alone writes
             yield
             return
-        path = self.folder / f".{self.method}.lock"
-        with open(path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise UserError(f"{self.state} is in use by a {self.method.upper()} run of these settings "
-                                f"({holder}); wait for it to end, or run with other settings or another "
-                                f"{self.root_flag.split('=')[0]}") from None
-            handle.truncate(0)
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            handle.flush()
-            for leftover in self.state.glob(f"{TEMPORARY_PREFIX}*"):   # ".<checkpoint name>.<random>"
-                target = leftover.name[len(TEMPORARY_PREFIX):].rpartition(".")[0]
-                if any(checkpoint_steps_regex(self.pattern(best)).match(target) for best in (True, False)):
-                    leftover.unlink(missing_ok=True)
-            yield
+        try:
+            with exclusive_lock(self.folder / f".{self.method}.lock"):
+                self._remove_temporaries()
+                yield
+        except LockHeld as holder:
+            raise UserError(f"{self.state} is in use by a {self.method.upper()} run of these settings "
+                            f"({holder}); wait for it to end, or run with other settings or another "
+                            f"{self.root_flag.split('=')[0]}") from None
+
+    def _remove_temporaries(self):
+        """The temporary files that a killed run of this folder and method left: of its
+        checkpoints, their tests' JSON, and Basic's pretrained files."""
+        for leftover in self.state.glob(f"{TEMPORARY_PREFIX}*"):   # ".<file name>.<random>"
+            if self._own_file(leftover.name[len(TEMPORARY_PREFIX):].rpartition(".")[0]):
+                leftover.unlink(missing_ok=True)
+        if self.method == "basic":
+            for path in self.pretrained:
+                remove_temporaries(path)
+
+    def _own_file(self, name):
+        """Whether ``name`` in state/ is one of this run's checkpoints or its test's JSON."""
+        stem = name.removesuffix("_test.json")
+        return any(checkpoint_steps_regex(self.pattern(best)).match(candidate)
+                   for best in (True, False) for candidate in (name, stem, f"{stem}.pt"))
 
     @property
     def pretrained(self):
@@ -279,7 +282,9 @@ class RunFiles:
         except Exception as error:  # a damaged or foreign file: say which and why
             reason = error if isinstance(error, DamagedFile) else f"cannot read checkpoint {path}: {error}"
             raise UserError(f"{reason}; {self._last_good(step, 'resume or test it')}") from None
-        check_identity(state.get("identity", {}), self.args, f"checkpoint of step {step}",
+        if "identity" not in state:
+            raise UserError(f"{path} is damaged: it lost its run's identity; {self._last_good(step, 'resume or test it')}")
+        check_identity(state["identity"], self.args, f"checkpoint of step {step}",
                        f"it belongs to another run: give that run's flags, or another {self.root_flag.split('=')[0]}",
                        self.method)
         refuse_non_finite(state.get("learner", state.get("model", {})), f"checkpoint {path}",

@@ -140,8 +140,24 @@ def test_temporary_files_of_a_killed_write_are_cleaned_up(ratings_file, tmp_path
     others = files.state / ".bert4rec_4_ml-1m_maml.pt.def456"   # another method's write in flight
     leftover.write_bytes(b"")
     others.write_bytes(b"")
+    test_json = files.state / ".bert4rec_4_best_ml-1m_melo_test.json.ghi789"   # a killed test's record
+    test_json.write_bytes(b"")
     main.main(flags(ratings_file, tmp_path, *META))
-    assert not leftover.exists() and others.exists()
+    assert not leftover.exists() and not test_json.exists() and others.exists()
+
+
+def test_temporary_pretrained_files_of_a_killed_basic_are_cleaned_up(ratings_file, tmp_path):
+    argv = flags(ratings_file, tmp_path, "--pretrain_epochs=1", "--save_pretrained=True")
+    files = RunFiles(parse_args(argv), parse_args(argv).pretrain_log_dir, "basic")
+    leftovers = []
+    for path in files.pretrained:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        leftovers.append(path.parent / f".{path.name}.xyz123")
+        leftovers[-1].write_bytes(b"")
+    other = files.pretrained[0].parent / ".sasrec_embedding_ml-1m_64_2_2.xyz123"   # another model's
+    other.write_bytes(b"")
+    train_original.main(argv)
+    assert not any(path.exists() for path in leftovers) and other.exists()
 
 
 # --- a full disk ------------------------------------------------------------------------------------
@@ -186,6 +202,23 @@ def test_a_checkpoint_with_flipped_bytes_is_refused(ratings_file, tmp_path):
     with pytest.raises(UserError, match="is damaged: its content does not match") as refused:
         main.main(flags(ratings_file, tmp_path, *META, "--test", "--test_best", "--checkpoint_step=6"))
     assert "the last good checkpoint is step 4" in str(refused.value)
+
+
+@pytest.mark.parametrize("lost", ["format", "sha256", "identity"])
+def test_a_checkpoint_that_lost_a_field_is_damaged_not_another_runs(ratings_file, tmp_path, lost):
+    main.main(flags(ratings_file, tmp_path, *META))
+    path = run_dir(tmp_path / "log") / "state" / "bert4rec_6_ml-1m_melo.pt"
+    wrapped = torch.load(path, weights_only=True)
+    if lost == "identity":
+        state = load_checked(path, weights_only=False)
+        del state["identity"]
+        save_checked(state, path)
+    else:
+        del wrapped[lost]
+        torch.save(wrapped, path)
+    with pytest.raises(UserError, match=f"is damaged: .*{lost}.*the last good checkpoint is step 4") as refused:
+        main.main(flags(ratings_file, tmp_path, *META, "--test", "--test_best", "--checkpoint_step=6"))
+    assert "another run" not in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_a_rating_file_edited_in_place_is_other_data(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 
 import figures
 import learning_curves
+import records
 import report
 import reproduce
 import study_plan
@@ -77,7 +78,8 @@ def mean_and_std(cell):
 
 
 def file_times(folder):
-    return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+    """Each file's time of change, but the study's lock (each invocation writes its pid there)."""
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file() and path.name != ".study.lock"}
 
 
 def metric(study, model, method, name):
@@ -94,7 +96,8 @@ def test_every_run_is_recorded_with_the_metrics_its_test_wrote(study):
         for model, method in [(None, "mean_rating"), *(("gru4rec", m) for m in METHODS)]]
     for record in study.records:
         folder = study.dir / "runs" / str(record["seed"]) / (record["model"] or "")
-        assert json.loads((folder / f"{record['method']}.json").read_text()) == record
+        written = json.loads((folder / f"{record['method']}.json").read_text())
+        assert written.pop("sha256") == records.digest(record) and written == record
         written = list((folder / record["method"]).rglob("*_test.json"))
         assert len(written) == 1
         tested = json.loads(written[0].read_text())
@@ -225,8 +228,8 @@ def test_a_record_written_without_its_curve_gets_it_from_the_runs_events(study):
     run = next(run for run in reproduce.plan_runs(study_options.parse_command_line(study.argv), study.dir / "runs")
                if run.method == "melo")
     written = json.loads(run.record_path.read_text())
-    assert reproduce.finished_record(run) == written
-    older = {name: value for name, value in written.items() if name != "curve"}
+    assert reproduce.finished_record(run) == {name: value for name, value in written.items() if name != "sha256"}
+    older = {name: value for name, value in written.items() if name not in ("curve", "sha256")}
     run.record_path.write_text(json.dumps(older))
     try:
         assert reproduce.finished_record(run)["curve"] == written["curve"]
@@ -369,7 +372,9 @@ def test_a_study_without_its_runs_folder_goes_on_from_its_results_json(study, tm
     assert ": training" not in output and ": testing" not in output
     assert (tmp_path / "tiny" / "table.md").read_text() == (study.dir / "table.md").read_text()
     restored, original = (json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "tiny", study.dir))
-    assert {**restored, "command": None} == {**original, "command": None}      # the command names its --results_dir
+    # the command names its --results_dir, so the checksum differs too
+    assert {**restored, "command": None, "sha256": None} == {**original, "command": None, "sha256": None}
+    assert restored["sha256"] == records.digest(restored)
     shutil.rmtree(tmp_path / "tiny" / "runs")          # a results.json of other flags restores nothing
     changed = [flag.replace("--pretrain_epochs=1", "--pretrain_epochs=2") for flag in argv]
     with pytest.raises(UserError, match="nothing to report"):
