@@ -22,6 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+
+from config import DataConfig, MethodConfig, ModelConfig, TaskConfig
+from dataloader import load_data
+from meta_learner import MetaLearner
+from models import model_factory
+from options import parse_args
+from tasks import TaskSampler
 
 # format name -> the --mode that reads it (raw formats are detected under any mode)
 FORMAT_MODES = {
@@ -232,3 +240,34 @@ def run_dir(root):
     folders = [path for path in Path(root).iterdir() if path.is_dir()]
     assert len(folders) == 1, folders
     return folders[0]
+
+
+# --- a tiny meta-learner on such data ------------------------------------------------------------
+TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8",
+        "--num_samples=4", "--num_query_set=2", "--batch_size=4", "--bert_hidden_units=8",
+        "--bert_num_blocks=1", "--bert_num_heads=2", "--gru4rec_hidden_size=8",
+        "--gru4rec_embedding_dim=8", "--gru4rec_n_layers=1", "--narm_hidden_size=8",
+        "--narm_embedding_dim=8", "--lstm_hidden=8", "--lstm_input_size=4"]
+
+
+def tiny_args(ratings_file, *extra):
+    return parse_args([f"--data_path={ratings_file}", *TINY, *extra])
+
+
+def tiny_learner(ratings_file, *extra, dtype=torch.float32):
+    """The flags, a MetaLearner of ``dtype`` and a batch of 3 training tasks."""
+    args = tiny_args(ratings_file, *extra)
+    data = load_data(DataConfig.from_args(args))
+    learner = MetaLearner(model_factory(ModelConfig.from_args(args, data.num_items)),
+                          MethodConfig.from_args(args)).to(dtype)
+    batch = TaskSampler(data, TaskConfig.from_args(args)).train_batch(3)
+    batch.support_ratings, batch.query_ratings = (batch.support_ratings.to(dtype),
+                                                  batch.query_ratings.to(dtype))
+    return args, learner, batch
+
+
+METHOD_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
+                "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"],
+                "melo-variants": ["--use_focal_loss=True", "--use_softmax=True", "--normalize_loss=False",
+                                  "--use_mlp_mean=True", "--use_step_loss=False",
+                                  "--normalize_weights=False"]}

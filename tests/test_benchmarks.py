@@ -43,6 +43,7 @@ def test_device_check_passes_on_the_cpu(device_check, data, capsys):
     assert len(rows) == 5 and all(row.endswith(" ok") for row in rows)  # float64/32 x vmap/loop, replay
 
 
+@pytest.mark.compile
 def test_device_check_compares_the_compiled_meta_gradient_with_the_eager_one(device_check, data, monkeypatch,
                                                                               capsys):
     path, ratings = data

@@ -21,7 +21,7 @@ from config import DataConfig
 from dataloader import load_data
 from atomic_files import load_checked
 from run_files import checkpoint_steps
-from fixtures import run_dir, write_ratings
+from fixtures import run_dir
 from options import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,11 +107,6 @@ def rank_main(rank, world_size, port, ratings_file, log_dir, out):
                    Path(out) / f"rank{rank}.pt")
     finally:
         distributed.stop()
-
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    return write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,6 @@ TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8", 
 META = ["--num_train_iterations=6", "--log_interval=4", "--multi_step_loss_num_epochs=3"]
 
 
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    return write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
-
-
 def flags(ratings_file, root, *extra):
     return [f"--data_path={ratings_file}", *TINY, f"--log_dir={root / 'log'}", f"--pretrain_log_dir={root / 'pre'}",
             *extra]

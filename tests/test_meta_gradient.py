@@ -4,7 +4,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from meta_gradient import MetaGradient
-from test_meta_training import METHOD_FLAGS, ratings_file, tiny_learner  # noqa: F401  (a fixture)
+from fixtures import METHOD_FLAGS, tiny_learner
+
+pytestmark = pytest.mark.compile   # every test here compiles
 
 
 def accumulated_gradients(meta_gradient, batch, iteration):
@@ -24,7 +26,7 @@ def accumulated_gradients(meta_gradient, batch, iteration):
 # benchmark times three).
 @pytest.mark.parametrize("model, method, inner_steps", [("bert4rec", "melo", 1), ("sasrec", "maml", 1),
                                                         ("ncf", "melo-mlp", 2)])
-def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file, model, method,  # noqa: F811
+def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file, model, method,
                                                                 inner_steps):
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
                                         f"--num_inner_steps={inner_steps}", "--recompute_inner_steps=1",
@@ -53,7 +55,7 @@ def test_the_compiled_meta_gradient_is_the_eager_one_in_float64(ratings_file, mo
 
 # BERT4Rec MELO, one inner step, four tasks, the default dropout: the graph of the compiled run in
 # test_meta_training's resume test, which then finds it in Inductor's cache
-def test_each_task_draws_its_own_dropout_masks_in_the_compiled_graph(ratings_file):  # noqa: F811
+def test_each_task_draws_its_own_dropout_masks_in_the_compiled_graph(ratings_file):
     args, learner, batch = tiny_learner(ratings_file, "--model=bert4rec", "--num_inner_steps=1")
     learner.train()
     same_task = batch[torch.zeros(4, dtype=torch.long)]        # one task four times

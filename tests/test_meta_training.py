@@ -10,51 +10,15 @@ import main
 from atomic_files import load_checked
 import run_files
 import train_original
-from config import DataConfig, MethodConfig, ModelConfig, TaskConfig
+from config import DataConfig
 from dataloader import load_data
-from tasks import TaskSampler
 from experiment import UserError, setup
-from fixtures import run_dir, write_ratings
+from fixtures import METHOD_FLAGS, TINY, run_dir, tiny_args, tiny_learner, write_ratings
 from inner_loop_execution import default_recompute_steps, default_support_chunks, one_task
-from meta_learner import MetaLearner, importance_vector
-from models import model_factory
+from meta_learner import importance_vector
 from options import PADDING_FREE_MODELS, FlagError, parse_args
 
 MODELS = ("bert4rec", "sasrec", "gru4rec", "narm", "ncf")
-TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8",
-        "--num_samples=4", "--num_query_set=2", "--batch_size=4", "--bert_hidden_units=8",
-        "--bert_num_blocks=1", "--bert_num_heads=2", "--gru4rec_hidden_size=8",
-        "--gru4rec_embedding_dim=8", "--gru4rec_n_layers=1", "--narm_hidden_size=8",
-        "--narm_embedding_dim=8", "--lstm_hidden=8", "--lstm_input_size=4"]
-
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    return write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m",
-                         num_users=60, num_items=30, seed=3)
-
-
-def tiny_args(ratings_file, *extra):
-    args = parse_args([f"--data_path={ratings_file}", *TINY, *extra])
-    return args
-
-
-def tiny_learner(ratings_file, *extra, dtype=torch.float32):
-    args = tiny_args(ratings_file, *extra)
-    data = load_data(DataConfig.from_args(args))
-    learner = MetaLearner(model_factory(ModelConfig.from_args(args, data.num_items)),
-                          MethodConfig.from_args(args)).to(dtype)
-    batch = TaskSampler(data, TaskConfig.from_args(args)).train_batch(3)
-    batch.support_ratings, batch.query_ratings = (batch.support_ratings.to(dtype),
-                                                  batch.query_ratings.to(dtype))
-    return args, learner, batch
-
-
-METHOD_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
-                "melo-mlp": ["--use_lstm=False", "--use_mlp=True", "--use_mlp_mean=True"],
-                "melo-variants": ["--use_focal_loss=True", "--use_softmax=True", "--normalize_loss=False",
-                                  "--use_mlp_mean=True", "--use_step_loss=False",
-                                  "--normalize_weights=False"]}
 
 
 def outer_step(learner, batch, num_inner_steps, use_vmap=True):
@@ -270,7 +234,8 @@ def learner_state(log_dir, step):
 
 
 # compiled: one inner step keeps the cold compilation near a minute; dropout is on in both
-@pytest.mark.parametrize("compiled", [[], ["--compile=True", "--num_inner_steps=1"]], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [[], pytest.param(["--compile=True", "--num_inner_steps=1"], marks=pytest.mark.compile)],
+                         ids=["eager", "compiled"])
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(ratings_file, tmp_path, monkeypatch, compiled):
     flags = ["--num_train_iterations=4", "--log_interval=2", "--multi_step_loss_num_epochs=3", *compiled]
     trainer = run_main(ratings_file, tmp_path / "whole", *flags)

@@ -4,20 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import progress
-from fixtures import write_ratings
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8", "--num_samples=4",
         "--num_query_set=2", "--batch_size=4", "--model=gru4rec", "--gru4rec_hidden_size=8",
         "--gru4rec_embedding_dim=8", "--gru4rec_n_layers=1", "--lstm_hidden=8", "--lstm_input_size=4"]
-
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    return write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
 
 
 def run_to_file(tmp_path, ratings_file, script, *flags, environment=None):

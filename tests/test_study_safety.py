@@ -18,17 +18,11 @@ import reproduce
 import study_options
 from atomic_files import exclusive_lock
 from experiment import UserError
-from fixtures import write_ratings
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FLAGS = ["--num_samples=4", "--num_query_set=2", "--batch_size=4", "--pretraining_batch_size=16",
              "--gru4rec_hidden_size=8", "--gru4rec_embedding_dim=8", "--gru4rec_n_layers=1",
              "--lstm_hidden=8", "--lstm_input_size=4"]
-
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    return write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
 
 
 def study_argv(ratings_file, results_dir, *extra, iterations=2):
