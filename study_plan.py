@@ -17,7 +17,7 @@ META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
               **{name: flags for name, (_, _, flags) in RUN_VARIANTS.items()}}
 SCRIPT_METHOD = {"basic": "basic", "maml": "maml", "melo": "melo", "mean_rating": "mean_rating",
                  **{name: method for name, (_, method, _) in RUN_VARIANTS.items()}}   # main.py's name of each
-# What a run costs on two CPU cores at the default task sizes (docs/performance.md; the
+# What a run costs on two CPU cores at the default task sizes (an iteration's cost grows with its tasks) (docs/performance.md; the
 # quick study's runs), for the estimate printed at the start: seconds per MAML/MELO outer
 # iteration, per validation or test user, per Basic epoch and training user, and per run
 # (start-up, data, test).
@@ -142,7 +142,8 @@ def expected_seconds(run, study, num_train_users):
         return SECONDS_PER_RUN + study.pretrain_epochs * (
             num_train_users * SECONDS_PER_BASIC_USER_EPOCH + study.val_size * SECONDS_PER_EVALUATED_USER)
     validations = study.num_train_iterations // study.log_interval
-    return (SECONDS_PER_RUN + study.num_train_iterations * SECONDS_PER_ITERATION[run.model]
+    tasks = options.parse_args(study.run_flags).batch_size / options.FLAG["batch_size"].default   # of the default's
+    return (SECONDS_PER_RUN + study.num_train_iterations * SECONDS_PER_ITERATION[run.model] * tasks
             + (validations * study.val_size + study.num_test_data) * SECONDS_PER_EVALUATED_USER)
 
 
