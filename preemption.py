@@ -1,8 +1,10 @@
 """Runs that a cluster may stop. SIGTERM (what SLURM and most schedulers send at a time limit
 or a preemption) and SIGUSR1 (which SLURM's ``--signal=USR1@SECONDS`` sends ahead of the
 limit) let a training run finish the step it is in, write a resumable checkpoint of it and
-stop with PREEMPTED_STATUS, printing the command that resumes it. A second signal acts as
-usual. Under torchrun every process stops at the same step."""
+stop with PREEMPTED_STATUS, printing the command that resumes it. A second SIGTERM acts as
+usual; SIGUSR1 only ever asks to stop, since it may come more than once (reproduce.py's runs
+get it when their study dies, once per thread of the dying study that they pass to). Under
+torchrun every process stops at the same step."""
 import os
 import shlex
 import signal
@@ -24,7 +26,7 @@ class Preempted(Exception):
 
 
 class StopRequests:
-    """While inside: SIGTERM and SIGUSR1 only note that the run should stop."""
+    """While inside: SIGTERM (the first) and SIGUSR1 only note that the run should stop."""
 
     def __enter__(self):
         self.signal = None
@@ -33,7 +35,8 @@ class StopRequests:
 
     def _note(self, number, frame):
         self.signal = signal.Signals(number).name
-        signal.signal(number, self.previous[number])   # a second one: what it did before
+        if number == signal.SIGTERM:
+            signal.signal(number, self.previous[number])   # a second one: what it did before
 
     def __exit__(self, *exception):
         for number, handler in self.previous.items():

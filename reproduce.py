@@ -108,6 +108,7 @@ def execute(run, number, total, estimate=None):
     record from an earlier invocation is not run again. Prints a line when a run starts, with
     the time the study still needs (``estimate``, a study_plan.Estimate), and one when it ends;
     the estimate learns how long the run took."""
+    stop_if_signalled()   # a study that was stopped starts no run, and says of none that it starts
     tag = f"[{number}/{total}] {run.label}"
     if run.record_path.is_file():
         record = finished_record(run)
@@ -277,11 +278,13 @@ def invoke(command, run, phase):
 
 
 def stop_with_the_study():
-    """In a run's process before it starts (Linux): SIGTERM when the study's thread that started
+    """In a run's process before it starts (Linux): SIGUSR1 when the study's thread that started
     it ends, however the study ends — even killed with SIGKILL — so that the run checkpoints
-    and stops rather than outliving its study."""
+    and stops rather than outliving its study. (The kernel sends it again as the child passes
+    to each of the dying study's other threads: SIGUSR1, unlike a second SIGTERM, only asks the
+    run to stop.)"""
     if PRCTL is not None:
-        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGUSR1)
 
 
 class RunDiverged(UserError):

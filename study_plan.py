@@ -17,14 +17,14 @@ META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
               **{name: flags for name, (_, _, flags) in RUN_VARIANTS.items()}}
 SCRIPT_METHOD = {"basic": "basic", "maml": "maml", "melo": "melo", "mean_rating": "mean_rating",
                  **{name: method for name, (_, method, _) in RUN_VARIANTS.items()}}   # main.py's name of each
-# What a run costs on two CPU cores at the default task sizes (an iteration's cost grows with its tasks) (docs/performance.md; the
-# quick study's runs), for the estimate printed at the start: seconds per MAML/MELO outer
-# iteration, per validation or test user, per Basic epoch and training user, and per run
-# (start-up, data, test).
-SECONDS_PER_ITERATION = {"gru4rec": 0.6, "narm": 0.4, "sasrec": 1.1, "bert4rec": 1.0, "ncf": 0.4}
+# What a run costs on two CPU cores, for the estimate (Estimate rescales it to the machine as
+# runs finish): seconds per MAML/MELO outer iteration of 16 tasks (the cost grows with the
+# tasks), per validation or test user, per Basic epoch and training user, and per run (start-up,
+# data, test); from the quick study's runs (docs/performance.md).
+SECONDS_PER_ITERATION = {"gru4rec": 0.8, "narm": 0.4, "sasrec": 1.1, "bert4rec": 0.9, "ncf": 0.4}
 SECONDS_PER_EVALUATED_USER = 0.006
 SECONDS_PER_BASIC_USER_EPOCH = 0.0006
-SECONDS_PER_RUN = 6
+SECONDS_PER_RUN = 7
 # A run on one thread beside another (--jobs 2 on two cores) takes 1.1-1.9x its two-thread time
 # (benchmarks/meta_iteration.py, MELO of every model, 2026-12-04; the Amazon HIN study's runs).
 ONE_THREAD_SLOWDOWN = 1.5
@@ -154,40 +154,44 @@ def threads_per_run(jobs):
 
 class Estimate:
     """The minutes that a study's runs still need: the cost model's seconds (expected_seconds),
-    times how long this invocation's finished runs took against it — one factor for Basic
-    and the baseline, one for MAML and MELO (Basic's until one has finished) — so that a slow
-    machine is known after the first run, not at the end."""
+    times how long this invocation's finished runs took against it — Basic's and the
+    baseline's factor for them; for MAML and MELO the factor of the model's own finished runs,
+    else of all finished MAML and MELO runs, else 1 — so that a slow machine is known after the
+    first run of each kind, not at the end."""
 
     def __init__(self, study, num_train_users, runs=()):
         self.study, self.num_train_users, self.runs = study, num_train_users, runs
-        self.measured = {"basic": [0.0, 0.0], "meta": [0.0, 0.0]}   # seconds taken, seconds expected
-        self.lock = threading.Lock()   # with --jobs, runs end in threads of their own
+        self.measured = {}              # kind -> [seconds taken, seconds expected]
+        self.lock = threading.Lock()    # with --jobs, runs end in threads of their own
 
     @staticmethod
-    def kind(run):
-        return "meta" if run.method in META_FLAGS else "basic"
+    def kinds(run):
+        """The factors that may scale ``run``, the closest first."""
+        return [("meta", run.model), ("meta", None)] if run.method in META_FLAGS else [("basic", None)]
 
     def expected(self, run):
         slowdown = ONE_THREAD_SLOWDOWN if self.study.jobs > 1 and threads_per_run(self.study.jobs) == 1 else 1
         return expected_seconds(run, self.study, self.num_train_users) * slowdown
 
     def ran(self, run, seconds):
-        """A run of this invocation took ``seconds`` (from its start, its training resumed or not)."""
+        """A run of this invocation took ``seconds``, having started from scratch."""
         with self.lock:
-            measured = self.measured[self.kind(run)]
-            measured[0] += seconds
-            measured[1] += self.expected(run)
+            for kind in self.kinds(run):
+                measured = self.measured.setdefault(kind, [0.0, 0.0])
+                measured[0] += seconds
+                measured[1] += self.expected(run)
 
-    def factor(self, kind):
+    def factor(self, run):
         with self.lock:
-            for taken, expected in (self.measured[kind], self.measured["basic"]):
-                if expected:
+            for kind in self.kinds(run):
+                if kind in self.measured:
+                    taken, expected = self.measured[kind]
                     return taken / expected
         return 1.0
 
     def minutes(self, runs):
         """The minutes that ``runs`` should take, with --jobs sharing the cores."""
-        return sum(self.expected(run) * self.factor(self.kind(run)) for run in runs) / self.study.jobs / 60
+        return sum(self.expected(run) * self.factor(run) for run in runs) / self.study.jobs / 60
 
     def left(self):
         """'about N min left': the study's runs that have no record yet (one starting among them)."""

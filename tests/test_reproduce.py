@@ -575,22 +575,32 @@ def test_results_json_names_the_study_file(study, tmp_path):
 
 
 def test_the_estimate_learns_the_machines_speed_from_the_runs_that_finished(tmp_path):
-    quick = study_options.parse_command_line(["--results_dir", str(tmp_path)])
+    quick = study_options.parse_command_line(["--results_dir", str(tmp_path)])   # GRU4Rec, then BERT4Rec
     runs = reproduce.plan_runs(quick, tmp_path / "runs")
     estimate = study_plan.Estimate(quick, 400, runs)
-    expected = {id(run): study_plan.expected_seconds(run, quick, 400) for run in runs}
-    total = sum(expected.values()) / 60
-    assert estimate.minutes(runs) == pytest.approx(total)
-    basic, maml = (next(run for run in runs if run.method == method) for method in ("basic", "maml"))
-    estimate.ran(basic, 3 * expected[id(basic)])      # Basic took three times the cost model's guess
-    assert estimate.minutes(runs) == pytest.approx(3 * total)   # MAML and MELO: Basic's factor until one ran
-    estimate.ran(maml, 2 * expected[id(maml)])        # a MAML run: twice
-    meta = sum(seconds for run in runs for key, seconds in expected.items()
-               if key == id(run) and run.method in ("maml", "melo"))
-    assert estimate.minutes(runs) == pytest.approx((3 * (total * 60 - meta) + 2 * meta) / 60)
+    expected = {run.label: study_plan.expected_seconds(run, quick, 400) for run in runs}
+
+    def minutes(factors):   # factors: {(method kind, model): factor}
+        return sum(seconds * factors[("meta" if run.method in ("maml", "melo") else "basic", run.model)]
+                   for run, seconds in zip(runs, expected.values())) / 60
+
+    assert estimate.minutes(runs) == pytest.approx(minutes(dict.fromkeys(
+        [(kind, model) for kind in ("basic", "meta") for model in (None, "gru4rec", "bert4rec")], 1.0)))
+    first = {run.method + (run.model or ""): run for run in runs}
+    estimate.ran(first["basicgru4rec"], 3 * expected[first["basicgru4rec"].label])   # Basic: 3x the guess
+    factors = {("basic", None): 3, ("basic", "gru4rec"): 3, ("basic", "bert4rec"): 3,
+               ("meta", "gru4rec"): 1, ("meta", "bert4rec"): 1}   # MAML and MELO: the cost model's until one ran
+    assert estimate.minutes(runs) == pytest.approx(minutes(factors))
+    estimate.ran(first["mamlgru4rec"], 2 * expected[first["mamlgru4rec"].label])     # GRU4Rec MAML: 2x
+    factors.update({("meta", "gru4rec"): 2, ("meta", "bert4rec"): 2})   # BERT4Rec: all MAML/MELO runs' factor
+    assert estimate.minutes(runs) == pytest.approx(minutes(factors))
+    estimate.ran(first["mamlbert4rec"], 0.5 * expected[first["mamlbert4rec"].label])  # BERT4Rec MAML: half
+    factors[("meta", "bert4rec")] = 0.5                                 # its own, once it has one
+    assert estimate.minutes(runs) == pytest.approx(minutes(factors))
+    basic = first["basicgru4rec"]
     basic.folder.mkdir(parents=True)
     basic.record_path.write_text("{}")                 # finished: no longer left
-    assert estimate.left() == f"about {round(estimate.minutes(runs) - 3 * expected[id(basic)] / 60)} min left"
+    assert estimate.left() == f"about {round(minutes(factors) - 3 * expected[basic.label] / 60)} min left"
 
 
 def test_with_neither_a_study_file_nor_data_the_quick_study_runs():

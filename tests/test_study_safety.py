@@ -139,5 +139,5 @@ def test_a_study_killed_with_sigkill_takes_its_runs_with_it(tmp_path, ratings_fi
     while processes_under(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_under(tmp_path) == []
-    assert "SIGTERM: the run stopped after iteration" in log.read_text()   # each run checkpointed and stopped
+    assert "SIGUSR1: the run stopped after iteration" in log.read_text()   # each run checkpointed and stopped
     shutil.rmtree(tmp_path / "safe")
