@@ -11,11 +11,13 @@ def pytest_configure(config):
                                        "run with -m compile")
 
 
-def pytest_report_header(config):
-    if "compile" in (config.getoption("markexpr") or "").replace("not compile", ""):
-        return ("the compile tests: Inductor compiles C++ kernels for each graph, about a minute each on two "
-                "cores the first time (its cache, TORCHINDUCTOR_CACHE_DIR, keeps them for the next run)")
-    return None
+def pytest_collection_finish(session):
+    """A line, even under -q, before tests that compile: the minutes they take are not a hang."""
+    compiling = sum(item.get_closest_marker("compile") is not None for item in session.items)
+    if compiling:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"{compiling} tests compile with torch.compile: Inductor builds C++ kernels for each graph, about a "
+            "minute each on two cores the first time (TORCHINDUCTOR_CACHE_DIR keeps them for the next run)")
 
 
 @pytest.fixture(scope="module")
