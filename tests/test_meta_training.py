@@ -184,17 +184,6 @@ def count_graph_nodes(tensor):
     return len(seen)
 
 
-def test_second_order_differs_from_first_order(ratings_file):
-    args, learner, batch = tiny_learner(ratings_file, "--bert_dropout=0", "--inner_lr=0.5",
-                                        dtype=torch.float64)
-    gradients = []
-    for first_order in (False, True):
-        losses, _ = learner.adapt(learner.task_tensors(batch), (args.num_inner_steps - 1,),
-                                  first_order=first_order)
-        gradients.append(torch.autograd.grad(losses.mean(), learner.model.embedding.items.weight))
-    assert not torch.allclose(gradients[0][0], gradients[1][0])
-
-
 def test_melo_weights_reach_the_support_loss(ratings_file):
     args, learner, batch = tiny_learner(ratings_file, "--bert_dropout=0", dtype=torch.float64)
     task = one_task(learner.with_encoder_weights(learner.task_tensors(batch)), 0)
