@@ -201,6 +201,25 @@ def reference_table(study, records, reference_records, paired):
             f"Pooled RMSE: the mean over the seeds.\n\n{markdown_table(header, rows)}\n"), summary
 
 
+def read_reference_results(folder, study, records):
+    """The reference's MAML and MELO records (benchmarks/reference_study.py's JSON files) for
+    the study's models and seeds that have them, checked to be of this study's test users."""
+    found = []
+    for seed in study.seeds:
+        for model in study.models:
+            paths = [Path(folder) / f"{model}_{method}_seed{seed}.json" for method in REFERENCE_METHODS]
+            if not all(path.is_file() for path in paths):
+                continue
+            ours = per_user_errors(records, model, "maml", seed)
+            for path in paths:
+                record = json.loads(path.read_text())
+                if ours is not None and record["metrics"]["per_user"]["user"] != ours["user"]:
+                    raise UserError(f"{path}: the reference was tested on other users than this study's "
+                                    f"seed {seed} (run it with --seed {seed} on the same data file)")
+                found.append(record)
+    return found
+
+
 def dataset_table(study, stats):
     header = ["Dataset", "#Users", "#Items", "#Ratings", "Avg. length", "Balance score"]
     row = [study.name, f"{stats['num_users']:,}", f"{stats['num_items']:,}",

@@ -52,7 +52,7 @@ from learning_curves import read_curve
 from preemption import Preempted
 from progress import PROGRESS_VARIABLE, format_duration
 from records import CHECKSUM, check_record, with_checksum
-from report import REFERENCE_METHODS, per_user_errors, read_results, runs_own_records, write_reports
+from report import read_reference_results, read_results, runs_own_records, write_reports
 from study_options import TITLES, TUNED_VARIANTS, check_run_flags, parse_command_line, study_flags
 from study_plan import (META_FLAGS, SCRIPT_METHOD, Estimate, as_typed, plan_runs, plan_summary,
                         threads_per_run)
@@ -388,25 +388,6 @@ def read_test_results(run):
 
 def metrics_summary(metrics):
     return f"RMSE {metrics['rmse']:.4f} | MAE {metrics['mae']:.4f}"
-
-
-def read_reference_results(folder, study, records):
-    """The reference's MAML and MELO records (benchmarks/reference_study.py's JSON files) for
-    the study's models and seeds that have them, checked to be of this study's test users."""
-    found = []
-    for seed in study.seeds:
-        for model in study.models:
-            paths = [Path(folder) / f"{model}_{method}_seed{seed}.json" for method in REFERENCE_METHODS]
-            if not all(path.is_file() for path in paths):
-                continue
-            ours = per_user_errors(records, model, "maml", seed)
-            for path in paths:
-                record = json.loads(path.read_text())
-                if ours is not None and record["metrics"]["per_user"]["user"] != ours["user"]:
-                    raise UserError(f"{path}: the reference was tested on other users than this study's "
-                                    f"seed {seed} (run it with --seed {seed} on the same data file)")
-                found.append(record)
-    return found
 
 
 def main(argv=None):

@@ -160,7 +160,7 @@ def print_result(r):
         print(r["profile"], flush=True)
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["bert4rec", "sasrec", "gru4rec", "narm"])
     parser.add_argument("--methods", nargs="+", default=["maml", "melo"])
@@ -177,11 +177,29 @@ def main():
     parser.add_argument("--single_reference", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--data_path", default=str(SHARED_ML100K),
                         help="a ratings.dat in the ml-1m layout (default: %(default)s)")
-    options = parser.parse_args()
+    return parser
+
+
+def child_commands(options, data_path):
+    """(label, command) of each configuration's own process, in the order of the table."""
+    timing = [f"--data_path={data_path}", f"--warmup={options.warmup}", f"--iterations={options.iterations}"]
+    extra = [*(["--quick"] if options.quick else []), *(["--profile"] if options.profile else []),
+             *(["--flags", *options.flags] if options.flags else [])]
+    for model in options.models:
+        for method in options.methods:
+            for path in options.paths:
+                yield (f"{model:<9} {method:<5} {path:<9}",
+                       [sys.executable, __file__, "--single", model, method, path, *timing, *extra])
+        if options.reference:
+            yield (f"{model:<9} melo  reference", [sys.executable, __file__, "--single_reference", model,
+                                                   f"--reference={Path(options.reference).resolve()}", *timing])
+
+
+def main():
+    options = build_parser().parse_args()
     flags = options.flags + (QUICK_FLAGS if options.quick else [])
     if options.quick:
         options.warmup, options.iterations = 1, 2
-
     if options.single:  # the child process: measure one configuration, print JSON
         result = measure(*options.single, options.data_path, flags, options.warmup, options.iterations,
                          options.profile)
@@ -200,27 +218,11 @@ def main():
         print(f"data: {data_path}; flags: {' '.join(flags) or '(defaults)'}")
         print(f"{'model':<9} {'method':<5} {'path':<9} {'s/iter':>8} {'tasks/s':>8} {'peak MiB':>9} "
               f"{'test s/1k users':>16} {'first step s':>12} {'graphs':>6}")
-        results, failures = [], 0
-        timing = [f"--data_path={data_path}", f"--warmup={options.warmup}", f"--iterations={options.iterations}"]
-        for model in options.models:
-            for method in options.methods:
-                for path in options.paths:
-                    command = [sys.executable, __file__, "--single", model, method, path, *timing]
-                    if options.quick:
-                        command.append("--quick")
-                    if options.profile:
-                        command.append("--profile")
-                    if options.flags:
-                        command += ["--flags", *options.flags]
-                    results.append(run_child(command, workdir, f"{model:<9} {method:<5} {path:<9}"))
-                    if results[-1]:
-                        print_result(results[-1])
-            if options.reference:
-                command = [sys.executable, __file__, "--single_reference", model,
-                           f"--reference={Path(options.reference).resolve()}", *timing]
-                results.append(run_child(command, workdir, f"{model:<9} melo  reference"))
-                if results[-1]:
-                    print_result(results[-1])
+        results = []
+        for label, command in child_commands(options, data_path):
+            results.append(run_child(command, workdir, label))
+            if results[-1]:
+                print_result(results[-1])
         failures = results.count(None)
         results = [r for r in results if r]
         if results:

@@ -272,7 +272,7 @@ def test_the_reference_runs_are_set_beside_ours_on_the_same_users(study, tmp_pat
     paired = report.paired_differences(study.records, options)
     ours = {row["seed"]: row for row in paired if (row["method"], row["versus"]) == ("melo", "maml")}
     write_reference(tmp_path / "reference", reference_records(study, 0.64))   # MELO's RMSE 0.8 × MAML's
-    found = reproduce.read_reference_results(tmp_path / "reference", options, study.records)
+    found = report.read_reference_results(tmp_path / "reference", options, study.records)
     assert len(found) == 4
     section, summary = report.reference_table(
         options, study.records, found, paired)
@@ -298,7 +298,7 @@ def test_the_same_reference_results_are_inside_their_own_interval(study, tmp_pat
     records = [r for r in study.records if r["method"] not in ("melo", "maml")]
     records += [{**r, "codebase": None} for r in reference_records(study, 0.81)]
     write_reference(tmp_path / "reference", reference_records(study, 0.81))
-    found = reproduce.read_reference_results(tmp_path / "reference", options, records)
+    found = report.read_reference_results(tmp_path / "reference", options, records)
     paired = report.paired_differences(records, options)
     _, summary = report.reference_table(options, records, found, paired)
     assert [entry["inside"] for entry in summary] == [True, True, True]
@@ -311,7 +311,7 @@ def test_reference_results_of_other_users_are_refused(study, tmp_path):
         record["metrics"]["per_user"]["user"] = list(reversed(record["metrics"]["per_user"]["user"]))
     write_reference(tmp_path / "reference", records)
     with pytest.raises(UserError, match="tested on other users than this study's seed 222"):
-        reproduce.read_reference_results(tmp_path / "reference", options, study.records)
+        report.read_reference_results(tmp_path / "reference", options, study.records)
 
 
 def test_dataset_table_equals_the_statistics_of_load_data(study):
