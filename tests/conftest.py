@@ -4,6 +4,7 @@ compiles C++ kernels for them, minutes on two cores with a cold cache."""
 import pytest
 
 from fixtures import write_ratings
+from tiny_study import make_study
 
 
 def pytest_configure(config):
@@ -24,3 +25,9 @@ def pytest_collection_finish(session):
 def ratings_file(tmp_path_factory):
     """A MovieLens-1M-layout file of 60 users and 30 items (seeded)."""
     return write_ratings(tmp_path_factory.mktemp("data") / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """The tiny study (tiny_study.py), run once; test_report.py and test_reproduce.py read it."""
+    return make_study(tmp_path_factory)
