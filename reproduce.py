@@ -407,8 +407,8 @@ def main(argv=None):
     reference_records = (read_reference_results(study.reference_results, study, records)
                          if study.reference_results else [])
     print(f"\n{write_reports(study, study_dir, stats, records, reference_records)}")
-    print(f"Results: {study_dir / 'table.md'}, {study_dir / 'dataset.md'}, "
-          f"{study_dir / 'per_rating.png'}, {study_dir / 'results.json'}")
+    print(f"Results: {study_dir / 'table.md'}, {study_dir / 'dataset.md'}, the figures ({study_dir / '*.png'}), "
+          f"{study_dir / 'results.json'}")
     return records
 
 
