@@ -225,7 +225,7 @@ def remove_leftovers(run):
     if not files.folder.is_dir():
         return
     try:
-        with exclusive_lock(files.folder / f".{files.method}.lock"):
+        with exclusive_lock(files.lock_path):
             shutil.rmtree(files.folder)
     except LockHeld as holder:
         raise UserError(f"{run.label}: {files.folder} is in use by a run ({holder}), perhaps one that an "

@@ -180,13 +180,18 @@ class RunFiles:
             yield
             return
         try:
-            with exclusive_lock(self.folder / f".{self.method}.lock"):
+            with exclusive_lock(self.lock_path):
                 self._remove_temporaries()
                 yield
         except LockHeld as holder:
             raise UserError(f"{self.state} is in use by a {self.method.upper()} run of these settings "
                             f"({holder}); wait for it to end, or run with other settings or another "
                             f"{self.root_flag.split('=')[0]}") from None
+
+    @property
+    def lock_path(self):
+        """The run's lock file (``lock``), which whoever deletes the run's folder holds too."""
+        return self.folder / f".{self.method}.lock"
 
     def _remove_temporaries(self):
         """The temporary files that a killed run of this folder and method left: of its
