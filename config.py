@@ -5,6 +5,12 @@ how main.py and train_original.py train (``TrainingConfig``, ``BasicConfig``). T
 carry the names of the flags they come from, unless said otherwise."""
 from dataclasses import dataclass, fields
 
+
+def min_window_length(min_sub_window_size: int) -> int:
+    """Shortest task window: one support sequence before the target, and |W| - 2 >= 1 queries."""
+    return max(3, min_sub_window_size + 1)
+
+
 def _from_flags(cls, args, **derived):
     """``cls`` with each field not in ``derived`` read from the flag of the same name."""
     return cls(**{field.name: derived[field.name] if field.name in derived else getattr(args, field.name)
@@ -132,7 +138,7 @@ class MethodConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     """main.py's outer loop: its length, batches and validations, and the learning rates of its
-    optimisers (learning_rates.py)."""
+    optimisers (meta_learning/learning_rates.py)."""
     num_train_iterations: int
     batch_size: int
     tasks_per_pass: int | None

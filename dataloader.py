@@ -1,10 +1,10 @@
-"""Rating files -> users: read, filtered, sequenced by date and split (tasks.py makes tasks of them).
+"""Rating files -> users: read, filtered, sequenced by date and split (meta_learning/tasks.py makes tasks of them).
 
 Pipeline of ``load_data(config)`` (a config.DataConfig):
 
 1. find the file (MovieLens is downloaded into ``Data/ml-1m`` / ``Data/ml-10m`` when missing:
-   download.py), detect its layout from its content and read it in chunks into
-   integer-coded columns (rating_files.py);
+   ratings/download.py), detect its layout from its content and read it in chunks into
+   integer-coded columns (ratings/rating_files.py);
 2. drop rows with an unusable rating, id or date (counted in a printed warning); count the
    rows that repeat an earlier one exactly, and drop them with ``drop_duplicates``;
 3. filter once: items with fewer than ``min_item`` ratings, then users with fewer than
@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 
 from config import DataConfig
-from download import ensure_data_file
-from rating_files import DataError, RawRatings, read_ratings
+from ratings.download import ensure_data_file
+from ratings.rating_files import DataError, RawRatings, read_ratings
 
 TRAIN_FRACTION = 0.85             # of the non-test users; the rest are valid users
 
 # Independent random streams, all derived from --random_seed: the user split here, the
-# training tasks and the fixed valid and test tasks in tasks.py.
+# training tasks and the fixed valid and test tasks in meta_learning/tasks.py.
 SPLIT_STREAM, TRAIN_STREAM, VALID_STREAM, TEST_STREAM = range(1, 5)
 
 

@@ -6,7 +6,7 @@
     python main.py ... --checkpoint_step=N                       # resume training
 """
 if __name__ == "__main__":  # Ctrl-C while the imports below load: a quiet exit 130
-    import start_quietly  # noqa: F401
+    from run import start_quietly  # noqa: F401
 
 import contextlib
 import math
@@ -15,19 +15,20 @@ import shutil
 import torch
 from tqdm import tqdm
 
-import checkpoints
 import config
-import distributed
-import evaluation
-from experiment import Diverged, UserError, log_metrics, run_cli, setup
-from learning_rates import meta_learning_rates
-from meta_gradient import MetaGradient
-from meta_learner import MetaLearner
+from meta_learning import evaluation
+from meta_learning.evaluation import log_metrics
+from meta_learning.learning_rates import meta_learning_rates
+from meta_learning.meta_gradient import MetaGradient
+from meta_learning.meta_learner import MetaLearner
+from meta_learning.tasks import TaskSampler
 from models import model_factory
-from preemption import StopRequests
-from progress import Progress
-from run_files import RunFiles
-from tasks import TaskSampler
+from run import checkpoints, distributed
+from run.errors import Diverged, UserError, run_cli
+from run.preemption import StopRequests
+from run.progress import Progress
+from run.run_files import RunFiles
+from run.start import setup
 
 GRADIENT_CLIP_NORM = 5.0
 EVALUATION_CHUNK = 64  # tasks adapted at once when there is no outer graph
@@ -35,7 +36,7 @@ EVALUATION_CHUNK = 64  # tasks adapted at once when there is no outer graph
 
 class MetaTrainer:
     """Meta-training: the learner and its optimisers, the task sampler, the run's files and
-    the step and best validation so far (all that a checkpoint holds: checkpoints.py)."""
+    the step and best validation so far (all that a checkpoint holds: run/checkpoints.py)."""
 
     def __init__(self, args, data, device, pretrained=True):
         """``args``: the flags, to build the configs and the run's files, and kept in the
@@ -63,7 +64,7 @@ class MetaTrainer:
 
     def _build_optimizers(self):
         """Adam on θ, on the inner rates α, and on MELO's networks that are used; their rates
-        are set at every step (learning_rates.py)."""
+        are set at every step (meta_learning/learning_rates.py)."""
         learner, weight_decay = self.learner, self.training.loss_weight_decay
         modules = {"meta": learner.model,
                    "inner_lr": learner.inner_optimizer if learner.config.use_learnable_params else None,

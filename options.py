@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks import min_window_length
+from config import min_window_length
 from models import COMPILED_MODELS, MODELS, PADDING_FREE_MODELS
-from rating_files import MODES
+from ratings.rating_files import MODES
 
 
 def str2bool(value):

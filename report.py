@@ -1,5 +1,5 @@
 """A study's reports: the results table with the paired differences (table.md), the
-reference code's runs beside ours, the data statistics (dataset.md), the figures (figures.py:
+reference code's runs beside ours, the data statistics (dataset.md), the figures (study/figures.py:
 per_rating.png, curves.png) and every record (results.json); and the forest plot of every
 committed study.
 
@@ -12,13 +12,13 @@ import shlex
 import statistics
 from pathlib import Path
 
-from atomic_files import write_json
-from evaluation import paired_rmse_difference
-from experiment import UserError, run_cli
-from figures import plot_curves, plot_forest, plot_per_rating, seeds_by_model, seeds_phrase
+from meta_learning.evaluation import paired_rmse_difference
 from options import FLAGS
-from records import check_checksum, check_numbers, with_checksum
-from study_options import PROJECT_DIR, TITLES, TUNED_VARIANTS, VARIANTS, parse_command_line
+from run.atomic_files import write_json
+from run.errors import UserError, run_cli
+from study.figures import plot_curves, plot_forest, plot_per_rating, seeds_by_model, seeds_phrase
+from study.records import check_checksum, check_numbers, with_checksum
+from study.study_options import PROJECT_DIR, TITLES, TUNED_VARIANTS, VARIANTS, parse_command_line
 
 METRICS = ("rmse", "mae")
 REFERENCE_METHODS = ("maml", "melo")   # what benchmarks/reference_study.py writes
@@ -325,7 +325,7 @@ def write_figures(study, records, folder):
 
 def read_results(results_path):
     """The study that a results.json records (its settings from the command it records), its
-    runs with their test-user ids again, and the reference's runs; checked first (records.py)."""
+    runs with their test-user ids again, and the reference's runs; checked first (study/records.py)."""
     recorded = json.loads(Path(results_path).read_text())
     advice = "take it again from git (git checkout), or run its study again"
     check_checksum(recorded, results_path, advice)

@@ -44,18 +44,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from atomic_files import LockHeld, exclusive_lock, write_json
 from config import DataConfig
 from dataloader import load_data
-from experiment import DIVERGED_STATUS, UserError, run_cli
-from learning_curves import read_curve
-from preemption import Preempted
-from progress import PROGRESS_VARIABLE, format_duration
-from records import CHECKSUM, check_record, with_checksum
 from report import read_reference_results, read_results, runs_own_records, write_reports
-from study_options import TITLES, TUNED_VARIANTS, check_run_flags, parse_command_line, study_flags
-from study_plan import (META_FLAGS, SCRIPT_METHOD, Estimate, as_typed, plan_runs, plan_summary,
-                        threads_per_run)
+from run.atomic_files import LockHeld, exclusive_lock, write_json
+from run.errors import DIVERGED_STATUS, UserError, run_cli
+from run.preemption import Preempted
+from run.progress import PROGRESS_VARIABLE, format_duration
+from study.learning_curves import read_curve
+from study.records import CHECKSUM, check_record, with_checksum
+from study.study_options import TITLES, TUNED_VARIANTS, check_run_flags, parse_command_line, study_flags
+from study.study_plan import (META_FLAGS, SCRIPT_METHOD, Estimate, as_typed, plan_runs, plan_summary,
+                              threads_per_run)
 
 LOG_TAIL_LINES = 20
 PR_SET_PDEATHSIG = 1   # prctl(2): the signal a process gets when the thread that started it ends
@@ -149,7 +149,7 @@ def execute(run, number, total, estimate=None):
 
 
 def finished_record(run):
-    """A finished run's record, checked (records.py); a MAML or MELO run recorded before records
+    """A finished run's record, checked (study/records.py); a MAML or MELO run recorded before records
     kept their learning curve gets it from its TensorBoard events."""
     record = json.loads(run.record_path.read_text())
     check_record(record, run.record_path, f"delete it to run {run.label} again")
@@ -249,7 +249,7 @@ def last_checkpoint_step(run):
 
 
 def invoke(command, run, phase):
-    """Run one script with its output appended to the run's log, in plain lines (progress.py:
+    """Run one script with its output appended to the run's log, in plain lines (run/progress.py:
     no bars, a line per validation); run alone (no --jobs), its lines are shown too. It runs in
     a session of its own, so that only the signals the study passes on reach it
     (forward_signal). A failure is a UserError that shows the end of the log."""

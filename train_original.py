@@ -10,7 +10,7 @@ Basic is tested on the same fixed test tasks as MAML and MELO: it predicts
 the targets of their query sequences without adapting.
 """
 if __name__ == "__main__":  # Ctrl-C while the imports below load: a quiet exit 130
-    import start_quietly  # noqa: F401
+    from run import start_quietly  # noqa: F401
 
 import contextlib
 import math
@@ -20,19 +20,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import checkpoints
-import distributed
-import evaluation
 from config import BasicConfig, ModelConfig, TaskConfig
-from experiment import UserError, log_metrics, make_dirs, run_cli, setup
-from learning_rates import encoder_rate_of_basic
+from meta_learning import evaluation
+from meta_learning.evaluation import log_metrics
+from meta_learning.learning_rates import encoder_rate_of_basic
+from meta_learning.rating_loss import MAX_RATING, loss_scale, rating_errors
+from meta_learning.tasks import PretrainDataset, TaskSampler
 from models import model_factory
 from models.loss_weighting import TaskStateEncoder
-from preemption import StopRequests
-from progress import Progress, bars_wanted
-from rating_loss import MAX_RATING, loss_scale, rating_errors
-from run_files import RunFiles, load_matching_state
-from tasks import PretrainDataset, TaskSampler
+from run import checkpoints, distributed
+from run.errors import UserError, run_cli
+from run.preemption import StopRequests
+from run.progress import Progress, bars_wanted
+from run.run_files import RunFiles, load_matching_state
+from run.start import make_dirs, setup
 
 PREDICTION_CHUNK = 4096  # sequences per forward call when predicting
 

@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import DataConfig, TaskConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
-from tasks import PretrainDataset, TaskSampler  # noqa: E402
+from meta_learning.tasks import PretrainDataset, TaskSampler  # noqa: E402
 from options import parse_args  # noqa: E402
 
 NUM_USERS, NUM_ITEMS = 6_040, 3_706                  # as ML-1M

@@ -14,7 +14,7 @@ backward (--recompute_inner_steps) replay the device's random draws: the same
 meta-gradient in float64 as with their graphs kept.
 
 With --compiled, the models that --compile takes also compute the meta-gradient of the
-first outer iteration's objective (meta_gradient.py) compiled, in torch.compile's default
+first outer iteration's objective (meta_learning/meta_gradient.py) compiled, in torch.compile's default
 mode and in "reduce-overhead" (CUDA graphs on a GPU), in float64 and float32, against the
 same objective eager on the CPU in float64; each line gives the first call's seconds
 (compiling) and the median of 5 calls after it.
@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import DataConfig, MethodConfig, ModelConfig, TaskConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
-from tasks import TaskSampler  # noqa: E402
-from meta_gradient import MetaGradient  # noqa: E402
-from meta_learner import MetaLearner  # noqa: E402
+from meta_learning.meta_gradient import MetaGradient  # noqa: E402
+from meta_learning.meta_learner import MetaLearner  # noqa: E402
+from meta_learning.tasks import TaskSampler  # noqa: E402
 from models import COMPILED_MODELS, model_factory  # noqa: E402
 from options import parse_args  # noqa: E402
 

@@ -3,7 +3,7 @@
 
     python benchmarks/processes_speed.py [--model bert4rec] [--method melo] [--batch_sizes 16 64]
 
-Each process adapts its share of every batch (distributed.py); the iterations are timed on
+Each process adapts its share of every batch (run/distributed.py); the iterations are timed on
 rank 0 after one warm-up iteration.  Data: ``--data_path``, by default
 ``../shared/data/ml-100k`` (through the ml-1m reader).
 """
@@ -21,11 +21,11 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import distributed  # noqa: E402
-import main  # noqa: E402
 from config import DataConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
+import main  # noqa: E402
 from options import parse_args  # noqa: E402
+from run import distributed  # noqa: E402
 
 SHARED_ML100K = ROOT.parent / "shared" / "data" / "ml-100k" / "ratings.dat"
 

@@ -25,15 +25,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from atomic_files import save_checked  # noqa: E402
 from config import DataConfig, ModelConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
-from experiment import make_dirs  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import parse_args  # noqa: E402
+from run.atomic_files import save_checked  # noqa: E402
+from run.start import make_dirs  # noqa: E402
 from reference_parity import NAMES, fit, import_reference, our_name, reference_workdir  # noqa: E402
 from reference_study import clock_reseeds_seeded, reference_run_parser, train_reference_basic  # noqa: E402
-from run_files import pretrained_embedding_path, run_identity  # noqa: E402
+from run.run_files import pretrained_embedding_path, run_identity  # noqa: E402
 
 # where each reference model keeps the embedding that its Basic saves
 EMBEDDING_MODULE = {"bert4rec": "bert.bert_embedding.", "sasrec": "bert.bert_embedding."}

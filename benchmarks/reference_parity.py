@@ -47,11 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import DataConfig, MethodConfig, ModelConfig, TaskConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
-from tasks import TaskSampler  # noqa: E402
 from inner_loop_optimizers import _key  # noqa: E402
-from inner_loop_execution import one_task  # noqa: E402
 from main import MetaTrainer  # noqa: E402
-from meta_learner import MetaLearner  # noqa: E402
+from meta_learning.inner_loop_execution import one_task  # noqa: E402
+from meta_learning.meta_learner import MetaLearner  # noqa: E402
+from meta_learning.tasks import TaskSampler  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import MODELS, parse_args  # noqa: E402
 

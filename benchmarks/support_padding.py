@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import DataConfig, TaskConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
-from inner_loop_execution import support_item_chunks  # noqa: E402
+from meta_learning.inner_loop_execution import support_item_chunks  # noqa: E402
+from meta_learning.tasks import TaskSampler  # noqa: E402
 from options import parse_args  # noqa: E402
-from tasks import TaskSampler  # noqa: E402
 
 
 def sorted_rows(batch):

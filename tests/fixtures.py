@@ -26,10 +26,10 @@ import torch
 
 from config import DataConfig, MethodConfig, ModelConfig, TaskConfig
 from dataloader import load_data
-from meta_learner import MetaLearner
+from meta_learning.meta_learner import MetaLearner
+from meta_learning.tasks import TaskSampler
 from models import model_factory
 from options import parse_args
-from tasks import TaskSampler
 
 # format name -> the --mode that reads it (raw formats are detected under any mode)
 FORMAT_MODES = {
@@ -236,7 +236,7 @@ def loopback_server(routes: dict[str, bytes | Payload]):
 
 
 def run_dir(root):
-    """The one run folder (experiment.run_folder) under a --log_dir or --pretrain_log_dir."""
+    """The one run folder (run_files.run_folder) under a --log_dir or --pretrain_log_dir."""
     folders = [path for path in Path(root).iterdir() if path.is_dir()]
     assert len(folders) == 1, folders
     return folders[0]

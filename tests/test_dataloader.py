@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-import dataloader
-import tasks
-import download
 from config import DataConfig, TaskConfig
+import dataloader
 from dataloader import DataError, load_data
-from tasks import PretrainDataset, TaskSampler
+from meta_learning import tasks
+from meta_learning.tasks import PretrainDataset, TaskSampler
+from ratings import download
 from fixtures import (FORMAT_MODES, FORMATS, Payload, file_name, loopback_server,
                       make_ratings_frame, movielens_zip, write_ratings)
 from options import parse_args

@@ -14,15 +14,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import distributed
-import main
-import train_original
 from config import DataConfig
 from dataloader import load_data
-from atomic_files import load_checked
-from run_files import checkpoint_steps
 from fixtures import run_dir
+import main
 from options import parse_args
+from run import distributed
+from run.atomic_files import load_checked
+from run.run_files import checkpoint_steps
+import train_original
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--mode=ml-1m", "--min_item=1", "--num_test_data=10", "--val_size=5", "--max_seq_len=8",

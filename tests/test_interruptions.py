@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import atomic_files
-import main
-import reproduce
-import study_options
-import train_original
-from atomic_files import load_checked, save_checked
 from dataloader import DataError
-from experiment import UserError
 from fixtures import run_dir, write_ratings
+import main
 from options import parse_args
-from preemption import PREEMPTED_STATUS, Preempted
-from run_files import RunFiles
+import reproduce
+from run import atomic_files
+from run.atomic_files import load_checked, save_checked
+from run.errors import UserError
+from run.preemption import PREEMPTED_STATUS, Preempted
+from run.run_files import RunFiles
+from study import study_options
+import train_original
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8", "--num_samples=4",

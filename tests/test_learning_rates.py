@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from learning_rates import MIN_LSTM_LR, cosine_schedule, encoder_rate_of_basic, meta_learning_rates
+from meta_learning.learning_rates import MIN_LSTM_LR, cosine_schedule, encoder_rate_of_basic, meta_learning_rates
 from options import parse_args
 
 

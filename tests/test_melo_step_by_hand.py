@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from config import MethodConfig
-from meta_learner import MetaLearner
+from meta_learning.meta_learner import MetaLearner
 from options import parse_args
 
 

@@ -1,10 +1,10 @@
-"""--compile: the compiled meta-gradient equals the eager one (meta_gradient.py)."""
+"""--compile: the compiled meta-gradient equals the eager one (meta_learning/meta_gradient.py)."""
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from meta_gradient import MetaGradient
 from fixtures import METHOD_FLAGS, tiny_learner
+from meta_learning.meta_gradient import MetaGradient
 
 pytestmark = pytest.mark.compile   # every test here compiles
 

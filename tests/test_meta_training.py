@@ -1,4 +1,4 @@
-"""MAML / MELO meta-training (main.py, meta_learner.py) on small fixture data."""
+"""MAML / MELO meta-training (main.py, meta_learning/meta_learner.py) on small fixture data."""
 import json
 import math
 import os
@@ -6,17 +6,18 @@ import os
 import pytest
 import torch
 
-import main
-from atomic_files import load_checked
-import run_files
-import train_original
 from config import DataConfig
 from dataloader import load_data
-from experiment import UserError, setup
 from fixtures import METHOD_FLAGS, TINY, run_dir, tiny_args, tiny_learner, write_ratings
-from inner_loop_execution import default_recompute_steps, default_support_chunks, one_task
-from meta_learner import importance_vector
+import main
+from meta_learning.inner_loop_execution import default_recompute_steps, default_support_chunks, one_task
+from meta_learning.meta_learner import importance_vector
 from options import PADDING_FREE_MODELS, FlagError, parse_args
+from run import run_files
+from run.atomic_files import load_checked
+from run.errors import UserError
+from run.start import setup
+import train_original
 
 MODELS = ("bert4rec", "sasrec", "gru4rec", "narm", "ncf")
 
@@ -512,7 +513,7 @@ def test_a_rating_blind_encoder_gives_the_same_weights_whatever_the_ratings(rati
 
 
 def test_inverse_frequency_weights_have_mean_one_and_weigh_rare_ratings_more():
-    from meta_learner import inverse_frequency_weights
+    from meta_learning.meta_learner import inverse_frequency_weights
     ratings = torch.tensor([[[0.0, 5, 5], [5.0, 5, 1]], [[0.0, 0, 2], [0.0, 3, 3]]])   # [T=2, S=2, L=3]
     mask = (ratings > 0).float()
     weights = inverse_frequency_weights(ratings, mask)

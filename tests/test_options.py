@@ -13,10 +13,10 @@ import pytest
 
 import main
 import options
-import study_options
-import train_original
-from experiment import UserError, run_cli
 from options import FlagError, parse_args
+from run.errors import UserError, run_cli
+from study import study_options
+import train_original
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_every_flag_is_classified_once():
 
 
 def test_runs_that_compute_something_else_have_folders_of_their_own(tmp_path):
-    from run_files import run_folder
+    from run.run_files import run_folder
     ratings = tmp_path / "ratings.dat"
     ratings.write_text("1::2::3::4\n")
 
@@ -162,7 +162,7 @@ def test_runs_that_compute_something_else_have_folders_of_their_own(tmp_path):
 def test_basic_run_folders_are_named_as_before_the_flag_table():
     """Basic's identity, derived from the table, names its folders as when it was listed by
     hand (the data file's content joins it when the file exists)."""
-    from run_files import run_folder
+    from run.run_files import run_folder
     expected = {"bert4rec": "73e4e6d4", "sasrec": "2a7c84e2", "gru4rec": "05661dd7", "narm": "bfef3ed8",
                 "ncf": "a78a0bca"}
     for model, digest in expected.items():

@@ -1,11 +1,11 @@
-"""progress.py: bars on a terminal, plain lines in a file, in main.py and train_original.py."""
+"""run/progress.py: bars on a terminal, plain lines in a file, in main.py and train_original.py."""
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 
-import progress
+from run import progress
 
 
 ROOT = Path(__file__).resolve().parents[1]

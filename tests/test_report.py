@@ -1,4 +1,4 @@
-"""report.py and figures.py on the tiny study (tiny_study.py) and on the committed results: the
+"""report.py and study/figures.py on the tiny study (tiny_study.py) and on the committed results: the
 table, the paired differences, the curves, the reference beside ours, the figures, the forest
 plot, and every committed table rendering again from its results.json."""
 import json
@@ -9,14 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import figures
-import learning_curves
-import report
-import study_options
 from config import DataConfig
 from dataloader import load_data
-from experiment import UserError
 from options import parse_args
+import report
+from run.errors import UserError
+from study import figures, learning_curves, study_options
 from tiny_study import (DATA, RUN_FLAGS, SEEDS, METHODS, table_rows, by_seed, mean_and_std, metric, method_rows,
                         paired_cells, metric_field, reference_records, write_reference, settings)
 

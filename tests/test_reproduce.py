@@ -11,15 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
-import records
-import report
-import reproduce
-import study_plan
-import study_options
 from config import DataConfig
 from dataloader import load_data
-from experiment import UserError, run_cli
 from options import parse_args
+import report
+import reproduce
+from run.errors import UserError, run_cli
+from study import records, study_options, study_plan
 from tiny_study import RUN_FLAGS, SEEDS, METHODS, with_seeds, table_rows, file_times, metric, method_rows, settings
 
 

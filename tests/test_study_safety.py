@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import records
 import report
 import reproduce
-import study_options
-from atomic_files import exclusive_lock
-from experiment import UserError
+from run.atomic_files import exclusive_lock
+from run.errors import UserError
+from study import records, study_options
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FLAGS = ["--num_samples=4", "--num_query_set=2", "--batch_size=4", "--pretraining_batch_size=16",

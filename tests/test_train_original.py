@@ -6,13 +6,14 @@ import os
 import pytest
 import torch
 
-import train_original
-from atomic_files import load_checked
 from config import ModelConfig
-from experiment import UserError, setup
 from fixtures import make_ratings_frame, run_dir, write_ratings
 from models import model_factory
 from options import parse_args
+from run.atomic_files import load_checked
+from run.errors import UserError
+from run.start import setup
+import train_original
 
 TINY = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8",
         "--num_query_set=2", "--bert_hidden_units=8", "--bert_num_blocks=1", "--bert_num_heads=2",

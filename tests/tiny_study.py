@@ -4,8 +4,8 @@ import json
 import statistics
 from types import SimpleNamespace
 
-import reproduce
 from fixtures import write_ratings
+import reproduce
 
 DATA = ["--min_item=1", "--num_test_data=8", "--val_size=8", "--max_seq_len=8"]
 BUDGET = ["--pretrain_epochs=1", "--num_train_iterations=2", "--log_interval=1"]

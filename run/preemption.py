@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-import distributed
+from run import distributed
 
 PREEMPTED_STATUS = 75       # EX_TEMPFAIL: stopped on request, resumable; requeue the job
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -1,17 +1,17 @@
 """What a MAML/MELO checkpoint holds, and how a run resumes from one: the learner, every
 optimiser, the task sampler, the step and best validation so far, the random generators and
 the flags, so that a killed and resumed run ends with the parameters of one that was not
-interrupted (Basic's, in train_original.py, the same way with its own parts). Learning rates are a function of the step (learning_rates.py): a resume with
+interrupted (Basic's, in train_original.py, the same way with its own parts). Learning rates are a function of the step (meta_learning/learning_rates.py): a resume with
 new rates or a new length only needs the flags."""
 import random
 
 import numpy as np
 import torch
 
-import distributed
-from experiment import UserError
 from options import flags_with
-from run_files import load_matching_state
+from run import distributed
+from run.errors import UserError
+from run.run_files import load_matching_state
 
 RESUMABLE = frozenset(flags_with(resume="changes"))
 IGNORED = frozenset(flags_with(resume="ignored"))

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from rating_files import MODE_LAYOUTS, RAW_FORMATS_HELP, DataError, describe_layout
+from ratings.rating_files import MODE_LAYOUTS, RAW_FORMATS_HELP, DataError, describe_layout
 
 MOVIELENS_URLS = {
     "ml-1m": "http://files.grouplens.org/datasets/movielens/ml-1m.zip",

@@ -8,7 +8,7 @@ import json
 import math
 import statistics
 
-from experiment import UserError
+from run.errors import UserError
 
 CHECKSUM = "sha256"
 

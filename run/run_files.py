@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-import distributed
-import evaluation
-from atomic_files import (TEMPORARY_PREFIX, DamagedFile, LockHeld, WriteError, exclusive_lock, load_checked,
-                          remove_temporaries, save_checked)
-from experiment import UserError, make_dirs
+from meta_learning import evaluation
 from options import FLAGS
+from run import distributed
+from run.atomic_files import (TEMPORARY_PREFIX, DamagedFile, LockHeld, WriteError, exclusive_lock,
+                              load_checked, remove_temporaries, save_checked, write_json)
+from run.errors import UserError
+from run.start import make_dirs
 
 DATA_IDENTITY = tuple(flag.name for flag in FLAGS if flag.identity == "data")
 # MAML and MELO: also everything else that changes what they compute (the data file counts by content)
@@ -247,8 +248,11 @@ class RunFiles:
     def report_test(self, metrics, title, step=None, best=True, **extra):
         """Print a test's metrics and write them, with the flags and the run's identity, beside
         the checkpoint tested; returns the metrics."""
-        evaluation.report_test(metrics, title, self.results(step, best), vars(self.args), method=self.method,
-                               checkpoint_step=step, identity=self.identity, **extra)
+        evaluation.print_test(metrics, title)
+        path = self.results(step, best)
+        write_json(path, evaluation.test_record(metrics, vars(self.args), method=self.method, checkpoint_step=step,
+                                                identity=self.identity, **extra))
+        print(f"Results written to {path}")
         return metrics
 
     def print_summary(self, best_step, best_rmse):

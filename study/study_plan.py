@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import options
-from run_files import RunFiles
-from study_options import PROJECT_DIR, RUN_VARIANTS, TITLES, data_flags
+from run.run_files import RunFiles
+from study.study_options import PROJECT_DIR, RUN_VARIANTS, TITLES, data_flags
 
 # main.py's flags for each meta-learning method
 META_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],

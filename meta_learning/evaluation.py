@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 
-from atomic_files import write_json
 
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -121,21 +120,18 @@ def format_per_rating(report):
     return "\n".join(lines)
 
 
-def report_test(metrics, title, path, config, **extra):
-    """Print the test metrics and the per-rating report; write them as JSON to ``path``."""
+def print_test(metrics, title):
+    """Print the test metrics and the per-rating report."""
     print(f"{title}: {metrics['num_users']} users, {metrics['num_targets']} targets")
     print(format_metrics("\tTest: ", metrics, label="Test ", keys=("rmse", "mae")))
     print(" -------- Rating ---- ")
     print(format_per_rating(metrics["per_rating"]))
-    write_results(path, metrics, config, **extra)
-    print(f"Results written to {path}")
 
 
-def write_results(path, metrics, config, **extra):
-    """Write test metrics and the run's configuration (a dict of its flags) as JSON."""
-    record = {"metrics": metrics, "config": {k: _jsonable(v) for k, v in config.items()}}
-    record.update(extra)
-    write_json(path, record)
+def test_record(metrics, config, **extra):
+    """A test's record for JSON: its metrics, the run's configuration (a dict of its flags) and
+    ``extra``."""
+    return {"metrics": metrics, "config": {k: _jsonable(v) for k, v in config.items()}, **extra}
 
 
 def _rating_key(value):
@@ -148,3 +144,9 @@ def _numpy(array):
 
 def _jsonable(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def log_metrics(writer, split, metrics, step):
+    """The MSE, RMSE and MAE of ``split`` (train / valid) to TensorBoard."""
+    for key in ("mse", "rmse", "mae"):
+        writer.add_scalar(f"{split}/{key.upper()}loss", metrics[key], step)

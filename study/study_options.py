@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import options
-from experiment import UserError
+from run.errors import UserError
 
-PROJECT_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 QUICK_STUDY = "studies/quick.txt"   # what runs with neither a study file nor --data_path
 PAPER_MODELS = ("gru4rec", "narm", "sasrec", "bert4rec")
 METHODS = ("basic", "maml", "melo")           # the paper's table

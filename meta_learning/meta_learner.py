@@ -15,7 +15,7 @@ unless first order is asked for.
 The method reads top to bottom in ``MetaLearner``: ``support_loss`` (with ``support_weights``),
 ``inner_step``, ``query_loss``, ``adapt`` (the inner loop) and ``forward`` (the outer
 objective: MAML++'s importance-weighted query losses).  How a task batch is run (vmap,
-support chunks, recomputed steps) is in inner_loop_execution.py.
+support chunks, recomputed steps) is in meta_learning/inner_loop_execution.py.
 """
 from functools import partial
 
@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from inner_loop_execution import (default_recompute_steps, default_support_chunks, over_tasks, predict_in_chunks,
-                                  recomputed, support_item_chunks)
 from inner_loop_optimizers import LSLRGradientDescentLearningRule
+from meta_learning.inner_loop_execution import (default_recompute_steps, default_support_chunks, over_tasks,
+                                                predict_in_chunks, recomputed, support_item_chunks)
+from meta_learning.rating_loss import MAX_RATING, loss_scale, rating_errors
 from models import PADDING_FREE_MODELS
 from models.loss_weighting import LossNetwork, TaskInfoMLP, TaskStateEncoder
-from rating_loss import MAX_RATING, loss_scale, rating_errors
 
 
 def importance_vector(iteration, num_steps, num_multi_step_iterations):
@@ -167,7 +167,7 @@ class MetaLearner(nn.Module):
         after the last len(step_weights) inner steps weighted by ``step_weights``
         (``query_step_weights``), averaged over the tasks; and the target predictions [T, Q].
         A function of the meta-parameters alone, so that ``torch.func.grad`` of it is the
-        meta-gradient (meta_gradient.py)."""
+        meta-gradient (meta_learning/meta_gradient.py)."""
         num_steps = self.num_inner_steps
         query_losses, predictions = self.adapt(task, range(num_steps - len(step_weights), num_steps),
                                                first_order=self.config.first_order,

@@ -5,8 +5,8 @@ import statistics
 import numpy as np
 from matplotlib.figure import Figure
 
-from learning_curves import effective_step
-from study_options import TITLES
+from study.learning_curves import effective_step
+from study.study_options import TITLES
 
 METHOD_COLOURS = {"basic": "tab:gray", "maml": "tab:blue", "melo": "tab:red", "melo_rating_blind": "tab:orange"}
 

@@ -17,11 +17,6 @@ from config import TaskConfig
 from dataloader import TEST_STREAM, TRAIN_STREAM, VALID_STREAM, RatingData
 
 
-def min_window_length(min_sub_window_size: int) -> int:
-    """Shortest task window: one support sequence before the target, and |W| - 2 >= 1 queries."""
-    return max(3, min_sub_window_size + 1)
-
-
 @dataclass
 class TaskBatch:
     """T tasks; every row is left-padded to L and ends with its target. Padding: item 0."""
