@@ -7,6 +7,7 @@ project are marked "(new)".
 import argparse
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -246,14 +247,59 @@ def build_parser():
     return parser
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A check that compares flags (the table's ranges check each flag alone): the command line
+    ``breaks`` it, and the ``error`` says what is wrong and what to do; both read the flags."""
+    breaks: Callable[[argparse.Namespace], bool]
+    error: Callable[[argparse.Namespace], str]
+
+
+RULES = (
+    Rule(lambda a: a.model not in MODELS,
+         lambda a: f"--model={a.model} is not a model here; choose one of {', '.join(MODELS)}"),
+    Rule(lambda a: a.mode not in MODES,
+         lambda a: f"--mode={a.mode} is not a dataset reader here; choose one of {', '.join(MODES)}"),
+    Rule(lambda a: not 0 <= a.bert_dropout < 1,
+         lambda a: f"--bert_dropout is a dropout probability, in [0, 1); got {a.bert_dropout}"),
+    Rule(lambda a: a.max_seq_len < 3,
+         lambda a: f"--max_seq_len={a.max_seq_len} is too short: a task needs a window of 3 interactions for one "
+                   "query; raise it"),
+    Rule(lambda a: (a.support_chunks or 1) > 1 and a.model not in PADDING_FREE_MODELS,
+         lambda a: f"--support_chunks={a.support_chunks} cuts padding columns, which changes {a.model}'s predictions "
+                   f"(it reads the padding, as the reference's does); use it with {' or '.join(PADDING_FREE_MODELS)}, "
+                   "or leave it out"),
+    Rule(lambda a: a.min_sub_window_size >= a.max_seq_len,
+         lambda a: f"--min_sub_window_size={a.min_sub_window_size} leaves no support sequence in windows of "
+                   f"--max_seq_len={a.max_seq_len}; lower it"),
+    Rule(lambda a: a.min_sequence < min_window_length(a.min_sub_window_size),
+         lambda a: f"--min_sequence={a.min_sequence} is too small: a task needs at least "
+                   f"{min_window_length(a.min_sub_window_size)} interactions (a support sequence of "
+                   f"--min_sub_window_size={a.min_sub_window_size} before the target, and a window of 3 for a "
+                   f"query); raise --min_sequence to {min_window_length(a.min_sub_window_size)} or lower "
+                   "--min_sub_window_size"),
+    Rule(lambda a: a.compile and not a.use_vmap,
+         lambda a: "--compile=True compiles the vmapped inner loop: give it with --use_vmap=True"),
+    Rule(lambda a: a.compile and a.model not in COMPILED_MODELS,
+         lambda a: f"--compile=True with --model={a.model}: its GRU, unrolled into one graph, takes over 20 minutes "
+                   f"to compile; compile {', '.join(COMPILED_MODELS)}, or leave --compile out"),
+    Rule(lambda a: a.inverse_frequency_weights and a.use_adaptive_loss,
+         lambda a: "--inverse_frequency_weights=True weighs MAML's support loss: give it with "
+                   "--use_adaptive_loss=False (MELO learns its weights)"),
+    Rule(lambda a: a.rating_blind_encoder and not (a.use_adaptive_loss and a.use_lstm),
+         lambda a: "--rating_blind_encoder=True changes MELO's LSTM encoder: give it with --use_adaptive_loss=True "
+                   "--use_lstm=True"),
+    Rule(lambda a: a.bert_hidden_units % a.bert_num_heads != 0,
+         lambda a: f"--bert_hidden_units={a.bert_hidden_units} must be divisible by "
+                   f"--bert_num_heads={a.bert_num_heads}"),
+)
+
+
 def parse_args(argv=None):
-    """Parse the command line (``argv`` for tests) and check the values."""
+    """Parse the command line (``argv`` for tests) and check the values: each flag's range in
+    the table, then the rules between flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.model not in MODELS:
-        parser.error(f"--model={args.model} is not a model here; choose one of {', '.join(MODELS)}")
-    if args.mode not in MODES:
-        parser.error(f"--mode={args.mode} is not a dataset reader here; choose one of {', '.join(MODES)}")
     for flag in FLAGS:
         value = getattr(args, flag.name)
         if (wrong := flag.out_of_range(value)) is not None:
@@ -262,36 +308,7 @@ def parse_args(argv=None):
             parser.error(f"--{flag.name} must be a positive finite number (in float32), got {value}")
         if flag.rate == "non-negative" and not (finite_in_float32(value) and value >= 0):
             parser.error(f"--{flag.name} must be a finite number of at least 0 (in float32), got {value}")
-    if not 0 <= args.bert_dropout < 1:
-        parser.error(f"--bert_dropout is a dropout probability, in [0, 1); got {args.bert_dropout}")
-    if args.max_seq_len < 3:
-        parser.error(f"--max_seq_len={args.max_seq_len} is too short: a task needs a window of 3 "
-                     "interactions for one query; raise it")
-    if (args.support_chunks or 1) > 1 and args.model not in PADDING_FREE_MODELS:
-        parser.error(f"--support_chunks={args.support_chunks} cuts padding columns, which changes "
-                     f"{args.model}'s predictions (it reads the padding, as the reference's does); "
-                     f"use it with {' or '.join(PADDING_FREE_MODELS)}, or leave it out")
-    if args.min_sub_window_size >= args.max_seq_len:
-        parser.error(f"--min_sub_window_size={args.min_sub_window_size} leaves no support sequence "
-                     f"in windows of --max_seq_len={args.max_seq_len}; lower it")
-    needed = min_window_length(args.min_sub_window_size)
-    if args.min_sequence < needed:
-        parser.error(f"--min_sequence={args.min_sequence} is too small: a task needs at least {needed} "
-                     f"interactions (a support sequence of --min_sub_window_size={args.min_sub_window_size} "
-                     f"before the target, and a window of 3 for a query); raise --min_sequence to {needed} "
-                     "or lower --min_sub_window_size")
-    if args.compile and not args.use_vmap:
-        parser.error("--compile=True compiles the vmapped inner loop: give it with --use_vmap=True")
-    if args.compile and args.model not in COMPILED_MODELS:
-        parser.error(f"--compile=True with --model={args.model}: its GRU, unrolled into one graph, takes "
-                     f"over 20 minutes to compile; compile {', '.join(COMPILED_MODELS)}, or leave --compile out")
-    if args.inverse_frequency_weights and args.use_adaptive_loss:
-        parser.error("--inverse_frequency_weights=True weighs MAML's support loss: give it with "
-                     "--use_adaptive_loss=False (MELO learns its weights)")
-    if args.rating_blind_encoder and not (args.use_adaptive_loss and args.use_lstm):
-        parser.error("--rating_blind_encoder=True changes MELO's LSTM encoder: give it with "
-                     "--use_adaptive_loss=True --use_lstm=True")
-    if args.bert_hidden_units % args.bert_num_heads:
-        parser.error(f"--bert_hidden_units={args.bert_hidden_units} must be divisible by "
-                     f"--bert_num_heads={args.bert_num_heads}")
+    for rule in RULES:
+        if rule.breaks(args):
+            parser.error(rule.error(args))
     return args
