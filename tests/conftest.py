@@ -1,9 +1,11 @@
-"""What the tests share: the small rating file most of them read, and the mark of the tests
+"""What the tests share: the small rating files most of them read, and the mark of the tests
 that compile with torch.compile (``-m compile``), which the default command leaves out: Inductor
 compiles C++ kernels for them, minutes on two cores with a cold cache."""
 import pytest
 
-from fixtures import write_ratings
+from config import DataConfig
+from dataloader import load_data
+from fixtures import make_args, make_ratings_frame, write_ratings
 from tiny_study import make_study
 
 
@@ -31,3 +33,12 @@ def ratings_file(tmp_path_factory):
 def study(tmp_path_factory):
     """The tiny study (tiny_study.py), run once; test_report.py and test_reproduce.py read it."""
     return make_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ml_data(tmp_path_factory):
+    """Data of a MovieLens-1M-layout file of 60 users and 80 items (seeded), and its flags."""
+    path = write_ratings(tmp_path_factory.mktemp("ml") / "ratings.dat", "ml-1m",
+                         make_ratings_frame(num_users=60, num_items=80, seed=0))
+    args = make_args(path)
+    return load_data(DataConfig.from_args(args)), args

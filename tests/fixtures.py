@@ -271,3 +271,30 @@ METHOD_FLAGS = {"maml": ["--use_adaptive_loss=False"], "melo": [],
                 "melo-variants": ["--use_focal_loss=True", "--use_softmax=True", "--normalize_loss=False",
                                   "--use_mlp_mean=True", "--use_step_loss=False",
                                   "--normalize_weights=False"]}
+
+
+def make_args(data_path, mode="ml-1m", *flags):
+    """Small-data settings; later flags override earlier ones."""
+    return parse_args(["--data_path", str(data_path), f"--mode={mode}", "--min_item=1",
+                       "--min_sequence=5", "--num_test_data=5", "--val_size=3", *flags])
+
+
+def expected_sequences(frame, min_item, min_sequence, kind="stable"):
+    """{original user: (items, ratings)}: filter items, then users, sort by date with pandas
+    (``kind="quicksort"`` is the reference's ``sort_values``; "stable" keeps ties in file order)."""
+    frame = frame[frame.item.map(frame.item.value_counts()) >= min_item]
+    frame = frame[frame.user.map(frame.user.value_counts()) >= min_sequence]
+    frame = frame.sort_values("timestamp", kind=kind)
+    return {user: (list(group.item), list(group.rating)) for user, group in frame.groupby("user")}
+
+
+def loaded_sequences(data):
+    return {data.user_ids[u].item(): (list(data.item_ids[items - 1]), list(data.rating_seqs[u]))
+            for u, items in enumerate(data.item_seqs)}
+
+
+def sequence_frame(lengths):
+    """User k rates items 1..lengths[k] in order, one per day; ratings cycle 1..5."""
+    rows = [(user + 1, item + 1, float(item % 5 + 1), 1_000_000 + 86_400 * item)
+            for user, length in enumerate(lengths) for item in range(length)]
+    return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
