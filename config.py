@@ -1,9 +1,13 @@
 """What each part of the project needs from the command line, as small frozen objects built
 once from the parsed flags (options.py) by the scripts: the data (``DataConfig``), the
 tasks (``TaskConfig``), the recommender (``ModelConfig``), the method (``MethodConfig``) and
-how main.py and train_original.py train (``TrainingConfig``, ``BasicConfig``). Their fields
-carry the names of the flags they come from, unless said otherwise."""
+how main.py and train_original.py train (``TrainingConfig``, ``BasicConfig``), and a run's
+files (``RunFilesConfig``); ``MetaRunConfig`` and ``BasicRunConfig`` gather what each
+trainer takes. Their fields carry the names of the flags they come from, unless said
+otherwise."""
 from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Mapping
 
 
 def min_window_length(min_sub_window_size: int) -> int:
@@ -150,10 +154,13 @@ class TrainingConfig:
     task_info_lr: float
     loss_lr: float
     loss_weight_decay: float
+    compile: bool
+    start_from: str | None   # Basic's "embedding" (--load_pretrained_embedding), "model" (--load_pretrained) or None
 
     @classmethod
     def from_args(cls, args):
-        return _from_flags(cls, args)
+        start_from = ("embedding" if args.load_pretrained_embedding else "model" if args.load_pretrained else None)
+        return _from_flags(cls, args, start_from=start_from)
 
 
 @dataclass(frozen=True)
@@ -177,3 +184,58 @@ class BasicConfig:
     @classmethod
     def from_args(cls, args):
         return _from_flags(cls, args)
+
+
+@dataclass(frozen=True)
+class RunFilesConfig:
+    """Where a run's files go (Basic's under --pretrain_log_dir, the others' under --log_dir)
+    and what they hold beside the numbers: ``flags`` is every flag, name -> value, from which
+    run/run_files.py picks the settings that make a run's files its own (the flag table's
+    ``identity``), and which its checkpoints and test results keep."""
+    data_path: str
+    mode: str
+    model: str
+    random_seed: int
+    log_dir: str
+    pretrain_log_dir: str
+    checkpoint_step: int
+    overwrite: bool
+    bert_hidden_units: int   # the transformer's sizes name Basic's pretrained files
+    bert_num_blocks: int
+    bert_num_heads: int
+    flags: Mapping[str, object]
+
+    @classmethod
+    def from_args(cls, args):
+        return _from_flags(cls, args, flags=MappingProxyType(dict(vars(args))))
+
+
+@dataclass(frozen=True)
+class MetaRunConfig:
+    """What main.py's MetaTrainer takes: the tasks, the recommender, the method, the outer
+    loop and the run's files."""
+    tasks: TaskConfig
+    model: ModelConfig
+    method: MethodConfig
+    training: TrainingConfig
+    files: RunFilesConfig
+
+    @classmethod
+    def from_args(cls, args, num_items):
+        return cls(TaskConfig.from_args(args), ModelConfig.from_args(args, num_items), MethodConfig.from_args(args),
+                   TrainingConfig.from_args(args), RunFilesConfig.from_args(args))
+
+
+@dataclass(frozen=True)
+class BasicRunConfig:
+    """What train_original.py's BasicTrainer takes: its training, the tasks, the recommender
+    and the run's files."""
+    basic: BasicConfig
+    tasks: TaskConfig
+    model: ModelConfig
+    files: RunFilesConfig
+
+    @classmethod
+    def from_args(cls, args, num_items):
+        return cls(BasicConfig.from_args(args), TaskConfig.from_args(args), ModelConfig.from_args(args, num_items),
+                   RunFilesConfig.from_args(args))

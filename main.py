@@ -15,7 +15,7 @@ import shutil
 import torch
 from tqdm import tqdm
 
-import config
+from config import MetaRunConfig
 from meta_learning import evaluation
 from meta_learning.evaluation import log_metrics
 from meta_learning.learning_rates import meta_learning_rates
@@ -27,6 +27,7 @@ from run import checkpoints, distributed
 from run.errors import Diverged, UserError, run_cli
 from run.preemption import StopRequests
 from run.progress import Progress
+from run.pretrained import load_pretrained
 from run.run_files import RunFiles
 from run.start import setup
 
@@ -38,22 +39,20 @@ class MetaTrainer:
     """Meta-training: the learner and its optimisers, the task sampler, the run's files and
     the step and best validation so far (all that a checkpoint holds: run/checkpoints.py)."""
 
-    def __init__(self, args, data, device, pretrained=True):
-        """``args``: the flags, to build the configs and the run's files, and kept in the
-        checkpoints; ``pretrained``: start from Basic's files as the flags say (a checkpoint
-        to test holds every parameter)."""
-        self.args = args
-        self.training = config.TrainingConfig.from_args(args)
+    def __init__(self, run, data, device, pretrained=True):
+        """``run``: its MetaRunConfig; ``pretrained``: start from Basic's files as the run's
+        training says (a checkpoint to test holds every parameter)."""
+        self.training = run.training
         self.data = data
         self.device = device
-        self.sampler = TaskSampler(data, config.TaskConfig.from_args(args))
-        model = model_factory(config.ModelConfig.from_args(args, data.num_items))
-        if pretrained:
-            RunFiles(args, args.pretrain_log_dir, "basic").load_pretrained(model)
-        self.learner = MetaLearner(model, config.MethodConfig.from_args(args)).to(device)
+        self.sampler = TaskSampler(data, run.tasks)
+        model = model_factory(run.model)
+        if pretrained and run.training.start_from:
+            load_pretrained(run.files, model, run.training.start_from)
+        self.learner = MetaLearner(model, run.method).to(device)
         self.method = self.learner.method
-        self.meta_gradient = MetaGradient(self.learner, compile=args.compile)
-        self.files = RunFiles(args, args.log_dir, self.method)
+        self.meta_gradient = MetaGradient(self.learner, compile=run.training.compile)
+        self.files = RunFiles(run.files, self.method)
         self.optimizers = self._build_optimizers()
         self.iteration = 0
         self.best_valid_rmse = math.inf
@@ -233,22 +232,23 @@ class MetaTrainer:
                                       validation_rmse=self.best_valid_rmse if best else None)
 
 
-def test_mean_rating(args, data):
+def test_mean_rating(run, data):
     """The mean-rating baseline: predict the training users' mean rating for every target."""
-    sampler = TaskSampler(data, config.TaskConfig.from_args(args))
+    sampler = TaskSampler(data, run.tasks)
     metrics = evaluation.mean_rating_metrics(sampler.fixed_tasks("test"), data)
     if not distributed.is_main():
         return metrics
-    files = RunFiles(args, args.log_dir, "mean_rating")
+    files = RunFiles(run.files, "mean_rating")
     files.make()
     return files.report_test(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})")
 
 
 def main(argv=None):
     args, device, data = setup(argv)
+    run = MetaRunConfig.from_args(args, data.num_items)
     if args.test_baseline:
-        return test_mean_rating(args, data)
-    trainer = MetaTrainer(args, data, device, pretrained=not args.test)
+        return test_mean_rating(run, data)
+    trainer = MetaTrainer(run, data, device, pretrained=not args.test)
     if args.test:
         step = trainer.files.step_to_test(args.test_best)
         trainer.load(step, best=args.test_best, resume=False)

@@ -116,7 +116,7 @@ def execute(run, number, total, estimate=None):
         return record
     run.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    from_scratch = last_checkpoint_step(run) is None
+    from_scratch = run.last_checkpoint_step() is None
     note = f"; the study: {estimate.left()}" if estimate else ""
     diverged = False
     tested = {"metrics": None}   # a run that diverged before its first validation has no checkpoint to test
@@ -197,7 +197,7 @@ def train(run, tag, note=""):
     """Train from scratch, resume a run from its last resumable checkpoint (MAML's and MELO's
     every validation, a run stopped by a signal), or skip the training when that checkpoint is
     the last step's. Returns whether it diverged, which only a run that may is allowed."""
-    resume_step = last_checkpoint_step(run)
+    resume_step = run.last_checkpoint_step()
     if resume_step is not None and resume_step >= run.final_step:
         announce(f"{tag}: testing{note}")
         return False
@@ -238,14 +238,6 @@ def announce(line):
     could land between the two."""
     sys.stdout.write(f"{line}\n")
     sys.stdout.flush()
-
-
-def last_checkpoint_step(run):
-    """The step of a run's last resumable checkpoint, None when there is none to resume from."""
-    if run.method == "mean_rating":
-        return None
-    steps = run.files.steps(best=False)
-    return steps[-1] if steps else None
 
 
 def invoke(command, run, phase):

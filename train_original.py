@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import BasicConfig, ModelConfig, TaskConfig
+from config import BasicRunConfig
 from meta_learning import evaluation
 from meta_learning.evaluation import log_metrics
 from meta_learning.learning_rates import encoder_rate_of_basic
@@ -32,21 +32,20 @@ from run import checkpoints, distributed
 from run.errors import UserError, run_cli
 from run.preemption import StopRequests
 from run.progress import Progress, bars_wanted
-from run.run_files import RunFiles, load_matching_state
+from run.pretrained import save_pretrained
+from run.run_files import RunFiles, load_matching_state, pretrained_paths
 from run.start import make_dirs, setup
 
 PREDICTION_CHUNK = 4096  # sequences per forward call when predicting
 
 
 class BasicTrainer:
-    def __init__(self, args, data, device):
-        """``args``: the flags, to build the configs and the run's files, and kept in the checkpoints."""
-        self.args = args
-        self.config = config = BasicConfig.from_args(args)
+    def __init__(self, run, data, device):
+        """``run``: its BasicRunConfig."""
+        self.config = config = run.basic
         self.data = data
         self.device = device
-        self.model_config = ModelConfig.from_args(args, data.num_items)
-        self.model = model_factory(self.model_config).to(device)
+        self.model = model_factory(run.model).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.pretraining_lr)
         # --use_learned_loss_baseline: weight the loss with the LSTM task-state encoder
         self.encoder = None
@@ -55,13 +54,13 @@ class BasicTrainer:
                                             config.lstm_num_layers, use_softmax=config.use_softmax).to(device)
             self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters())
         self.loss_scale = loss_scale(config.normalize_loss)
-        tasks = TaskConfig.from_args(args)
+        tasks = run.tasks
         self.sampler = TaskSampler(data, tasks)
         generator = torch.Generator().manual_seed(config.random_seed)
         self.train_loader = DataLoader(
             PretrainDataset(data, data.train_users, tasks, seed=config.random_seed),
             batch_size=config.pretraining_batch_size, shuffle=True, generator=generator)
-        self.files = RunFiles(args, args.pretrain_log_dir, "basic")
+        self.files = RunFiles(run.files, "basic")
         self.epoch, self.best_rmse, self.best_epoch = 0, math.inf, 0
         self.own_stream_restored = False   # a resumed process that got its own dropout stream back
 
@@ -132,14 +131,14 @@ class BasicTrainer:
                         distributed.broadcast_parameters(module)
                 if not self.own_stream_restored:
                     distributed.own_dropout_stream()
-                print(f"Starting Basic model training ({self.model_config.model}, {config.pretrain_epochs} epochs)")
+                print(f"Starting Basic model training ({self.files.config.model}, {config.pretrain_epochs} epochs)")
                 for epoch in Progress("Basic", self.epoch + 1, config.pretrain_epochs, unit="epoch",
                                       shown=distributed.is_main()):
                     self._train_and_validate(epoch, valid_tasks, writer)
                     stop.stop_if_requested(epoch, f"epoch {epoch}", self._checkpoint_to_resume)
         self.files.print_summary(self.best_epoch, self.best_rmse)
         if config.save_pretrained:
-            print(f"Pretrained embedding: {self.files.pretrained[0]}")
+            print(f"Pretrained embedding: {pretrained_paths(self.files.config)['embedding']}")
         evaluation.warn_if_worse_than_the_mean(self.best_rmse, valid_tasks, self.data,
                                                "change --pretraining_lr or train longer")
         print("Done.")
@@ -149,10 +148,11 @@ class BasicTrainer:
         """A new run replaces an earlier run's pretrained files and curves (or, if it fails, leaves none)."""
         self.files.refuse_earlier_run("Basic")
         if distributed.is_main():
-            for path in self.files.pretrained:
+            pretrained = pretrained_paths(self.files.config).values()
+            for path in pretrained:
                 path.unlink(missing_ok=True)
             if self.config.save_pretrained:
-                make_dirs(*(path.parent for path in self.files.pretrained))
+                make_dirs(*(path.parent for path in pretrained))
             shutil.rmtree(self.files.events, ignore_errors=True)
 
     def _train_and_validate(self, epoch, valid_tasks, writer):
@@ -187,17 +187,18 @@ class BasicTrainer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "epoch": self.epoch, "valid_rmse": self.best_rmse, "best_epoch": self.best_epoch,
                  "rng": rng, "loader": self.train_loader.generator.get_state(),
-                 "sequences": self.train_loader.dataset.rng.bit_generator.state, "args": vars(self.args), **marks}
+                 "sequences": self.train_loader.dataset.rng.bit_generator.state,
+                 "args": dict(self.files.config.flags), **marks}
         if self.encoder is not None:
             state.update(encoder=self.encoder.state_dict(), encoder_optimizer=self.encoder_optimizer.state_dict())
         self.files.save(state, self.epoch, best)
         if best and self.config.save_pretrained:
-            self.files.save_pretrained(self.model)
+            save_pretrained(self.files.config, self.model)
 
     def load(self, step, resume=False):
         """Load a checkpoint: the model to test it; everything to resume training after its epoch."""
         state = self.files.load(step, best=not resume, device=self.device)
-        checkpoints.check_changed_settings(state["args"], vars(self.args), step, resume)
+        checkpoints.check_changed_settings(state["args"], dict(self.files.config.flags), step, resume)
         load_matching_state(self.model, state["model"], f"checkpoint of epoch {step}", self.files.made_by)
         if not resume:
             return
@@ -222,7 +223,7 @@ class BasicTrainer:
 
 def main(argv=None):
     args, device, data = setup(argv, output_dir=lambda args: args.pretrain_log_dir)
-    trainer = BasicTrainer(args, data, device)
+    trainer = BasicTrainer(BasicRunConfig.from_args(args, data.num_items), data, device)
     if args.test:
         step = trainer.files.step_to_test()
         trainer.load(step)

@@ -24,6 +24,7 @@ import copy
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def outer_gradient(learner, batch, device, dtype, use_vmap, first_order=False):
     batch = batch.to(device)
     for name in ("support_ratings", "query_ratings"):
         setattr(batch, name, getattr(batch, name).to(dtype))
-    losses, _ = learner.adapt(learner.task_tensors(batch), range(learner.num_inner_steps), first_order=first_order,
+    losses, _ = learner.adapt(learner.task_tensors(batch), range(learner.config.num_inner_steps), first_order=first_order,
                               use_vmap=use_vmap)
     parameters = [p for p in learner.parameters() if p.requires_grad]
     gradients = torch.autograd.grad(losses.sum(dim=1).mean(), parameters, allow_unused=True)
@@ -151,7 +152,7 @@ def recomputed_steps_replay_dropout(args, data, batch, device):
     learner = MetaLearner(model_factory(ModelConfig.from_args(args, data.num_items)), MethodConfig.from_args(args))
     gradients = []
     for recompute_steps in (0, 2):
-        learner.recompute_steps = recompute_steps
+        learner.config = replace(learner.config, recompute_inner_steps=recompute_steps)
         torch.manual_seed(1)  # the same dropout draws in both runs
         gradients.append(outer_gradient(learner, batch, device, torch.float64, use_vmap=True)[1])
     error = relative_error(gradients[1], gradients[0])

@@ -72,7 +72,7 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
     import torch
 
     import main
-    from config import DataConfig
+    from config import DataConfig, MetaRunConfig
     from dataloader import load_data
     from options import parse_args
 
@@ -81,7 +81,7 @@ def measure(model, method, path, data_path, flags, warmup, iterations, profile=F
                        f"--use_vmap={path != 'loop'}", f"--compile={path == 'compiled'}", *flags])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_data(DataConfig.from_args(args))
-    trainer = main.MetaTrainer(args, data, device)
+    trainer = main.MetaTrainer(MetaRunConfig.from_args(args, data.num_items), data, device)
     seconds, first_step = [], None
     for i in range(warmup + iterations):
         batch = trainer.sampler.train_batch(args.batch_size).to(device)

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from config import DataConfig  # noqa: E402
+from config import DataConfig, MetaRunConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
 import main  # noqa: E402
 from options import parse_args  # noqa: E402
@@ -41,7 +41,7 @@ def time_iterations(rank, world_size, port, flags, iterations, out):
             stdout, sys.stdout = sys.stdout, quiet
             data = load_data(DataConfig.from_args(args))
             sys.stdout = stdout
-        trainer = main.MetaTrainer(args, data, torch.device("cpu"))
+        trainer = main.MetaTrainer(MetaRunConfig.from_args(args, data.num_items), data, torch.device("cpu"))
         seconds = []
         for _ in range(iterations + 1):   # the first is the warm-up
             batch = trainer.sampler.train_batch(args.batch_size)

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from config import DataConfig, ModelConfig  # noqa: E402
+from config import DataConfig, ModelConfig, RunFilesConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
 from models import model_factory  # noqa: E402
 from options import parse_args  # noqa: E402
@@ -33,7 +33,7 @@ from run.atomic_files import save_checked  # noqa: E402
 from run.start import make_dirs  # noqa: E402
 from reference_parity import NAMES, fit, import_reference, our_name, reference_workdir  # noqa: E402
 from reference_study import clock_reseeds_seeded, reference_run_parser, train_reference_basic  # noqa: E402
-from run.run_files import pretrained_embedding_path, run_identity  # noqa: E402
+from run.run_files import pretrained_paths, run_identity  # noqa: E402
 
 # where each reference model keeps the embedding that its Basic saves
 EMBEDDING_MODULE = {"bert4rec": "bert.bert_embedding.", "sasrec": "bert.bert_embedding."}
@@ -71,9 +71,9 @@ def main(argv=None):
             basic = train_reference_basic(reference, options.seed, options.pretrain_epochs)
         saved = [path for path in Path(basic._embedding_dir).iterdir() if path.is_file()]
         reference_state = torch.load(saved[0], map_location="cpu")
-    path = pretrained_embedding_path(ours)
+    path = pretrained_paths(RunFilesConfig.from_args(ours))["embedding"]
     make_dirs(path.parent)
-    save_checked({"identity": run_identity(ours),
+    save_checked({"identity": run_identity(RunFilesConfig.from_args(ours)),
                  "state": in_our_layout(reference_state, options.model, our_embedding)}, path)
     print(f"the reference's Basic chose epoch {basic.best_step + 1} of {options.pretrain_epochs} "
           f"(validation RMSE {basic.best_valid_rmse_loss:.4f}); its embedding -> {path}")

@@ -45,7 +45,7 @@ from torch.func import functional_call
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from config import DataConfig, MethodConfig, ModelConfig, TaskConfig  # noqa: E402
+from config import DataConfig, MetaRunConfig, MethodConfig, ModelConfig, TaskConfig  # noqa: E402
 from dataloader import load_data  # noqa: E402
 from inner_loop_optimizers import _key  # noqa: E402
 from main import MetaTrainer  # noqa: E402
@@ -345,7 +345,7 @@ def compare_training(reference, flags, model_name, data, num_tasks, iterations):
     schedule = [f"--num_train_iterations={iterations}", f"--multi_step_loss_num_epochs={max(1, iterations // 2)}"]
     maml = reference_learner(reference, [*flags, *schedule])
     args = parse_args([*flags, *schedule, *OUR_FLAGS])
-    trainer = MetaTrainer(args, data, torch.device("cpu"))
+    trainer = MetaTrainer(MetaRunConfig.from_args(args, data.num_items), data, torch.device("cpu"))
     our_learner(args, maml, model_name, data.num_items, trainer.learner)
     tasks = TaskSampler(data, TaskConfig.from_args(args)).fixed_tasks("test")
     tasks.support_ratings, tasks.query_ratings = tasks.support_ratings.double(), tasks.query_ratings.double()

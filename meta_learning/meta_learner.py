@@ -65,19 +65,11 @@ class MetaLearner(nn.Module):
         """``model``: the recommender, θ its parameters; ``config``: a config.MethodConfig."""
         super().__init__()
         self.model = model
-        self.model_name = config.model
-        self.method = config.method
         self.config = config
-        self.num_inner_steps = config.num_inner_steps
-        self.support_chunks = config.support_chunks            # None: default_support_chunks
-        self.recompute_steps = config.recompute_inner_steps    # None: default_recompute_steps
         self.inner_optimizer = LSLRGradientDescentLearningRule(
             dict(model.named_parameters()), num_inner_steps=config.num_inner_steps,
             init_learning_rate=config.inner_lr, use_learnable_learning_rates=config.use_learnable_params)
-        self.use_focal_loss = config.use_focal_loss
         self.loss_scale = loss_scale(config.normalize_loss)
-        self.normalize_weights = config.normalize_weights
-        self.task_info_features = config.task_info_features
         # MELO's networks: one task-state encoder (LSTM or MLP) and / or the loss network
         self.encoder = (TaskStateEncoder(config.lstm_input_size, config.lstm_hidden, config.lstm_num_layers,
                                          use_softmax=config.use_softmax)
@@ -88,13 +80,17 @@ class MetaLearner(nn.Module):
                                          use_step_loss=config.use_step_loss)
                              if config.use_loss_network else None)
 
+    @property
+    def method(self):
+        return self.config.method
+
     # --- the method ---------------------------------------------------------------------
     def support_loss(self, params, step, task):
         """The inner-loop loss of one task: Σ w·ℓ / #real positions, or with the loss
         network its per-sequence losses averaged over the real sequences."""
         ratings, mask = task["support_ratings"], task["support_mask"]                  # [S, L]
         predictions = predict_in_chunks(self.model, params, task["support_item_chunks"], mask.shape[-1])
-        losses = rating_errors(predictions, ratings, self.loss_scale, focal=self.use_focal_loss) * mask
+        losses = rating_errors(predictions, ratings, self.loss_scale, focal=self.config.use_focal_loss) * mask
         losses = losses * self.support_weights(task, predictions, losses)
         if self.loss_network is not None:
             real_rows = mask[:, -1]
@@ -142,7 +138,7 @@ class MetaLearner(nn.Module):
         The last step's graph is the first one the backward needs, so rebuilding it would
         save nothing: at most num_inner_steps - 1 steps count."""
         task = self.with_encoder_weights(task)
-        recompute_steps = self.recompute_steps
+        recompute_steps = self.config.recompute_inner_steps
         if recompute_steps is None:
             recompute_steps = default_recompute_steps(task["support_mask"].device)
         if first_order or not torch.is_grad_enabled():
@@ -151,9 +147,9 @@ class MetaLearner(nn.Module):
             recompute_steps = 0  # recomputing does not trace; a compiled graph plans its own memory
         params = dict(self.model.named_parameters())  # θ_0, shared by the tasks
         query_losses = []
-        for step in range(self.num_inner_steps):
+        for step in range(self.config.num_inner_steps):
             adapt = partial(self.adapt_step, step=step, first_order=first_order, use_vmap=use_vmap)
-            if step < min(recompute_steps, self.num_inner_steps - 1):
+            if step < min(recompute_steps, self.config.num_inner_steps - 1):
                 params = recomputed(adapt, params, task, self.weighting_parameters())
             else:
                 params = adapt(params, task)
@@ -168,7 +164,7 @@ class MetaLearner(nn.Module):
         (``query_step_weights``), averaged over the tasks; and the target predictions [T, Q].
         A function of the meta-parameters alone, so that ``torch.func.grad`` of it is the
         meta-gradient (meta_learning/meta_gradient.py)."""
-        num_steps = self.num_inner_steps
+        num_steps = self.config.num_inner_steps
         query_losses, predictions = self.adapt(task, range(num_steps - len(step_weights), num_steps),
                                                first_order=self.config.first_order,
                                                use_vmap=self.config.use_vmap)          # [T, len(step_weights)]
@@ -180,7 +176,7 @@ class MetaLearner(nn.Module):
         every step's query loss, else the last step's alone."""
         config = self.config
         if config.use_multi_step and iteration < config.multi_step_loss_num_epochs:
-            return importance_vector(iteration, self.num_inner_steps, config.multi_step_loss_num_epochs)
+            return importance_vector(iteration, self.config.num_inner_steps, config.multi_step_loss_num_epochs)
         return torch.ones(1)
 
     def meta_loss(self, batch, iteration):
@@ -191,7 +187,7 @@ class MetaLearner(nn.Module):
     def adapted_predictions(self, batch):
         """The target predictions [T, Q] after adapting to each task, without an outer graph
         (validation and testing)."""
-        return self.adapt(self.task_tensors(batch), (self.num_inner_steps - 1,), first_order=True,
+        return self.adapt(self.task_tensors(batch), (self.config.num_inner_steps - 1,), first_order=True,
                           use_vmap=self.config.use_vmap)[1]
 
     # --- what the inner loop reads --------------------------------------------------------
@@ -211,8 +207,8 @@ class MetaLearner(nn.Module):
         compiled graph needs — kept whole."""
         support_mask = batch.support_mask
         if support_chunks is None:
-            support_chunks = self.support_chunks or default_support_chunks(self.model_name, support_mask.device,
-                                                                           self.config.use_vmap)
+            support_chunks = self.config.support_chunks or default_support_chunks(
+                self.config.model, support_mask.device, self.config.use_vmap)
         order = support_mask.sum(-1).argsort(dim=1, descending=True, stable=True)  # [T, S]
 
         def longest_first(rows):  # [T, S, L] -> the same rows in ``order``
@@ -221,7 +217,7 @@ class MetaLearner(nn.Module):
         support_items = longest_first(batch.support_items)
         task = {
             "support_item_chunks": (support_item_chunks(support_items, support_chunks)
-                                    if self.model_name in PADDING_FREE_MODELS and not whole_rows
+                                    if self.config.model in PADDING_FREE_MODELS and not whole_rows
                                     else (support_items,)),
             "support_ratings": longest_first(batch.support_ratings),
             "support_mask": longest_first(support_mask),
@@ -250,7 +246,7 @@ class MetaLearner(nn.Module):
         """With --normalize_weights, scale each task's weights [..., S, L] to mean 1 over its
         real positions: the encoder then shifts the loss between interactions, and the
         size of the inner step stays with the learnable rates α."""
-        if not self.normalize_weights:
+        if not self.config.normalize_weights:
             return weights
         mean = (weights * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum(dim=(-2, -1), keepdim=True)
         return weights / (mean + 1e-8)
@@ -266,7 +262,7 @@ class MetaLearner(nn.Module):
             "predictions": predictions,
             "loss": losses,
         }
-        return torch.stack([columns[name] for name in self.task_info_features], dim=-1)
+        return torch.stack([columns[name] for name in self.config.task_info_features], dim=-1)
 
     def _rating_stats(self, batch):
         """Per task mean and (unbiased) std of every real support rating, each counted once

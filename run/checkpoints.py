@@ -28,7 +28,7 @@ def training_state(trainer):
         "optimizers": {name: optimizer.state_dict() for name, optimizer in trainer.optimizers.items()},
         "sampler": trainer.sampler.state_dict(),
         "rng": rng_state(),
-        "args": vars(trainer.args),
+        "args": dict(trainer.files.config.flags),
         "resumed_from": trainer.resumed_from,
     }
 
@@ -60,7 +60,7 @@ def restore(trainer, state, step, resume):
     """Load a checkpoint's learner into a MetaTrainer, to test it; with ``resume`` put the
     whole trainer where the checkpoint left it, after checking that the command line changes
     nothing that a resumed run must keep."""
-    check_changed_settings(state["args"], vars(trainer.args), step, resume)
+    check_changed_settings(state["args"], dict(trainer.files.config.flags), step, resume)
     load_matching_state(trainer.learner, state["learner"], f"checkpoint of step {step}", trainer.files.made_by)
     trainer.best_valid_rmse = state["best_valid_rmse"]   # a best checkpoint's own: its test reports it
     if not resume:

@@ -1,5 +1,5 @@
 """A run's files: the folder named by what makes the run its own, its checkpoints and test
-results, and the pretrained files that Basic leaves for MAML and MELO.
+results, and where Basic leaves its pretrained files for MAML and MELO (run/pretrained.py).
 
     {--log_dir or --pretrain_log_dir}/{data folder}-{file}_seed{seed}_{model}_{digest}/
         state/{model}_{step}_best_{mode}_{method}.pt     MAML/MELO, when the validation improved
@@ -44,37 +44,37 @@ def _content_digest(path, size, modified):
     return digest.hexdigest()
 
 
-def run_identity(args, method="basic"):
+def run_identity(config, method="basic"):
     """The settings that make a run's files its own; stored in each of them and compared when
     one is loaded. For every run: the data file (its folder, name, size and content: a moved
     copy of the same file is the same data, a file edited in place is not), the flags of the
     data and the model's shape; for MAML and MELO also every other setting that changes what
     they compute (options.Flag)."""
-    data = Path(args.data_path)
+    data, flags = Path(config.data_path), config.flags
     identity = {"data": f"{data.parent.name}/{data.name}",
-                "data_bytes": data.stat().st_size if data.is_file() else None, "model": args.model}
+                "data_bytes": data.stat().st_size if data.is_file() else None, "model": config.model}
     if data.is_file():
         identity["data_sha256"] = _content_digest(str(data.resolve()), data.stat().st_size, data.stat().st_mtime_ns)
-    identity.update({name: getattr(args, name) for name in DATA_IDENTITY})
-    identity.update({flag.name: getattr(args, flag.name) for flag in FLAGS if args.model in flag.shape_of})
+    identity.update({name: flags[name] for name in DATA_IDENTITY})
+    identity.update({flag.name: flags[flag.name] for flag in FLAGS if config.model in flag.shape_of})
     if method in META_METHODS:
-        identity.update({name: getattr(args, name) for name in META_IDENTITY})
+        identity.update({name: flags[name] for name in META_IDENTITY})
     return identity
 
 
-def run_folder(args, root, method="basic"):
+def run_folder(config, root, method="basic"):
     """The folder of this run's files under ``root`` (--log_dir or --pretrain_log_dir):
     ``<data folder>-<file>_seed<seed>_<model>_<digest of the identity>``; main.py finds
     Basic's embedding under --pretrain_log_dir by Basic's identity."""
-    identity = run_identity(args, method)
+    identity = run_identity(config, method)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    data = Path(args.data_path)
-    return Path(root) / f"{data.parent.name}-{data.stem}_seed{args.random_seed}_{args.model}_{digest}"
+    data = Path(config.data_path)
+    return Path(root) / f"{data.parent.name}-{data.stem}_seed{config.random_seed}_{config.model}_{digest}"
 
 
-def check_identity(saved, args, what, made_by, method="basic"):
+def check_identity(saved, config, what, made_by, method="basic"):
     """A clear error when a file was made for other data or settings than this run's."""
-    ours = run_identity(args, method)
+    ours = run_identity(config, method)
     differs = [f"{key} {saved.get(key)!r} (now {value!r})" for key, value in ours.items() if saved.get(key) != value]
     if differs:
         raise UserError(f"{what} was made for other data or settings: {', '.join(differs)}; {made_by}")
@@ -114,22 +114,23 @@ def refuse_non_finite(state, what, advice):
 
 
 class RunFiles:
-    """The files of one run of ``method`` ("basic", "maml", "melo" or "mean_rating") with the
-    flags ``args``, under ``root`` (its --log_dir, or --pretrain_log_dir for Basic)."""
+    """The files of one run of ``method`` ("basic", "maml", "melo" or "mean_rating") of the
+    RunFilesConfig ``config``, under its --log_dir (--pretrain_log_dir for Basic)."""
 
-    def __init__(self, args, root, method):
-        self.args = args
+    def __init__(self, config, method):
+        self.config = config
         self.method = method
-        self.folder = run_folder(args, root, method)
+        root = config.pretrain_log_dir if method == "basic" else config.log_dir
+        self.folder = run_folder(config, root, method)
         self.state = self.folder / "state"
-        self.events = self.folder / "runs" / f"{args.model}_{args.mode}_{method}"
+        self.events = self.folder / "runs" / f"{config.model}_{config.mode}_{method}"
         script = "train_original.py" if method == "basic" else "main.py"
         self.root_flag = f"--{'pretrain_log_dir' if method == 'basic' else 'log_dir'}={root}"
         self.made_by = f"{script} with {self.root_flag} and the same --model/--mode/method"
 
     @property
     def identity(self):
-        return run_identity(self.args, self.method)
+        return run_identity(self.config, self.method)
 
     def make(self):
         """The run's state folder, with a clear error when it cannot be written."""
@@ -139,7 +140,7 @@ class RunFiles:
         """A checkpoint's file name with ``{step}`` for its step: the best validations', or with
         ``best=False`` every validation's (and a stopped run's); Basic's best epochs', or with
         ``best=False`` a stopped run's."""
-        model, mode = self.args.model, self.args.mode
+        model, mode = self.config.model, self.config.mode
         if self.method == "basic":   # the one a stopped run resumes from: without "_best"
             return f"{model}_{{step}}_no_meta{'_best' if best else ''}"
         return f"{model}_{{step}}_{'best_' if best else ''}{mode}_{self.method}.pt"
@@ -153,7 +154,7 @@ class RunFiles:
     def results(self, step=None, best=True):
         """The JSON of the test of a checkpoint, beside it (the mean-rating baseline's in the folder)."""
         if self.method == "mean_rating":
-            return self.folder / f"mean_rating_{self.args.mode}_test.json"
+            return self.folder / f"mean_rating_{self.config.mode}_test.json"
         return self.state / f"{self.checkpoint(step, best).name.removesuffix('.pt')}_test.json"
 
     def save(self, state, step, best=True):
@@ -201,7 +202,7 @@ class RunFiles:
             if self._own_file(leftover.name[len(TEMPORARY_PREFIX):].rpartition(".")[0]):
                 leftover.unlink(missing_ok=True)
         if self.method == "basic":
-            for path in self.pretrained:
+            for path in pretrained_paths(self.config).values():
                 remove_temporaries(path)
 
     def _own_file(self, name):
@@ -210,47 +211,12 @@ class RunFiles:
         return any(checkpoint_steps_regex(self.pattern(best)).match(candidate)
                    for best in (True, False) for candidate in (name, stem, f"{stem}.pt"))
 
-    @property
-    def pretrained(self):
-        """Basic's embedding and whole model for MAML and MELO (--save_pretrained=True)."""
-        return pretrained_embedding_path(self.args), pretrained_model_path(self.args)
-
-    def save_pretrained(self, model):
-        embedding, whole = self.pretrained
-        try:
-            save_checked({"identity": self.identity, "state": model.embedding.state_dict()}, embedding)
-            save_checked({"identity": self.identity, "state": model.state_dict()}, whole)
-        except WriteError as error:
-            raise UserError(f"{error}; free some space and train Basic again") from None
-
-    def load_pretrained(self, model):
-        """Start ``model`` from Basic's embedding with --load_pretrained_embedding, or from its
-        whole model with --load_pretrained (checked to be of these data and model flags)."""
-        args = self.args
-        if not (args.load_pretrained_embedding or args.load_pretrained):
-            return
-        embedding, whole = self.pretrained
-        module, path, what = ((model.embedding, embedding, "embedding") if args.load_pretrained_embedding
-                              else (model, whole, "model"))
-        if not path.is_file():
-            raise UserError(f"no pretrained {what} at {path}; make it first with: {pretraining_command(args)}")
-        try:
-            saved = load_checked(path, map_location="cpu", weights_only=True)
-            identity, state = saved["identity"], saved["state"]
-        except Exception as error:  # a damaged or foreign file: say which and why
-            raise UserError(f"cannot read pretrained {what} {path}: {error}; make it again with: "
-                            f"{pretraining_command(args)}") from None
-        check_identity(identity, args, f"pretrained {what} {path}", pretraining_command(args))
-        refuse_non_finite(state, f"pretrained {what} {path}", f"make it again with: {pretraining_command(args)}")
-        load_matching_state(module, state, f"pretrained {what} {path}", pretraining_command(args))
-        print(f"Loaded pretrained {what} from {path}")
-
     def report_test(self, metrics, title, step=None, best=True, **extra):
         """Print a test's metrics and write them, with the flags and the run's identity, beside
         the checkpoint tested; returns the metrics."""
         evaluation.print_test(metrics, title)
         path = self.results(step, best)
-        write_json(path, evaluation.test_record(metrics, vars(self.args), method=self.method, checkpoint_step=step,
+        write_json(path, evaluation.test_record(metrics, dict(self.config.flags), method=self.method, checkpoint_step=step,
                                                 identity=self.identity, **extra))
         print(f"Results written to {path}")
         return metrics
@@ -266,8 +232,8 @@ class RunFiles:
 
     def step_to_test(self, best=True):
         """--checkpoint_step, or without it the highest step with a checkpoint."""
-        if self.args.checkpoint_step >= 0:
-            return self.args.checkpoint_step
+        if self.config.checkpoint_step >= 0:
+            return self.config.checkpoint_step
         steps = self.steps(best)
         if not steps:
             raise UserError(f"nothing to test: no checkpoint {self.pattern(best).format(step='N')} in "
@@ -293,7 +259,7 @@ class RunFiles:
             raise UserError(f"{reason}; {self._last_good(step, 'resume or test it')}") from None
         if "identity" not in state:
             raise UserError(f"{path} is damaged: it lost its run's identity; {self._last_good(step, 'resume or test it')}")
-        check_identity(state["identity"], self.args, f"checkpoint of step {step}",
+        check_identity(state["identity"], self.config, f"checkpoint of step {step}",
                        f"it belongs to another run: give that run's flags, or another {self.root_flag.split('=')[0]}",
                        self.method)
         refuse_non_finite(state.get("learner", state.get("model", {})), f"checkpoint {path}",
@@ -309,7 +275,7 @@ class RunFiles:
             state = load_checked(path, map_location=device, weights_only=False)
         except Exception as error:  # a damaged or foreign file: say which and why
             raise UserError(f"cannot read checkpoint {path}: {error}") from None
-        check_identity(state.get("identity", {}), self.args, f"--resume_from={path}",
+        check_identity(state.get("identity", {}), self.config, f"--resume_from={path}",
                        "give the data and model flags of the run that wrote it")
         refuse_non_finite(state.get("learner", {}), f"checkpoint {path}", "give another checkpoint")
         return state
@@ -349,7 +315,7 @@ class RunFiles:
         found = sorted({step for pattern in patterns for step in checkpoint_steps(self.state, pattern)})
         if not found:
             return
-        if not self.args.overwrite:
+        if not self.config.overwrite:
             raise UserError(f"{self.state} holds checkpoints of an earlier {what} run with these settings "
                             f"(steps {', '.join(map(str, found))}): resume it with --checkpoint_step={found[-1]}, "
                             "test it with --test, or start it again with --overwrite=True, which deletes them")
@@ -360,23 +326,11 @@ class RunFiles:
         print(f"--overwrite=True: deleted the earlier {what} run's checkpoints in {self.state}")
 
 
-def pretrained_embedding_path(args):
-    """Where train_original.py --save_pretrained=True puts the embedding part."""
-    name = f"{args.model}_embedding_{args.mode}"
-    if args.model in ("bert4rec", "sasrec"):
-        name += f"_{args.bert_hidden_units}_{args.bert_num_blocks}_{args.bert_num_heads}"
-    return run_folder(args, args.pretrain_log_dir) / "embedding" / name
-
-
-def pretrained_model_path(args):
-    """Where train_original.py --save_pretrained=True puts the whole model."""
-    name = (f"{args.model}_pretrained_{args.mode}_{args.bert_hidden_units}_"
-            f"{args.bert_num_blocks}_{args.bert_num_heads}")
-    return run_folder(args, args.pretrain_log_dir) / "pretrained" / name
-
-
-def pretraining_command(args):
-    """The train_original.py command that writes the pretrained files for these flags."""
-    return (f"python train_original.py --model={args.model} --mode={args.mode} "
-            f"--data_path={args.data_path} --pretrain_log_dir={args.pretrain_log_dir} "
-            f"--save_pretrained=True (with the same model and data flags)")
+def pretrained_paths(config):
+    """Where train_original.py --save_pretrained=True puts Basic's embedding and its whole
+    model, in the names the reference gives them."""
+    folder = run_folder(config, config.pretrain_log_dir)
+    sizes = f"{config.bert_hidden_units}_{config.bert_num_blocks}_{config.bert_num_heads}"
+    embedding = f"{config.model}_embedding_{config.mode}" + (f"_{sizes}" if config.model in ("bert4rec", "sasrec") else "")
+    return {"embedding": folder / "embedding" / embedding,
+            "model": folder / "pretrained" / f"{config.model}_pretrained_{config.mode}_{sizes}"}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import options
+from config import RunFilesConfig
 from run.run_files import RunFiles
 from study.study_options import PROJECT_DIR, RUN_VARIANTS, TITLES, data_flags
 
@@ -39,7 +40,7 @@ class Run:
     folder: Path                     # holds <method>.log, <method>.json and <method>/
     train_command: list[str] | None
     test_command: list[str]
-    final_step: int = 0              # MAML/MELO: the last outer iteration
+    final_step: int = 0              # Basic's last epoch, MAML's / MELO's last outer iteration
     threads: int | None = None       # with --jobs: the run's OMP_NUM_THREADS
     may_diverge: bool = False        # a run only to be chosen among: diverging is one of its outcomes
 
@@ -53,8 +54,20 @@ class Run:
     def files(self):
         """The script's own files for this run (run_files.RunFiles) under the --log_dir /
         --pretrain_log_dir given to it; MELO's variants are main.py's "melo"."""
-        return RunFiles(options.parse_args(script_flags(self.test_command)), self.folder / self.method,
+        return RunFiles(RunFilesConfig.from_args(options.parse_args(script_flags(self.test_command))),
                         SCRIPT_METHOD[self.method])
+
+    def last_checkpoint_step(self):
+        """The step of the run's last resumable checkpoint, None when there is none to resume from."""
+        if self.method == "mean_rating":
+            return None
+        steps = self.files.steps(best=False)
+        return steps[-1] if steps else None
+
+    def share_left(self):
+        """The share of the run's training still to do: all of it but what its last checkpoint holds."""
+        step = self.last_checkpoint_step()
+        return 1.0 if step is None or not self.final_step else max(0.0, 1 - step / self.final_step)
 
     @property
     def log_path(self):
@@ -190,8 +203,9 @@ class Estimate:
         return 1.0
 
     def minutes(self, runs):
-        """The minutes that ``runs`` should take, with --jobs sharing the cores."""
-        return sum(self.expected(run) * self.factor(run) for run in runs) / self.study.jobs / 60
+        """The minutes that ``runs`` should take, with --jobs sharing the cores; a run resumed from
+        a checkpoint needs only the share of its training that is left."""
+        return sum(self.expected(run) * self.factor(run) * run.share_left() for run in runs) / self.study.jobs / 60
 
     def left(self):
         """'about N min left': the study's runs that have no record yet (one starting among them)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from config import DataConfig
+from config import BasicRunConfig, DataConfig, MetaRunConfig
 from dataloader import load_data
 from fixtures import run_dir
 import main
@@ -53,7 +53,7 @@ def outer_steps(ratings_file, log_dir):
         data = load_data(DataConfig.from_args(args))
         for num_tasks in (16, 15):
             torch.manual_seed(0)  # the encoder's initialisation
-            trainer = main.MetaTrainer(args, data, torch.device("cpu"))
+            trainer = main.MetaTrainer(MetaRunConfig.from_args(args, data.num_items), data, torch.device("cpu"))
             trainer.learner.double()
             batch = trainer.sampler.train_batch(num_tasks)
             batch.support_ratings, batch.query_ratings = batch.support_ratings.double(), batch.query_ratings.double()
@@ -77,7 +77,8 @@ def basic_epochs(ratings_file, log_dir):
         args = parse_args([f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={log_dir}",
                            "--pretraining_batch_size=16", *flags])
         torch.manual_seed(0)
-        trainer = train_original.BasicTrainer(args, load_data(DataConfig.from_args(args)), torch.device("cpu"))
+        data = load_data(DataConfig.from_args(args))
+        trainer = train_original.BasicTrainer(BasicRunConfig.from_args(args, data.num_items), data, torch.device("cpu"))
         trainer.model.double()
         if trainer.encoder is not None:
             trainer.encoder.double()

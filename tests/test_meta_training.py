@@ -1,4 +1,5 @@
-"""MAML / MELO meta-training (main.py, meta_learning/meta_learner.py) on small fixture data."""
+"""MAML / MELO meta-training runs (main.py): training, checkpoints and resuming, testing,
+Basic's pretrained files, and the runs that stop on a non-finite number."""
 import json
 import math
 import os
@@ -6,13 +7,11 @@ import os
 import pytest
 import torch
 
-from config import DataConfig
+from config import DataConfig, MetaRunConfig, RunFilesConfig
 from dataloader import load_data
-from fixtures import METHOD_FLAGS, TINY, run_dir, tiny_args, tiny_learner, write_ratings
+from fixtures import TINY, run_dir, tiny_args, write_ratings
 import main
-from meta_learning.inner_loop_execution import default_recompute_steps, default_support_chunks, one_task
-from meta_learning.meta_learner import importance_vector
-from options import PADDING_FREE_MODELS, FlagError, parse_args
+from options import parse_args
 from run import run_files
 from run.atomic_files import load_checked
 from run.errors import UserError
@@ -20,180 +19,6 @@ from run.start import setup
 import train_original
 
 MODELS = ("bert4rec", "sasrec", "gru4rec", "narm", "ncf")
-
-
-def outer_step(learner, batch, num_inner_steps, use_vmap=True):
-    """Every step's query losses, the target predictions, and the meta-gradient of their
-    batch mean (None for a parameter that the step does not reach)."""
-    losses, predictions = learner.adapt(learner.task_tensors(batch), range(num_inner_steps), use_vmap=use_vmap)
-    gradients = torch.autograd.grad(losses.sum(dim=1).mean(),
-                                    [p for p in learner.parameters() if p.requires_grad],
-                                    allow_unused=True)
-    return losses, predictions, gradients
-
-
-# --- the MAML++ multi-step importance vector ----------------------------------------------
-@pytest.mark.parametrize("iteration", [0, 250, 500, 1000, 5000])
-def test_importance_vector_follows_its_formula(iteration):
-    J, N = 3, 1000
-    weights = importance_vector(iteration, J, N)
-    non_final = max(1 / J - iteration / (J * N), 0.03 / J)
-    final = min(1 / J + iteration * (J - 1) / (J * N), 1 - (J - 1) * 0.03 / J)
-    assert weights.tolist() == pytest.approx([non_final, non_final, final])
-    assert weights.sum().item() == pytest.approx(1.0)
-
-
-def test_importance_vector_at_the_ends():
-    assert importance_vector(0, 4, 100).tolist() == pytest.approx([0.25] * 4)
-    assert importance_vector(100, 4, 100).tolist() == pytest.approx([0.0075] * 3 + [1 - 3 * 0.0075])
-
-
-# --- vmap and the per-task loop give the same meta-gradients --------------------------------
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp", "melo-variants"])
-def test_vmap_and_loop_agree_on_an_outer_step(ratings_file, model, method):
-    # the reference's NCF is linear and unbounded: a cubic loss in stars diverges at lr >= 0.01
-    inner_lr = 0.001 if (model, method) == ("ncf", "melo-variants") else 0.1
-    args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
-                                        f"--inner_lr={inner_lr}", *METHOD_FLAGS[method], dtype=torch.float64)
-    learner.train()
-    results = [outer_step(learner, batch, args.num_inner_steps, use_vmap) for use_vmap in (True, False)]
-    (losses_v, pred_v, grads_v), (losses_l, pred_l, grads_l) = results
-    assert torch.isfinite(losses_v).all()
-    torch.testing.assert_close(losses_v, losses_l, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(pred_v, pred_l, rtol=1e-9, atol=1e-9)
-    for g_v, g_l in zip(grads_v, grads_l):
-        assert (g_v is None) == (g_l is None)
-        if g_v is not None:
-            torch.testing.assert_close(g_v, g_l, rtol=1e-5, atol=1e-9)
-    assert any(g is not None and g.abs().sum() > 0 for g in grads_v)
-
-
-@pytest.mark.parametrize("chunks", [1, 2, 4])
-def test_support_chunks_cut_only_padding(ratings_file, chunks):
-    args, learner, batch = tiny_learner(ratings_file)
-    task = learner.task_tensors(batch, chunks)
-    item_chunks = task["support_item_chunks"]
-    num_tasks, num_rows, length = batch.support_items.shape
-    assert len(item_chunks) == chunks
-    # left-padded back to full length, the chunks are each task's rows, longest first
-    rows = torch.cat([torch.nn.functional.pad(c, (length - c.shape[-1], 0)) for c in item_chunks], dim=1)
-    torch.testing.assert_close((rows > 0).float(), task["support_mask"])
-    lengths = task["support_mask"].sum(-1)
-    assert (lengths[:, :-1] >= lengths[:, 1:]).all()
-    for t in range(num_tasks):
-        assert sorted(map(tuple, rows[t].tolist())) == sorted(map(tuple, batch.support_items[t].tolist()))
-    if chunks == 4:
-        assert sum(c.shape[1] * c.shape[2] for c in item_chunks) < num_rows * length  # something was cut
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_support_loss_on_chunks_is_the_masked_loss_of_the_batch_as_sampled(ratings_file, model):
-    # whole rows, padding included, for the models that read the padding
-    args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
-                                        "--use_adaptive_loss=False", dtype=torch.float64)
-    task = learner.task_tensors(batch, support_chunks=4 if model in PADDING_FREE_MODELS else 1)
-    params = dict(learner.model.named_parameters())
-    for t in range(len(batch)):
-        mask = batch.support_mask[t]
-        predictions = learner.model(batch.support_items[t])                      # [S, L], whole rows
-        expected = (((predictions - batch.support_ratings[t] / 5) ** 2) * mask).sum() / mask.sum()
-        loss = learner.support_loss(params, 0, one_task(task, t))
-        assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_support_chunks_by_default_only_where_exact_and_on_a_vmapped_cpu_batch(model):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    chunks = default_support_chunks(model, cpu, use_vmap=True)
-    assert chunks > 1 if model in PADDING_FREE_MODELS else chunks == 1  # cutting padding is exact only there
-    assert default_support_chunks(model, cpu, use_vmap=False) == 1
-    assert default_support_chunks(model, cuda, use_vmap=True) == 1
-
-
-@pytest.mark.parametrize("model", [m for m in MODELS if m not in PADDING_FREE_MODELS])
-def test_support_chunks_are_refused_for_models_that_read_the_padding(model):
-    with pytest.raises(FlagError, match="reads the padding"):
-        parse_args([f"--model={model}", "--support_chunks=2"])
-    assert parse_args([f"--model={model}", "--support_chunks=1"]).support_chunks == 1
-
-
-@pytest.mark.parametrize("model", PADDING_FREE_MODELS)
-@pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp"])
-def test_support_chunks_change_no_outer_step(ratings_file, model, method):
-    results = []
-    for chunks in (1, 4):
-        torch.manual_seed(0)  # the encoders' initialisation
-        args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
-                                            "--inner_lr=0.1", f"--support_chunks={chunks}",
-                                            *METHOD_FLAGS[method], dtype=torch.float64)
-        batch.support_items[:, -1], batch.support_ratings[:, -1] = 0, 0  # an all-padding chunk
-        learner.train()
-        losses, predictions, gradients = outer_step(learner, batch, args.num_inner_steps)
-        results.append((losses, predictions, [g for g in gradients if g is not None]))
-    (losses_1, predictions_1, gradients_1), (losses_4, predictions_4, gradients_4) = results
-    torch.testing.assert_close(losses_4, losses_1, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(predictions_4, predictions_1, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(gradients_4, gradients_1, rtol=1e-8, atol=1e-12)
-
-
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("method", ["maml", "melo", "melo-mlp"])
-@pytest.mark.parametrize("use_vmap", [True, False])
-def test_recomputed_inner_steps_give_the_same_outer_step(ratings_file, model, method, use_vmap):
-    # dropout on: the backward must replay the forward's random draws
-    results = []
-    for recompute in (0, 2):
-        torch.manual_seed(0)  # the encoders' initialisation
-        args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0.3",
-                                            "--inner_lr=0.1", f"--recompute_inner_steps={recompute}",
-                                            *METHOD_FLAGS[method], dtype=torch.float64)
-        learner.train()
-        torch.manual_seed(1)
-        results.append((*outer_step(learner, batch, args.num_inner_steps, use_vmap), torch.rand(1)))
-    (losses_kept, predictions_kept, gradients_kept, next_draw_kept), \
-        (losses_re, predictions_re, gradients_re, next_draw_re) = results
-    torch.testing.assert_close(losses_re, losses_kept, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(predictions_re, predictions_kept, rtol=1e-12, atol=1e-12)
-    for g_re, g_kept in zip(gradients_re, gradients_kept):
-        assert (g_re is None) == (g_kept is None)
-        if g_re is not None:
-            torch.testing.assert_close(g_re, g_kept, rtol=1e-9, atol=1e-12)
-    assert next_draw_re == next_draw_kept  # the replay left the random stream where it was
-    assert sum(g.abs().sum() for g in gradients_re if g is not None) > 0
-
-
-def test_recomputed_steps_keep_no_graph_and_default_to_one_on_the_cpu(ratings_file):
-    args, learner, batch = tiny_learner(ratings_file)
-    assert args.recompute_inner_steps is None
-    assert default_recompute_steps(torch.device("cpu")) == 1 and default_recompute_steps(torch.device("cuda")) == 0
-    nodes = []
-    for recompute in (0, 1, 2):
-        learner.recompute_steps = recompute
-        losses, _ = learner.adapt(learner.task_tensors(batch), range(args.num_inner_steps))
-        nodes.append(count_graph_nodes(losses))
-    assert nodes[0] > nodes[1] > nodes[2]
-
-
-def count_graph_nodes(tensor):
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return len(seen)
-
-
-def test_melo_weights_reach_the_support_loss(ratings_file):
-    args, learner, batch = tiny_learner(ratings_file, "--bert_dropout=0", dtype=torch.float64)
-    task = one_task(learner.with_encoder_weights(learner.task_tensors(batch)), 0)
-    params = dict(learner.model.named_parameters())
-    loss = learner.support_loss(params, 0, task)
-    doubled = dict(task, support_weights=2 * task["support_weights"])
-    assert learner.support_loss(params, 0, doubled).item() == pytest.approx(2 * loss.item())
-    weights = task["support_weights"]
-    assert (weights[task["support_mask"] == 0] == 0).all()
 
 
 # --- training lowers the query loss ---------------------------------------------------------
@@ -204,7 +29,7 @@ def test_meta_training_lowers_the_query_loss_on_a_fixed_batch(ratings_file, tmp_
     args = tiny_args(ratings_file, f"--model={model}", "--bert_dropout=0", "--outer_lr=0.01",
                      f"--use_adaptive_loss={use_adaptive_loss}", f"--log_dir={tmp_path}")
     data = load_data(DataConfig.from_args(args))
-    trainer = main.MetaTrainer(args, data, torch.device("cpu"))
+    trainer = main.MetaTrainer(MetaRunConfig.from_args(args, data.num_items), data, torch.device("cpu"))
     batch = trainer.sampler.train_batch(4)
     before = trainer.learner.meta_loss(batch, iteration=0)[0].item()
     for _ in range(8):
@@ -294,11 +119,11 @@ def test_test_uses_the_same_targets_as_basic(ratings_file, tmp_path):
     weights = result["encoder_weight_per_rating"]
     assert set(weights) == {"1", "2", "3", "4", "5"} and all(w > 0 for w in weights.values())
     args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--log_dir={tmp_path / 'log'}", "--num_train_iterations=2", "--log_interval=1"])
-    tested = main.MetaTrainer(args, data, device)
+    tested = main.MetaTrainer(MetaRunConfig.from_args(args, data.num_items), data, device)
     tested.load(2, best=True, resume=False)
     tested.learner.eval()
     assert weights == pytest.approx(tested.learner.mean_weight_per_rating(tested.sampler.fixed_tasks("test")))
-    untrained = main.MetaTrainer(args, data, device).learner.eval()
+    untrained = main.MetaTrainer(MetaRunConfig.from_args(args, data.num_items), data, device).learner.eval()
     assert weights != pytest.approx(untrained.mean_weight_per_rating(tested.sampler.fixed_tasks("test")))
 
     again = run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=1", "--test", "--checkpoint_step=2")
@@ -337,7 +162,7 @@ def test_pretrained_embedding_of_other_settings_is_never_loaded(ratings_file, tm
     # seed 222's embedding copied where seed 223's belongs is refused, not borrowed
     args = parse_args([*flags, "--random_seed=223"])
     theirs = next((tmp_path / "pre").glob("*/embedding/*"))
-    ours = run_files.pretrained_embedding_path(args)
+    ours = run_files.pretrained_paths(RunFilesConfig.from_args(args))["embedding"]
     ours.parent.mkdir(parents=True)
     ours.write_bytes(theirs.read_bytes())
     with pytest.raises(UserError, match=r"was made for other data or settings: random_seed 222 \(now 223\)"):
@@ -458,88 +283,8 @@ def test_test_without_any_checkpoint_says_to_train_first(ratings_file, tmp_path)
         run_main(ratings_file, tmp_path, "--test")
 
 
-def test_passes_of_fewer_tasks_give_the_same_outer_step(ratings_file, tmp_path):
-    runs = []
-    for tasks_per_pass in ("4", "1"):
-        args = tiny_args(ratings_file, "--bert_dropout=0", f"--tasks_per_pass={tasks_per_pass}",
-                         f"--log_dir={tmp_path}")
-        data = load_data(DataConfig.from_args(args))
-        torch.manual_seed(0)  # the encoder's initialisation
-        trainer = main.MetaTrainer(args, data, torch.device("cpu"))
-        metrics = trainer.train_step(trainer.sampler.train_batch(4))
-        runs.append((metrics, {name: p.grad for name, p in trainer.learner.named_parameters()
-                               if p.grad is not None}))
-    (metrics_whole, whole), (metrics_split, split) = runs
-    assert metrics_whole["rmse"] == pytest.approx(metrics_split["rmse"], rel=1e-6)
-    assert whole.keys() == split.keys() and len(whole) > 10
-    for name in whole:  # the meta-gradients (float32: the passes sum the tasks in another order)
-        torch.testing.assert_close(whole[name], split[name], rtol=1e-4, atol=1e-7, msg=name)
-
-
-@pytest.mark.parametrize("normalize", [True, False])
-def test_normalized_weights_have_mean_one_per_task(ratings_file, normalize):
-    args, learner, batch = tiny_learner(ratings_file, f"--normalize_weights={normalize}")
-    with torch.no_grad():
-        task = learner.with_encoder_weights(learner.task_tensors(batch))
-    weights, mask = task["support_weights"], task["support_mask"]            # [T, S, L]
-    means = (weights * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
-    if normalize:
-        torch.testing.assert_close(means, torch.ones_like(means))
-    else:
-        assert not torch.allclose(means, torch.ones_like(means), atol=1e-2)
-    assert (weights[mask == 0] == 0).all()
-
-
 def test_a_run_that_never_beats_the_mean_rating_says_so(ratings_file, tmp_path, capsys):
     run_main(ratings_file, tmp_path, "--num_train_iterations=2", "--log_interval=2", "--inner_lr=1e6",
              "--use_adaptive_loss=False")
     out = capsys.readouterr().out
     assert "warning: the best validation RMSE" in out and "worse than predicting the training mean" in out
-
-
-# --- controls: what MELO's gain is made of ------------------------------------------------------
-def test_a_rating_blind_encoder_gives_the_same_weights_whatever_the_ratings(ratings_file):
-    args, learner, batch = tiny_learner(ratings_file, "--rating_blind_encoder=True")
-    other = copy_batch(batch)
-    other.support_ratings = torch.where(batch.support_items > 0, 6 - batch.support_ratings, batch.support_ratings)
-    assert not torch.equal(other.support_ratings, batch.support_ratings)
-    with torch.no_grad():
-        blind = [learner.with_encoder_weights(learner.task_tensors(b))["support_weights"] for b in (batch, other)]
-    assert torch.equal(blind[0], blind[1])
-    _, seeing, _ = tiny_learner(ratings_file)
-    with torch.no_grad():
-        seen = [seeing.with_encoder_weights(seeing.task_tensors(b))["support_weights"] for b in (batch, other)]
-    assert not torch.equal(seen[0], seen[1])   # the ordinary encoder reads them
-
-
-def test_inverse_frequency_weights_have_mean_one_and_weigh_rare_ratings_more():
-    from meta_learning.meta_learner import inverse_frequency_weights
-    ratings = torch.tensor([[[0.0, 5, 5], [5.0, 5, 1]], [[0.0, 0, 2], [0.0, 3, 3]]])   # [T=2, S=2, L=3]
-    mask = (ratings > 0).float()
-    weights = inverse_frequency_weights(ratings, mask)
-    # task 0: four 5-star and one 1-star positions -> 1/4 and 1/1, scaled to mean 1 over 5 positions
-    assert weights[0][ratings[0] == 5].tolist() == pytest.approx([5 / 8] * 4)
-    assert weights[0][ratings[0] == 1].item() == pytest.approx(5 / 2)
-    assert weights[1][ratings[1] == 2].item() == pytest.approx(1.5) and weights[1][ratings[1] == 3].tolist() == \
-        pytest.approx([0.75, 0.75])
-    assert (weights[mask == 0] == 0).all()
-    for task in range(2):
-        assert weights[task][mask[task] > 0].mean().item() == pytest.approx(1.0)
-
-
-def test_maml_with_inverse_frequency_weights_is_maml_reweighted(ratings_file, tmp_path):
-    args = tiny_args(ratings_file, "--use_adaptive_loss=False", "--inverse_frequency_weights=True", "--bert_dropout=0",
-                     f"--log_dir={tmp_path}")
-    data = load_data(DataConfig.from_args(args))
-    trainer = main.MetaTrainer(args, data, torch.device("cpu"))
-    assert trainer.method == "maml" and trainer.learner.encoder is None
-    batch = trainer.sampler.train_batch(4)
-    reweighted = trainer.learner.meta_loss(batch, 0)[0].item()
-    plain = main.MetaTrainer(tiny_args(ratings_file, "--use_adaptive_loss=False", "--bert_dropout=0"), data,
-                             torch.device("cpu")).learner.meta_loss(batch, 0)[0].item()
-    assert math.isfinite(reweighted) and reweighted != pytest.approx(plain, rel=1e-6)
-
-
-def copy_batch(batch):
-    from dataclasses import replace
-    return replace(batch)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from config import RunFilesConfig
 import main
 import options
 from options import FlagError, parse_args
@@ -148,7 +149,7 @@ def test_runs_that_compute_something_else_have_folders_of_their_own(tmp_path):
     ratings.write_text("1::2::3::4\n")
 
     def folder(*flags, method="melo"):
-        return run_folder(parse_args([f"--data_path={ratings}", *flags]), "log", method)
+        return run_folder(RunFilesConfig.from_args(parse_args([f"--data_path={ratings}", *flags])), "log", method)
 
     assert folder() != folder("--outer_lr=0.01") != folder("--num_train_iterations=10") != folder()
     assert folder() != folder("--normalize_weights=True") != folder("--use_adaptive_loss=False", method="maml")
@@ -166,7 +167,7 @@ def test_basic_run_folders_are_named_as_before_the_flag_table():
     expected = {"bert4rec": "73e4e6d4", "sasrec": "2a7c84e2", "gru4rec": "05661dd7", "narm": "bfef3ed8",
                 "ncf": "a78a0bca"}
     for model, digest in expected.items():
-        folder = run_folder(parse_args(["--data_path=/nowhere/ratings.dat", f"--model={model}"]), "log")
+        folder = run_folder(RunFilesConfig.from_args(parse_args(["--data_path=/nowhere/ratings.dat", f"--model={model}"])), "log")
         assert folder.name == f"nowhere-ratings_seed222_{model}_{digest}"
 
 

@@ -304,7 +304,13 @@ def test_the_estimate_learns_the_machines_speed_from_the_runs_that_finished(tmp_
     basic = first["basicgru4rec"]
     basic.folder.mkdir(parents=True)
     basic.record_path.write_text("{}")                 # finished: no longer left
-    assert estimate.left() == f"about {round(minutes(factors) - 3 * expected[basic.label] / 60)} min left"
+    left = minutes(factors) - 3 * expected[basic.label] / 60
+    assert estimate.left() == f"about {round(left)} min left"
+    maml = first["mamlgru4rec"]
+    maml.files.make()
+    maml.files.checkpoint(maml.final_step // 2, best=False).write_bytes(b"")   # to resume from half-way
+    assert maml.share_left() == 0.5
+    assert estimate.left() == f"about {round(left - 0.5 * 2 * expected[maml.label] / 60)} min left"
 
 
 def test_with_neither_a_study_file_nor_data_the_quick_study_runs():

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from config import ModelConfig
+from config import BasicRunConfig, ModelConfig
 from fixtures import make_ratings_frame, run_dir, write_ratings
 from models import model_factory
 from options import parse_args
@@ -68,7 +68,7 @@ def test_training_lowers_the_valid_error_from_the_untrained_model(tmp_path, caps
     ratings_file = write_ratings(tmp_path / "ratings.dat", "ml-1m", frame)
     args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path}",
                                 "--pretrain_epochs=20", "--pretraining_lr=0.01"])
-    trainer = train_original.BasicTrainer(args, data, device)
+    trainer = train_original.BasicTrainer(BasicRunConfig.from_args(args, data.num_items), data, device)
     untrained = trainer.evaluate(trainer.sampler.fixed_tasks("valid"))["rmse"]
     best_epoch = trainer.train()
     best = load_checked(run_dir(tmp_path) / "state" / f"bert4rec_{best_epoch}_no_meta_best", weights_only=False)
@@ -82,7 +82,7 @@ def test_learned_loss_baseline_trains_the_encoder_that_weights_the_loss(ratings_
         args, device, data = setup([f"--data_path={ratings_file}", *TINY, f"--pretrain_log_dir={tmp_path / str(baseline)}",
                                     "--pretrain_epochs=1", f"--use_learned_loss_baseline={baseline}"],
                                    output_dir=lambda args: args.pretrain_log_dir)
-        trainer = train_original.BasicTrainer(args, data, device)
+        trainer = train_original.BasicTrainer(BasicRunConfig.from_args(args, data.num_items), data, device)
         if baseline:
             initial = [p.detach().clone() for p in trainer.encoder.parameters()]
         trainer.train()
