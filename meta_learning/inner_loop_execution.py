@@ -17,7 +17,7 @@ from torch.func import functional_call, vmap
 
 from models import PADDING_FREE_MODELS
 
-# Where cutting padding is exact, 3 chunks save a third of a vmapped BERT4Rec step on the CPU.
+# Where cutting padding is exact, 3 chunks shorten a vmapped step on the CPU (docs/performance.md).
 CPU_SUPPORT_CHUNKS = {name: 3 for name in PADDING_FREE_MODELS}
 
 

@@ -26,10 +26,9 @@ MODELS = tuple(BUILDERS)
 # run over padding, as in the reference.
 PADDING_FREE_MODELS = ("bert4rec", "ncf")
 # The models whose meta-gradient --compile makes one graph of in minutes. The GRUs' recurrence
-# unrolls over every position, inner step and both backward passes: a tiny GRU4Rec (8
-# positions, one layer, one inner step) compiles exactly in about 3 minutes, the default one
-# not within 20 minutes on two CPU cores. A loop that is not unrolled, torch's ``scan``, is
-# refused by Dynamo under torch.func's transforms (PyTorch 2.13: docs/performance.md).
+# unrolls over every position, inner step and both backward passes, which takes far longer
+# to compile (docs/performance.md); a loop that is not unrolled, torch's ``scan``, is refused
+# by Dynamo under torch.func's transforms.
 COMPILED_MODELS = ("bert4rec", "sasrec", "ncf")
 
 
