@@ -3,7 +3,8 @@ refactor, modules moved). Every model's Basic, MAML and MELO, and each study var
 GRU4Rec, train a few steps from one seed on the bundled MovieLens sample; the SHA-256 of
 every tensor and number in each checkpoint (all but its flags, which name the folders) is
 written to ``digests.json``. Given the folder of an earlier run, the digests are compared
-and the earlier checkpoints are tested with this code (old checkpoints must still load).
+and the earlier checkpoints are tested with this code (old checkpoints must still load),
+with the rating file they were trained on (a checkpoint keeps its --data_path).
 
     python benchmarks/same_seed_checkpoints.py --out /tmp/before        # at the old commit
     python benchmarks/same_seed_checkpoints.py --out /tmp/after --compare /tmp/before
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ["--mode=ml-10m", f"--data_path={ROOT / 'Data' / 'ml-latest-small' / 'ratings.csv.gz'}",
-        "--num_test_data=20", "--val_size=10", "--max_seq_len=10", "--num_samples=4",
+BUNDLED = ROOT / "Data" / "ml-latest-small" / "ratings.csv.gz"
+DATA = ["--mode=ml-10m", "--num_test_data=20", "--val_size=10", "--max_seq_len=10", "--num_samples=4",
         "--num_query_set=2", "--random_seed=7"]
 SMALL = ["--bert_hidden_units=8", "--bert_num_blocks=1", "--bert_num_heads=2",
          "--gru4rec_hidden_size=8", "--gru4rec_embedding_dim=8", "--narm_hidden_size=8",
@@ -55,8 +56,8 @@ def runs():
             yield f"{model}/{name}", "main.py", [f"--model={model}", *META, *flags]
 
 
-def run(script, flags, out, name, *extra):
-    command = [sys.executable, str(ROOT / script), *DATA, *SMALL, *flags,
+def run(script, flags, out, name, data_path, *extra):
+    command = [sys.executable, str(ROOT / script), f"--data_path={data_path}", *DATA, *SMALL, *flags,
                f"--pretrain_log_dir={out / 'pretrain' / name.split('/')[0]}", f"--log_dir={out / name}", *extra]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MELO_PROGRESS": "lines"})
@@ -99,12 +100,12 @@ def checkpoint_digests(out):
     return found
 
 
-def old_checkpoints_load(earlier):
+def old_checkpoints_load(earlier, data_path):
     """Test each meta-training run of ``earlier`` at its best step with this code."""
     failures = []
     for name, script, flags in runs():
         if script == "main.py":
-            output = run(script, flags, earlier, name, "--test")
+            output = run(script, flags, earlier, name, data_path, "--test")
             if "RMSE" not in output:
                 failures.append(name)
     return failures
@@ -118,18 +119,19 @@ def main():
     if args.out.exists():
         sys.exit(f"{args.out} exists: give a new folder")
     for name, script, flags in runs():
-        run(script, flags, args.out, name)
+        run(script, flags, args.out, name, BUNDLED)
         print(f"trained {name}", flush=True)
     digests = checkpoint_digests(args.out)
-    (args.out / "digests.json").write_text(json.dumps(digests, indent=1))
+    (args.out / "digests.json").write_text(json.dumps({"data_path": str(BUNDLED), "checkpoints": digests}, indent=1))
     print(f"{len(digests)} checkpoints digested")
     if args.compare is None:
         return
-    earlier = json.loads((args.compare / "digests.json").read_text())
+    recorded = json.loads((args.compare / "digests.json").read_text())
+    earlier = recorded["checkpoints"]
     differ = sorted(path for path in {*earlier, *digests} if earlier.get(path) != digests.get(path))
     print(f"bit-identical: {len(earlier) - len(differ)} of {len(earlier)} checkpoints"
           + (f"; differ: {', '.join(differ)}" if differ else ""), flush=True)
-    failures = old_checkpoints_load(args.compare)
+    failures = old_checkpoints_load(args.compare, recorded["data_path"])
     print(f"earlier checkpoints tested with this code: {'all load' if not failures else 'FAILED ' + ', '.join(failures)}")
     sys.exit(1 if differ or failures else 0)
 
