@@ -28,6 +28,20 @@ def outer_step(learner, batch, num_inner_steps, use_vmap=True):
     return losses, predictions, gradients
 
 
+def assert_same_outer_step(result, expected, rtol, atol, gradient_rtol):
+    """Two outer_step results agree: query losses and predictions to ``rtol``/``atol``, every
+    meta-gradient to ``gradient_rtol``/``atol``, the same parameters reached, and some moved."""
+    (losses, predictions, gradients), (expected_losses, expected_predictions, expected_gradients) = result, expected
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses, expected_losses, rtol=rtol, atol=atol)
+    torch.testing.assert_close(predictions, expected_predictions, rtol=rtol, atol=atol)
+    assert [g is None for g in gradients] == [g is None for g in expected_gradients]
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        if gradient is not None:
+            torch.testing.assert_close(gradient, expected_gradient, rtol=gradient_rtol, atol=atol)
+    assert sum(g.abs().sum() for g in gradients if g is not None) > 0
+
+
 # --- the MAML++ multi-step importance vector ----------------------------------------------
 @pytest.mark.parametrize("iteration", [0, 250, 500, 1000, 5000])
 def test_importance_vector_follows_its_formula(iteration):
@@ -53,16 +67,8 @@ def test_vmap_and_loop_agree_on_an_outer_step(ratings_file, model, method):
     args, learner, batch = tiny_learner(ratings_file, f"--model={model}", "--bert_dropout=0",
                                         f"--inner_lr={inner_lr}", *METHOD_FLAGS[method], dtype=torch.float64)
     learner.train()
-    results = [outer_step(learner, batch, args.num_inner_steps, use_vmap) for use_vmap in (True, False)]
-    (losses_v, pred_v, grads_v), (losses_l, pred_l, grads_l) = results
-    assert torch.isfinite(losses_v).all()
-    torch.testing.assert_close(losses_v, losses_l, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(pred_v, pred_l, rtol=1e-9, atol=1e-9)
-    for g_v, g_l in zip(grads_v, grads_l):
-        assert (g_v is None) == (g_l is None)
-        if g_v is not None:
-            torch.testing.assert_close(g_v, g_l, rtol=1e-5, atol=1e-9)
-    assert any(g is not None and g.abs().sum() > 0 for g in grads_v)
+    vmapped, looped = (outer_step(learner, batch, args.num_inner_steps, use_vmap) for use_vmap in (True, False))
+    assert_same_outer_step(vmapped, looped, rtol=1e-9, atol=1e-9, gradient_rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 4])
@@ -125,12 +131,8 @@ def test_support_chunks_change_no_outer_step(ratings_file, model, method):
                                             *METHOD_FLAGS[method], dtype=torch.float64)
         batch.support_items[:, -1], batch.support_ratings[:, -1] = 0, 0  # an all-padding chunk
         learner.train()
-        losses, predictions, gradients = outer_step(learner, batch, args.num_inner_steps)
-        results.append((losses, predictions, [g for g in gradients if g is not None]))
-    (losses_1, predictions_1, gradients_1), (losses_4, predictions_4, gradients_4) = results
-    torch.testing.assert_close(losses_4, losses_1, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(predictions_4, predictions_1, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(gradients_4, gradients_1, rtol=1e-8, atol=1e-12)
+        results.append(outer_step(learner, batch, args.num_inner_steps))
+    assert_same_outer_step(results[1], results[0], rtol=1e-10, atol=1e-12, gradient_rtol=1e-8)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -147,16 +149,9 @@ def test_recomputed_inner_steps_give_the_same_outer_step(ratings_file, model, me
         learner.train()
         torch.manual_seed(1)
         results.append((*outer_step(learner, batch, args.num_inner_steps, use_vmap), torch.rand(1)))
-    (losses_kept, predictions_kept, gradients_kept, next_draw_kept), \
-        (losses_re, predictions_re, gradients_re, next_draw_re) = results
-    torch.testing.assert_close(losses_re, losses_kept, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(predictions_re, predictions_kept, rtol=1e-12, atol=1e-12)
-    for g_re, g_kept in zip(gradients_re, gradients_kept):
-        assert (g_re is None) == (g_kept is None)
-        if g_re is not None:
-            torch.testing.assert_close(g_re, g_kept, rtol=1e-9, atol=1e-12)
-    assert next_draw_re == next_draw_kept  # the replay left the random stream where it was
-    assert sum(g.abs().sum() for g in gradients_re if g is not None) > 0
+    (*kept, next_draw_kept), (*recomputed, next_draw_recomputed) = results
+    assert_same_outer_step(recomputed, kept, rtol=1e-12, atol=1e-12, gradient_rtol=1e-9)
+    assert next_draw_recomputed == next_draw_kept  # the replay left the random stream where it was
 
 
 def test_recomputed_steps_keep_no_graph_and_default_to_one_on_the_cpu(ratings_file):
