@@ -317,20 +317,29 @@ def run_environment(run):
     return {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_VARIABLE: "lines", **threads}
 
 
+def execution_order(run):
+    """When a run starts: the baselines and Basic first (MAML and MELO start from Basic's
+    embedding), then every seed's MAML and MELO, then the variants — a study stopped early
+    has whole MAML and MELO pairs for as many seeds as it could."""
+    return 0 if run.method in ("mean_rating", "basic") else 1 if run.method in ("maml", "melo") else 2
+
+
 def execute_all(runs, jobs, estimate=None):
-    """Every run's record, in the order of ``runs``: one after the other, or with ``jobs`` > 1
-    that many at once, each with its share of the cores — first the baselines and Basic,
-    then MAML and MELO, which start from Basic's embedding."""
+    """Every run's record, in the order of ``runs``, the runs started in ``execution_order``:
+    one after the other, or with ``jobs`` > 1 that many at once, each with its share of the
+    cores."""
+    numbered = sorted(enumerate(runs, start=1), key=lambda pair: execution_order(pair[1]))
     if jobs == 1:
-        return [execute(run, number, len(runs), estimate) for number, run in enumerate(runs, start=1)]
-    numbered = [(number, replace(run, threads=threads_per_run(jobs))) for number, run in enumerate(runs, start=1)]
+        records = {number: execute(run, number, len(runs), estimate) for number, run in numbered}
+        return [records[number] for number in sorted(records)]
+    numbered = [(number, replace(run, threads=threads_per_run(jobs))) for number, run in numbered]
     records = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for wave in ([pair for pair in numbered if pair[1].method in ("mean_rating", "basic")],
-                     [pair for pair in numbered if pair[1].method not in ("mean_rating", "basic")]):
+        for wave in ([pair for pair in numbered if execution_order(pair[1]) == 0],
+                     [pair for pair in numbered if execution_order(pair[1]) > 0]):
             for (number, _), record in zip(wave, pool.map(lambda pair: execute(pair[1], pair[0], len(runs), estimate), wave)):
                 records[number] = record
-    return [records[number] for number, _ in numbered]
+    return [records[number] for number in sorted(records)]
 
 
 def execute_forwarding_signals(runs, jobs, estimate):

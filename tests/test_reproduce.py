@@ -231,6 +231,23 @@ def test_jobs_run_at_once_with_their_share_of_the_cores_and_meta_runs_after_basi
     assert sum(kind == "end" for kind, *_ in events[:first_meta]) == len(SEEDS) * 2      # every Basic finished first
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_every_seeds_maml_and_melo_start_before_any_variant(study, tmp_path, monkeypatch, jobs):
+    argv = [*study.argv[:study.argv.index("--")], "--variants", "melo_rating_blind", "--", *RUN_FLAGS]
+    options = study_options.parse_command_line(argv)
+    variants = options.run_methods[3:]                       # after Basic, MAML and MELO
+    assert "melo_rating_blind" in variants
+    runs = reproduce.plan_runs(options, tmp_path)
+    started = []
+    monkeypatch.setattr(reproduce, "execute", lambda run, number, *_: started.append((run.method, run.seed)) or number)
+    records = reproduce.execute_all(runs, jobs=jobs)
+    assert records == list(range(1, len(runs) + 1))                                    # in the plan's order
+    meta = [(method, seed) for method, seed in started if method not in ("mean_rating", "basic")]
+    assert meta == [*((method, seed) for seed in SEEDS for method in ("maml", "melo")),
+                    *((method, seed) for seed in SEEDS for method in variants)]
+    assert all(method in ("mean_rating", "basic") for method, _ in started[:len(started) - len(meta)])
+
+
 def test_with_jobs_each_line_of_a_run_is_written_at_once(tmp_path, monkeypatch):
     # Threads share the screen: a line written in two parts (print's text, then its end)
     # lets another run's line land in the middle of it.
