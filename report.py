@@ -296,10 +296,15 @@ def study_tables(study, records, reference_records):
     return table, paired, reference_summary
 
 
-def write_reports(study, study_dir, stats, records, reference_records):
-    """results.json, table.md, dataset.md and per_rating.png of a study; returns the table."""
+def write_reports(study, study_dir, stats, records, reference_records, waiting=()):
+    """results.json, table.md, dataset.md and the figures of a study; returns the table.
+    ``waiting``: the records of finished runs whose seed's other runs of their model have not
+    finished; results.json keeps them (a lost machine loses no finished run), the tables not."""
     records = [with_rounded_per_user(record) for record in records]
-    table, paired, reference_summary = study_tables(study, records, reference_records)
+    if any(record["model"] is not None for record in records):
+        table, paired, reference_summary = study_tables(study, records, reference_records)
+    else:
+        table, paired, reference_summary = waiting_table(study, waiting), [], None
     # results.json, kept small: one line, the per-user errors only of the methods in the tables
     # (a tuned variant's other runs keep theirs in their own records), each seed's users once
     runs, test_users = with_users_once_per_seed(
@@ -309,7 +314,7 @@ def write_reports(study, study_dir, stats, records, reference_records):
                {"dataset": study.name, "command": study.command, "study": study.study_files,
                 "data_path": study.data_path, "mode": study.mode, "seeds": study.seeds, "models": study.models,
                 "methods": study.methods, "run_flags": study.run_flags, "test_users": test_users,
-                "runs": runs, "paired": paired,
+                "runs": runs, "paired": paired, "waiting_runs": [with_rounded_per_user(r) for r in waiting],
                 "reference_runs": reference_records, "reference_paired": reference_summary}), indent=None)
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
@@ -317,8 +322,21 @@ def write_reports(study, study_dir, stats, records, reference_records):
     return table
 
 
+def waiting_table(study, waiting):
+    """table.md of a study none of whose models has finished every run of a seed."""
+    finished = "\n".join(f"- seed {r['seed']} {TITLES[r['model']]} {TITLES[r['method']]}: test RMSE "
+                          f"{r['metrics']['rmse']:.4f}" for r in waiting if r["model"] is not None)
+    return (f"# {study.name}\n\nNo model has finished every run of a seed yet, so there is no table; "
+            f"results.json keeps the records of the runs that have finished (waiting_runs):\n\n{finished}\n")
+
+
 def write_figures(study, records, folder):
-    """per_rating.png, and curves.png when the runs have learning curves."""
+    """per_rating.png, and curves.png when the runs have learning curves; none without a
+    model's record (an earlier study's figures are removed)."""
+    if not any(record["model"] is not None for record in records):
+        for name in ("per_rating.png", "curves.png"):
+            (folder / name).unlink(missing_ok=True)
+        return
     plot_per_rating(study, records, folder / "per_rating.png")
     plot_curves(study, records, folder / "curves.png", multi_step_loss_end=MULTI_STEP_LOSS_END)
 
@@ -331,9 +349,15 @@ def read_results(results_path):
     check_checksum(recorded, results_path, advice)
     study = parse_command_line(shlex.split(recorded["command"])[2:])
     runs = with_test_users(recorded["runs"], recorded.get("test_users", {}))
-    for record in runs:
+    for record in [*runs, *recorded.get("waiting_runs", [])]:
         check_numbers(record, results_path, advice)
     return study, runs, recorded["reference_runs"]
+
+
+def read_waiting_runs(results_path):
+    """The records of a results.json's finished runs that its tables leave out (write_reports'
+    ``waiting``); read_results checks them."""
+    return json.loads(Path(results_path).read_text()).get("waiting_runs", [])
 
 
 def runs_own_records(records):

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from config import DataConfig
 from dataloader import load_data
-from report import read_reference_results, read_results, runs_own_records, write_reports
+from report import read_reference_results, read_results, read_waiting_runs, runs_own_records, write_reports
 from run.atomic_files import LockHeld, exclusive_lock, write_json
 from run.errors import DIVERGED_STATUS, UserError, run_cli
 from run.preemption import Preempted
@@ -94,7 +94,8 @@ def restore_finished_runs(study, study_dir, runs):
     recorded_study, records, _ = read_results(path)
     if sorted(study_flags(recorded_study)) != sorted(study_flags(study)):
         return
-    by_run = {(record["seed"], record["model"], record["method"]): record for record in runs_own_records(records)}
+    records = [*runs_own_records(records), *read_waiting_runs(path)]
+    by_run = {(record["seed"], record["model"], record["method"]): record for record in records}
     restored = [run for run in runs if (run.seed, run.model, run.method) in by_run]
     for run in restored:
         run.folder.mkdir(parents=True, exist_ok=True)
@@ -354,19 +355,21 @@ def execute_forwarding_signals(runs, jobs, estimate):
         STOPPING.clear()
 
 
-def whole_finished_sets(runs):
-    """The runs of each model and seed whose runs have all finished, with their seed's
-    mean-rating baseline: what --report_finished reports, so that every method of a model is
-    averaged over the same seeds."""
+def finished_so_far(runs):
+    """The records of --report_finished: those of the runs of each model and seed whose runs
+    have all finished, with their seed's mean-rating baseline (every method of a model is
+    averaged over the same seeds), and those of the other finished runs, which wait."""
     sets = {}
     for run in runs:
         sets.setdefault((run.seed, run.model), []).append(run)
     finished = {key for key, members in sets.items() if all(run.record_path.is_file() for run in members)}
-    chosen = [run for run in runs if (run.seed, run.model) in finished and (
-        run.model is not None or any(seed == run.seed and model is not None for seed, model in finished))]
-    if not any(run.model is not None for run in chosen):
-        raise UserError("no model has finished all its runs of a seed yet: nothing to report")
-    return chosen
+    whole = [(run.seed, run.model) in finished and (
+        run.model is not None or any(seed == run.seed and model is not None for seed, model in finished))
+        for run in runs]
+    waiting = [finished_record(run) for run, in_whole in zip(runs, whole) if run.record_path.is_file() and not in_whole]
+    if not any(whole) and not waiting:
+        raise UserError("no run of the study has finished yet: nothing to report")
+    return [finished_record(run) for run, in_whole in zip(runs, whole) if in_whole], waiting
 
 
 def log_tail(path, lines=LOG_TAIL_LINES):
@@ -400,14 +403,14 @@ def main(argv=None):
     stats = load_data(DataConfig.from_args(first_seed_args)).stats
     if study.report_finished:   # runs nothing, writes no run: the study may be running
         check_same_study(runs_dir, study_flags(study), remember=False)
-        records = [finished_record(run) for run in whole_finished_sets(plan_runs(study, runs_dir))]
+        records, waiting = finished_so_far(plan_runs(study, runs_dir))
     else:
         with study_lock(runs_dir, study.name):
-            records = run_study(study, study_dir, runs_dir, stats)
+            records, waiting = run_study(study, study_dir, runs_dir, stats), []
     records += tuned_records(study, records)
     reference_records = (read_reference_results(study.reference_results, study, records)
-                         if study.reference_results else [])
-    print(f"\n{write_reports(study, study_dir, stats, records, reference_records)}")
+                         if study.reference_results and records else [])
+    print(f"\n{write_reports(study, study_dir, stats, records, reference_records, waiting)}")
     print(f"Results: {study_dir / 'table.md'}, {study_dir / 'dataset.md'}, the figures ({study_dir / '*.png'}), "
           f"{study_dir / 'results.json'}")
     return records

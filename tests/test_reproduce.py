@@ -128,19 +128,34 @@ def test_report_finished_reports_the_whole_model_seed_sets_and_runs_nothing(stud
     before = file_times(tmp_path / "tiny" / "runs")
     split = study.argv.index("--")
     argv = [*study.argv[:split], "--report_finished", f"--results_dir={tmp_path}", *study.argv[split:]]
-    records = reproduce.main(argv)
+    reported = reproduce.main(argv)
     assert ": training" not in capsys.readouterr().out and file_times(tmp_path / "tiny" / "runs") == before
-    assert sorted((r["seed"], r["method"]) for r in records) == sorted(
+    assert sorted((r["seed"], r["method"]) for r in reported) == sorted(
         (SEEDS[0], method) for method in ("mean_rating", *METHODS))
     table = (tmp_path / "tiny" / "table.md").read_text()
     assert f"for every method (seed {SEEDS[0]})" in table
     for method, title in (("maml", "MAML"), ("melo", "MELO")):
         assert method_rows(table)["GRU4Rec", title]["RMSE"] == f"{metric(study, 'gru4rec', method, 'rmse')[0]:.4f}"
     assert report.render(tmp_path / "tiny" / "results.json") == table
+    waiting = json.loads((tmp_path / "tiny" / "results.json").read_text())["waiting_runs"]   # not in the table
+    assert sorted((r["seed"], r["method"]) for r in waiting) == [(SEEDS[1], m) for m in sorted(
+        ("mean_rating", "basic", "maml", "melo_normalized"))]
     for seed in SEEDS:
         (tmp_path / "tiny" / "runs" / str(seed) / "gru4rec" / "basic.json").unlink()
-    with pytest.raises(UserError, match="no model has finished all its runs of a seed yet"):
-        reproduce.main(argv)
+    assert [r for r in reproduce.main(argv) if r["model"] is not None] == []      # no table: the records wait
+    assert "No model has finished every run of a seed yet" in (tmp_path / "tiny" / "table.md").read_text()
+    assert not (tmp_path / "tiny" / "per_rating.png").exists() and not (tmp_path / "tiny" / "curves.png").exists()
+    results = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert results["runs"] == [] and len(results["waiting_runs"]) == len(reproduce.finished_records(
+        tmp_path / "tiny" / "runs"))
+    assert results["sha256"] == records.digest(results)
+    shutil.rmtree(tmp_path / "tiny" / "runs")                     # a lost machine: the waiting runs come back
+    options = study_options.parse_command_line(argv)
+    plan = reproduce.plan_runs(options, tmp_path / "tiny" / "runs")
+    reproduce.restore_finished_runs(options, tmp_path / "tiny", plan)
+    restored = {(r["seed"], r["model"], r["method"]) for r in map(reproduce.finished_record, (
+        run for run in plan if run.record_path.is_file()))}
+    assert restored == {(r["seed"], r["model"], r["method"]) for r in results["waiting_runs"]}
     with pytest.raises(UserError, match="nothing to report"):   # a study not started: nothing is written
         reproduce.main([flag.replace("--name=tiny", "--name=not_started") for flag in argv])
     assert not (tmp_path / "not_started").exists()
