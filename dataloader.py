@@ -19,6 +19,7 @@ Pipeline of ``load_data(config)`` (a config.DataConfig):
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -193,6 +194,7 @@ class RatingData:
     rating_values: np.ndarray       # sorted distinct ratings
     train_mean_rating: float
     stats: dict
+    digest: str                     # of the sequences (sequences_digest): which data the tasks come from
 
 
 def load_data(config: DataConfig) -> RatingData:
@@ -226,4 +228,15 @@ def load_data(config: DataConfig) -> RatingData:
         train_users=train, valid_users=valid, test_users=test,
         rating_values=np.array(list(stats["rating_counts"]), dtype=np.float32),
         train_mean_rating=float(np.concatenate([rating_seqs[u] for u in train]).mean()),
-        stats=stats)
+        stats=stats, digest=sequences_digest(items[order], ratings[order], lengths))
+
+
+def sequences_digest(items, ratings, lengths) -> str:
+    """16 hex digits of the sha256 of every user's items and ratings in sequence order: equal
+    for two loads exactly when they make the same sequences — what a checkpoint and a record
+    are checked against (the same file and flags can sequence otherwise on another CPU:
+    ``_date_order``)."""
+    digest = hashlib.sha256()
+    for array in (items.astype(np.int64), ratings.astype(np.float64), lengths.astype(np.int64)):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]

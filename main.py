@@ -229,7 +229,8 @@ class MetaTrainer:
         # a best checkpoint's own validation RMSE: what reproduce.py's tuned variants choose by
         return self.files.report_test(metrics, f"{self.method.upper()} test (step {step})", step, best,
                                       encoder_weight_per_rating=weights,
-                                      validation_rmse=self.best_valid_rmse if best else None)
+                                      validation_rmse=self.best_valid_rmse if best else None,
+                                      data_digest=self.data.digest)
 
 
 def test_mean_rating(run, data):
@@ -240,7 +241,7 @@ def test_mean_rating(run, data):
         return metrics
     files = RunFiles(run.files, "mean_rating")
     files.make()
-    return files.report_test(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})")
+    return files.report_test(metrics, f"Mean rating baseline ({data.train_mean_rating:.4f})", data_digest=data.digest)
 
 
 def main(argv=None):

@@ -51,11 +51,10 @@ from run.atomic_files import LockHeld, exclusive_lock, write_json
 from run.errors import DIVERGED_STATUS, UserError, run_cli
 from run.preemption import Preempted
 from run.progress import PROGRESS_VARIABLE, format_duration
-from study.learning_curves import read_curve
-from study.records import CHECKSUM, check_record, with_checksum
+from study.finished_runs import finished_record, finished_records, finished_so_far, learning_curve
+from study.records import check_same_data, with_checksum
 from study.study_options import TITLES, TUNED_VARIANTS, check_run_flags, parse_command_line, study_flags
-from study.study_plan import (META_FLAGS, SCRIPT_METHOD, Estimate, as_typed, plan_runs, plan_summary,
-                              threads_per_run)
+from study.study_plan import Estimate, as_typed, plan_runs, plan_summary, threads_per_run
 
 LOG_TAIL_LINES = 20
 PR_SET_PDEATHSIG = 1   # prctl(2): the signal a process gets when the thread that started it ends
@@ -77,11 +76,6 @@ def check_same_study(runs_dir, flags, remember=True):
                         f"{differences}); give another --name, or delete {runs_dir} to start over")
     if remember:
         write_json(path, flags)
-
-
-def finished_records(runs_dir):
-    return [path for method in SCRIPT_METHOD
-            for path in runs_dir.glob(f"**/{method}.json")]
 
 
 def restore_finished_runs(study, study_dir, runs):
@@ -136,6 +130,7 @@ def execute(run, number, total, estimate=None):
               "checkpoint_step": tested.get("checkpoint_step"),   # Basic's epoch, MAML's / MELO's iteration
               "encoder_weight_per_rating": tested.get("encoder_weight_per_rating"),   # MELO's LSTM encoder
               "validation_rmse": tested.get("validation_rmse"),   # MAML's / MELO's best checkpoint's
+              "data_digest": tested.get("data_digest"),           # which data (dataloader.sequences_digest)
               "diverged": diverged,
               "curve": learning_curve(run),
               "commands": [as_typed(command) for command in (run.train_command, run.test_command)
@@ -147,22 +142,6 @@ def execute(run, number, total, estimate=None):
         estimate.ran(run, seconds)
     announce(f"{tag}: {record_summary(record)} ({format_duration(seconds)})")
     return record
-
-
-def finished_record(run):
-    """A finished run's record, checked (study/records.py); a MAML or MELO run recorded before records
-    kept their learning curve gets it from its TensorBoard events."""
-    record = json.loads(run.record_path.read_text())
-    check_record(record, run.record_path, f"delete it to run {run.label} again")
-    record.pop(CHECKSUM, None)
-    if "curve" not in record:
-        record["curve"] = learning_curve(run)
-    return record
-
-
-def learning_curve(run):
-    """A MAML or MELO run's validation curve (learning_curves.read_curve), None for other runs."""
-    return read_curve(run.files.events) if run.method in META_FLAGS else None
 
 
 def record_summary(record):
@@ -355,23 +334,6 @@ def execute_forwarding_signals(runs, jobs, estimate):
         STOPPING.clear()
 
 
-def finished_so_far(runs):
-    """The records of --report_finished: those of the runs of each model and seed whose runs
-    have all finished, with their seed's mean-rating baseline (every method of a model is
-    averaged over the same seeds), and those of the other finished runs, which wait."""
-    sets = {}
-    for run in runs:
-        sets.setdefault((run.seed, run.model), []).append(run)
-    finished = {key for key, members in sets.items() if all(run.record_path.is_file() for run in members)}
-    whole = [(run.seed, run.model) in finished and (
-        run.model is not None or any(seed == run.seed and model is not None for seed, model in finished))
-        for run in runs]
-    waiting = [finished_record(run) for run, in_whole in zip(runs, whole) if run.record_path.is_file() and not in_whole]
-    if not any(whole) and not waiting:
-        raise UserError("no run of the study has finished yet: nothing to report")
-    return [finished_record(run) for run, in_whole in zip(runs, whole) if in_whole], waiting
-
-
 def log_tail(path, lines=LOG_TAIL_LINES):
     """The last lines of a log as a terminal shows them (progress bars redraw after '\\r')."""
     text = path.read_text(errors="replace")
@@ -400,13 +362,15 @@ def main(argv=None):
     study_dir = Path(study.results_dir) / study.name
     runs_dir = study_dir / "runs"
     # read once here: a bad file or setting stops the study before any run starts
-    stats = load_data(DataConfig.from_args(first_seed_args)).stats
+    data = load_data(DataConfig.from_args(first_seed_args))
+    stats = data.stats
     if study.report_finished:   # runs nothing, writes no run: the study may be running
         check_same_study(runs_dir, study_flags(study), remember=False)
         records, waiting = finished_so_far(plan_runs(study, runs_dir))
+        check_same_data([*records, *waiting], None, runs_dir)
     else:
         with study_lock(runs_dir, study.name):
-            records, waiting = run_study(study, study_dir, runs_dir, stats), []
+            records, waiting = run_study(study, study_dir, runs_dir, data), []
     records += tuned_records(study, records)
     reference_records = (read_reference_results(study.reference_results, study, records)
                          if study.reference_results and records else [])
@@ -432,14 +396,16 @@ def study_lock(runs_dir, name):
                         "has finished with --report_finished") from None
 
 
-def run_study(study, study_dir, runs_dir, stats):
-    """Every run's record, running those that have none (the study's lock held)."""
+def run_study(study, study_dir, runs_dir, data):
+    """Every run's record, running those that have none (the study's lock held); the finished
+    ones must come from the data that this machine makes."""
     check_same_study(runs_dir, study_flags(study))
     runs = plan_runs(study, runs_dir)
     if study.from_results:
         restore_finished_runs(study, study_dir, runs)
-    print(plan_summary(study, runs, stats, runs_dir), flush=True)
-    return execute_forwarding_signals(runs, study.jobs, Estimate(study, stats["num_train_users"], runs))
+    check_same_data([finished_record(run) for run in runs if run.record_path.is_file()], data.digest, runs_dir)
+    print(plan_summary(study, runs, data.stats, runs_dir), flush=True)
+    return execute_forwarding_signals(runs, study.jobs, Estimate(study, data.stats["num_train_users"], runs))
 
 
 if __name__ == "__main__":

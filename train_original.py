@@ -188,7 +188,7 @@ class BasicTrainer:
                  "epoch": self.epoch, "valid_rmse": self.best_rmse, "best_epoch": self.best_epoch,
                  "rng": rng, "loader": self.train_loader.generator.get_state(),
                  "sequences": self.train_loader.dataset.rng.bit_generator.state,
-                 "args": dict(self.files.config.flags), **marks}
+                 "args": dict(self.files.config.flags), "data_digest": self.data.digest, **marks}
         if self.encoder is not None:
             state.update(encoder=self.encoder.state_dict(), encoder_optimizer=self.encoder_optimizer.state_dict())
         self.files.save(state, self.epoch, best)
@@ -199,6 +199,7 @@ class BasicTrainer:
         """Load a checkpoint: the model to test it; everything to resume training after its epoch."""
         state = self.files.load(step, best=not resume, device=self.device)
         checkpoints.check_changed_settings(state["args"], dict(self.files.config.flags), step, resume)
+        checkpoints.check_same_data(state, self.data, f"the checkpoint of epoch {step}")
         load_matching_state(self.model, state["model"], f"checkpoint of epoch {step}", self.files.made_by)
         if not resume:
             return
@@ -218,7 +219,7 @@ class BasicTrainer:
                             "its parameters do not give finite predictions; no result is written")
         if not distributed.is_main():
             return metrics
-        return self.files.report_test(metrics, f"Basic test (epoch {step})", step)
+        return self.files.report_test(metrics, f"Basic test (epoch {step})", step, data_digest=self.data.digest)
 
 
 def main(argv=None):

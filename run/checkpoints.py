@@ -29,8 +29,22 @@ def training_state(trainer):
         "sampler": trainer.sampler.state_dict(),
         "rng": rng_state(),
         "args": dict(trainer.files.config.flags),
+        "data_digest": trainer.data.digest,
         "resumed_from": trainer.resumed_from,
     }
+
+
+def check_same_data(state, data, what):
+    """An error when the checkpoint ``state`` (``what``: "the checkpoint of step 50") was made
+    from other sequences than ``data`` (RatingData.digest; checkpoints made before it was
+    kept are not checked): resumed, its run would go on with other users' tasks; tested, its
+    numbers would not be its run's."""
+    saved = state.get("data_digest")
+    if saved is not None and saved != data.digest:
+        raise UserError(f"{what} was made from other data than these flags make of {data.stats['path']} here "
+                        f"(data digest {saved}, here {data.digest}): the same file is ordered otherwise when "
+                        "ratings share a date and the default date sort (the reference's) follows the CPU; "
+                        "use it on the machine that made it, or start a new run with --stable_date_sort=True")
 
 
 def rng_state():
@@ -61,6 +75,7 @@ def restore(trainer, state, step, resume):
     whole trainer where the checkpoint left it, after checking that the command line changes
     nothing that a resumed run must keep."""
     check_changed_settings(state["args"], dict(trainer.files.config.flags), step, resume)
+    check_same_data(state, trainer.data, f"the checkpoint of step {step}")
     load_matching_state(trainer.learner, state["learner"], f"checkpoint of step {step}", trainer.files.made_by)
     trainer.best_valid_rmse = state["best_valid_rmse"]   # a best checkpoint's own: its test reports it
     if not resume:

@@ -1,8 +1,9 @@
 """A finished run's record (``<method>.json``) and a study's ``results.json`` are results, not
 logs: each carries the SHA-256 of its own content, and a run's RMSE and MAE must be those of
 the per-user errors it keeps. Both are checked before a record is reused, restored or
-reported, so that an edited or damaged one is refused in one line rather than trusted.
-Records written before they carried a checksum are checked for their numbers alone."""
+reported, so that an edited or damaged one is refused in one line rather than trusted; and
+the runs of a study must come from one data set (their data digest). Records written before
+they carried a checksum are checked for their numbers alone, before a data digest for none."""
 import hashlib
 import json
 import math
@@ -45,3 +46,19 @@ def check_record(record, source, advice):
     """A run's record: its checksum (when it has one) and its numbers."""
     check_checksum(record, source, advice)
     check_numbers(record, source, advice)
+
+
+def check_same_data(records, here, source):
+    """The records' data digests (dataloader.sequences_digest; None in older records) must be
+    one, and with ``here`` (this machine's digest of the study's data) that one: a study run
+    on two machines can otherwise pool runs made from two orders of the same file."""
+    made_from = sorted({record.get("data_digest") for record in records} - {None})
+    why = ("the same rating file sequenced otherwise on another machine: ratings that share a date "
+           "are ordered as the CPU's sort orders them unless --stable_date_sort=True")
+    if len(made_from) > 1:
+        raise UserError(f"{source} holds runs made from {len(made_from)} data sets ({', '.join(made_from)}): "
+                        f"{why}; their numbers cannot be pooled: run the study again under another --name")
+    if here is not None and made_from and made_from != [here]:
+        raise UserError(f"{source} holds runs made from other data (digest {made_from[0]}) than this machine "
+                        f"makes of them ({here}): {why}; go on with it on the machine that made it, or "
+                        "run it again here under another --name (--report_finished still reports it)")

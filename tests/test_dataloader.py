@@ -154,3 +154,24 @@ def test_split_sizes_larger_than_the_users(ml_data):
         load_data(DataConfig.from_args(make_args(args.data_path, "ml-1m", "--num_test_data=1000")))
     with pytest.raises(DataError, match=f"{len(data.valid_users)} validation users"):
         load_data(DataConfig.from_args(make_args(args.data_path, "ml-1m", "--val_size=100")))
+
+
+def test_the_data_digest_names_the_sequences_and_their_order_of_same_date_ratings(tmp_path):
+    frame = make_ratings_frame(num_users=30, num_items=40, seed=5)
+    ties = frame[frame.duplicated(["user", "timestamp"], keep=False)].groupby(["user", "timestamp"])
+    first, second = next(iter(ties.groups.values()))[:2]           # one user's two ratings of one date
+    assert frame.loc[first, "item"] != frame.loc[second, "item"]
+    swapped = frame.copy()
+    swapped.loc[[first, second]] = frame.loc[[second, first]].to_numpy()
+
+    def digest(frame, name):
+        path = write_ratings(tmp_path / name / "ratings.dat", "ml-1m", frame)
+        return load_data(DataConfig.from_args(make_args(path, "ml-1m", "--stable_date_sort=True"))).digest
+
+    original = digest(frame, "a")
+    assert len(original) == 16 and int(original, 16) >= 0
+    assert digest(frame, "b") == original                            # the same file: the same digest
+    assert digest(swapped, "c") != original                          # the same ratings in another order
+    items, ratings, lengths = np.array([3, 1, 2]), np.array([4.0, 5.0, 3.0]), np.array([2, 1])
+    assert dataloader.sequences_digest(items, ratings, lengths) != dataloader.sequences_digest(
+        items[[1, 0, 2]], ratings[[1, 0, 2]], lengths)

@@ -226,6 +226,30 @@ def test_a_rating_file_edited_in_place_is_other_data(tmp_path):
         main.main(flags(ratings, tmp_path, *META, "--test"))
 
 
+@pytest.mark.parametrize("script", ["main", "train_original"])
+def test_a_checkpoint_made_from_otherwise_ordered_data_is_refused(ratings_file, tmp_path, script):
+    """The same file and flags sequence otherwise on another CPU (ratings that share a date,
+    the default date sort): a checkpoint made there is neither tested nor resumed here."""
+    if script == "main":
+        run, extra, folder = main.main, META, "log"
+        ways = [["--test", "--test_best", "--checkpoint_step=6"], ["--checkpoint_step=4"]]
+    else:
+        run, extra, folder = train_original.main, ["--pretrain_epochs=2"], "pre"
+        ways = [["--test"], ["--checkpoint_step=1", "--pretrain_epochs=3"]]
+    run(flags(ratings_file, tmp_path, *extra))
+    state = run_dir(tmp_path / folder) / "state"
+    checkpoints = sorted(state.glob("bert4rec_*.pt" if script == "main" else "bert4rec_*_no_meta_best"))
+    assert len(checkpoints) >= 2
+    for path in checkpoints:
+        saved = load_checked(path, weights_only=False)
+        assert saved["data_digest"] not in (None, "0" * 16)
+        save_checked({**saved, "data_digest": "0" * 16}, path)
+    for way in ways:
+        with pytest.raises(UserError, match=r"checkpoint of (step|epoch) \d was made from other data than these "
+                                            r"flags make of .* \(data digest 0{16}, here \w{16}\).*--stable_date_sort"):
+            run(flags(ratings_file, tmp_path, *extra, *way))
+
+
 def test_a_damaged_gzip_rating_file_is_one_line(tmp_path):
     import gzip
     ratings = write_ratings(tmp_path / "ratings.dat", "ml-1m", num_users=60, num_items=30, seed=3)

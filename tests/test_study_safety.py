@@ -76,6 +76,28 @@ def test_a_finished_runs_edited_record_is_refused_not_reused(tmp_path, ratings_f
         reproduce.finished_record(run)
 
 
+def test_runs_made_from_other_data_are_neither_pooled_nor_continued(tmp_path, ratings_file):
+    """A study moved to a machine whose CPU orders same-date ratings otherwise: its runs were
+    made from other sequences than this machine makes, and two machines' runs never pool."""
+    study = study_options.parse_command_line(study_argv(ratings_file, tmp_path))
+    runs = {run.method: run for run in reproduce.plan_runs(study, tmp_path / "safe" / "runs") if run.model}
+    for method, made_from in (("maml", "a" * 16), ("melo", "b" * 16)):
+        record = {"seed": 222, "model": "gru4rec", "method": method, "checkpoint_step": 2, "curve": None,
+                  "data_digest": made_from, "metrics": {"rmse": 0.5, "mae": 0.5}}
+        runs[method].folder.mkdir(parents=True, exist_ok=True)
+        runs[method].record_path.write_text(json.dumps(records.with_checksum(record)))
+    with pytest.raises(UserError, match=f"holds runs made from 2 data sets \\({'a' * 16}, {'b' * 16}\\).*"
+                                        "--stable_date_sort=True.*cannot be pooled"):
+        reproduce.main(study_argv(ratings_file, tmp_path, "--report_finished"))
+    runs["melo"].record_path.unlink()
+    reported = reproduce.main(study_argv(ratings_file, tmp_path, "--report_finished"))  # one data set: reported
+    assert reported == [] and "seed 222 GRU4Rec MAML" in (tmp_path / "safe" / "table.md").read_text()
+    with pytest.raises(UserError, match=f"made from other data \\(digest {'a' * 16}\\) than this machine makes "
+                                        r"of them \(\w{16}\)"):
+        reproduce.main(study_argv(ratings_file, tmp_path))
+    assert not (runs["basic"].folder / "basic").exists()          # refused before any run started
+
+
 # --- one invocation at a time, nothing deleted under a running process ---------------------------------
 def test_a_second_invocation_of_a_running_study_stops_at_once_and_deletes_nothing(tmp_path, ratings_file):
     runs = tmp_path / "safe" / "runs"
