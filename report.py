@@ -288,8 +288,11 @@ def with_test_users(runs, test_users):
     return [expand(record) for record in runs]
 
 
-def study_tables(study, records, reference_records):
-    """table.md's text, the paired differences and the reference's summary of a study's records."""
+def study_tables(study, records, reference_records, waiting=()):
+    """table.md's text, the paired differences and the reference's summary of a study's records;
+    with no model's record yet, the list of the ``waiting`` runs (write_reports)."""
+    if not any(record["model"] is not None for record in records):
+        return waiting_table(study, waiting), [], None
     paired = paired_differences(records, study)
     side_by_side, reference_summary = reference_table(study, records, reference_records, paired)
     table = results_table(study, records, paired) + paired_table(paired) + tuned_table(study, records) + side_by_side
@@ -301,10 +304,7 @@ def write_reports(study, study_dir, stats, records, reference_records, waiting=(
     ``waiting``: the records of finished runs whose seed's other runs of their model have not
     finished; results.json keeps them (a lost machine loses no finished run), the tables not."""
     records = [with_rounded_per_user(record) for record in records]
-    if any(record["model"] is not None for record in records):
-        table, paired, reference_summary = study_tables(study, records, reference_records)
-    else:
-        table, paired, reference_summary = waiting_table(study, waiting), [], None
+    table, paired, reference_summary = study_tables(study, records, reference_records, waiting)
     # results.json, kept small: one line, the per-user errors only of the methods in the tables
     # (a tuned variant's other runs keep theirs in their own records), each seed's users once
     runs, test_users = with_users_once_per_seed(
@@ -373,7 +373,7 @@ def runs_own_records(records):
 def render(results_path):
     """table.md and per_rating.png of a study again, from its results.json alone; returns the table."""
     study, records, reference_records = read_results(results_path)
-    table = study_tables(study, records, reference_records)[0]
+    table = study_tables(study, records, reference_records, read_waiting_runs(results_path))[0]
     folder = Path(results_path).parent
     (folder / "table.md").write_text(table)
     write_figures(study, records, folder)

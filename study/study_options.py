@@ -91,7 +91,7 @@ def build_parser():
         "benchmarks/reference_study.py writes them: table.md sets its MELO − MAML beside ours")
     add("--jobs", type=int, default=1, metavar="N",
         help="runs at once, each with its share of the cores (OMP_NUM_THREADS); Basic and the "
-        "baselines first, then MAML and MELO")
+        "baselines first, then every seed's MAML and MELO, then the variants")
     add("--nproc_per_node", type=int, default=1, metavar="N",
         help="run Basic, MAML and MELO under torchrun with N processes each, e.g. one per GPU "
         "(default: %(default)s)")
