@@ -292,10 +292,12 @@ def study_tables(study, records, reference_records, waiting=()):
     """table.md's text, the paired differences and the reference's summary of a study's records;
     with no model's record yet, the list of the ``waiting`` runs (write_reports)."""
     if not any(record["model"] is not None for record in records):
-        return waiting_table(study, waiting), [], None
+        return (f"# {study.name}\n\nNo model has finished every run of a seed yet.\n{waiting_table(waiting)}",
+                [], None)
     paired = paired_differences(records, study)
     side_by_side, reference_summary = reference_table(study, records, reference_records, paired)
-    table = results_table(study, records, paired) + paired_table(paired) + tuned_table(study, records) + side_by_side
+    table = (results_table(study, records, paired) + paired_table(paired) + tuned_table(study, records)
+             + side_by_side + waiting_table(waiting))
     return table, paired, reference_summary
 
 
@@ -304,6 +306,7 @@ def write_reports(study, study_dir, stats, records, reference_records, waiting=(
     ``waiting``: the records of finished runs whose seed's other runs of their model have not
     finished; results.json keeps them (a lost machine loses no finished run), the tables not."""
     records = [with_rounded_per_user(record) for record in records]
+    waiting = [with_rounded_per_user(record) for record in waiting]
     table, paired, reference_summary = study_tables(study, records, reference_records, waiting)
     # results.json, kept small: one line, the per-user errors only of the methods in the tables
     # (a tuned variant's other runs keep theirs in their own records), each seed's users once
@@ -314,7 +317,7 @@ def write_reports(study, study_dir, stats, records, reference_records, waiting=(
                {"dataset": study.name, "command": study.command, "study": study.study_files,
                 "data_path": study.data_path, "mode": study.mode, "seeds": study.seeds, "models": study.models,
                 "methods": study.methods, "run_flags": study.run_flags, "test_users": test_users,
-                "runs": runs, "paired": paired, "waiting_runs": [with_rounded_per_user(r) for r in waiting],
+                "runs": runs, "paired": paired, "waiting_runs": waiting,
                 "reference_runs": reference_records, "reference_paired": reference_summary}), indent=None)
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
@@ -322,12 +325,28 @@ def write_reports(study, study_dir, stats, records, reference_records, waiting=(
     return table
 
 
-def waiting_table(study, waiting):
-    """table.md of a study none of whose models has finished every run of a seed."""
-    finished = "\n".join(f"- seed {r['seed']} {TITLES[r['model']]} {TITLES[r['method']]}: test RMSE "
-                          f"{r['metrics']['rmse']:.4f}" for r in waiting if r["model"] is not None)
-    return (f"# {study.name}\n\nNo model has finished every run of a seed yet, so there is no table; "
-            f"results.json keeps the records of the runs that have finished (waiting_runs):\n\n{finished}\n")
+def waiting_table(waiting):
+    """The finished runs whose seed has not finished its model's other runs, which the tables
+    leave out: each one's test RMSE and step, and its paired difference from its seed's MAML
+    where that has finished too."""
+    runs = [record for record in waiting if record["model"] is not None]
+    if not runs:
+        return ""
+    maml = {(record["seed"], record["model"]): record for record in runs if record["method"] == "maml"}
+
+    def versus_maml(record):
+        other = maml.get((record["seed"], record["model"]))
+        if other is None or other is record or not record["metrics"] or not other["metrics"]:
+            return ""
+        return interval_cell(paired_rmse_difference(record["metrics"]["per_user"]["squared_error"],
+                                                    other["metrics"]["per_user"]["squared_error"]))
+    rows = [[str(record["seed"]), TITLES[record["model"]], TITLES[record["method"]],
+             f"{record['metrics']['rmse']:.4f}" if record["metrics"] else "diverged",
+             str(record.get("checkpoint_step") or ""), versus_maml(record)] for record in runs]
+    return ("\n## Finished runs waiting for the rest of their seed\n\nThe tables leave them out until every "
+            "run of their model and seed has finished (results.json: waiting_runs). − MAML: paired over the "
+            "seed's test users, 95 % interval.\n\n"
+            + markdown_table(["Seed", "Model", "Method", "RMSE", "Step", "− MAML"], rows) + "\n")
 
 
 def write_figures(study, records, folder):

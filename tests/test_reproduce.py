@@ -13,6 +13,7 @@ import pytest
 
 from config import DataConfig
 from dataloader import load_data
+from meta_learning.evaluation import paired_rmse_difference
 from options import parse_args
 import report
 import reproduce
@@ -140,6 +141,11 @@ def test_report_finished_reports_the_whole_model_seed_sets_and_runs_nothing(stud
     waiting = json.loads((tmp_path / "tiny" / "results.json").read_text())["waiting_runs"]   # not in the table
     assert sorted((r["seed"], r["method"]) for r in waiting) == [(SEEDS[1], m) for m in sorted(
         ("mean_rating", "basic", "maml", "melo_normalized"))]
+    maml, normalized = (next(r for r in waiting if r["method"] == m) for m in ("maml", "melo_normalized"))
+    versus_maml = report.interval_cell(paired_rmse_difference(normalized["metrics"]["per_user"]["squared_error"],
+                                                              maml["metrics"]["per_user"]["squared_error"]))
+    assert (f"| {SEEDS[1]} | GRU4Rec | {report.TITLES['melo_normalized']} | {normalized['metrics']['rmse']:.4f} | "
+            f"{normalized['checkpoint_step']} | {versus_maml} |") in table
     for seed in SEEDS:
         (tmp_path / "tiny" / "runs" / str(seed) / "gru4rec" / "basic.json").unlink()
     assert [r for r in reproduce.main(argv) if r["model"] is not None] == []      # no table: the records wait

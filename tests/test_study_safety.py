@@ -91,7 +91,7 @@ def test_runs_made_from_other_data_are_neither_pooled_nor_continued(tmp_path, ra
         reproduce.main(study_argv(ratings_file, tmp_path, "--report_finished"))
     runs["melo"].record_path.unlink()
     reported = reproduce.main(study_argv(ratings_file, tmp_path, "--report_finished"))  # one data set: reported
-    assert reported == [] and "seed 222 GRU4Rec MAML" in (tmp_path / "safe" / "table.md").read_text()
+    assert reported == [] and "| 222 | GRU4Rec | MAML | 0.5000 | 2 |  |" in (tmp_path / "safe" / "table.md").read_text()
     with pytest.raises(UserError, match=f"made from other data \\(digest {'a' * 16}\\) than this machine makes "
                                         r"of them \(\w{16}\)"):
         reproduce.main(study_argv(ratings_file, tmp_path))
