@@ -321,7 +321,7 @@ def write_reports(study, study_dir, stats, records, reference_records, waiting=(
                 "reference_runs": reference_records, "reference_paired": reference_summary}), indent=None)
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
-    write_figures(study, records, study_dir)
+    write_figures(study, records, study_dir, waiting)
     return table
 
 
@@ -349,15 +349,15 @@ def waiting_table(waiting):
             + markdown_table(["Seed", "Model", "Method", "RMSE", "Step", "− MAML"], rows) + "\n")
 
 
-def write_figures(study, records, folder):
-    """per_rating.png, and curves.png when the runs have learning curves; none without a
-    model's record (an earlier study's figures are removed)."""
-    if not any(record["model"] is not None for record in records):
-        for name in ("per_rating.png", "curves.png"):
-            (folder / name).unlink(missing_ok=True)
-        return
-    plot_per_rating(study, records, folder / "per_rating.png")
-    plot_curves(study, records, folder / "curves.png", multi_step_loss_end=MULTI_STEP_LOSS_END)
+def write_figures(study, records, folder, waiting=()):
+    """per_rating.png of the whole sets, curves.png of every finished run that has a learning
+    curve (the waiting runs' too); a figure with nothing to draw is removed (an earlier one)."""
+    if any(record["model"] is not None for record in records):
+        plot_per_rating(study, records, folder / "per_rating.png")
+    else:
+        (folder / "per_rating.png").unlink(missing_ok=True)
+    if not plot_curves(study, [*records, *waiting], folder / "curves.png", multi_step_loss_end=MULTI_STEP_LOSS_END):
+        (folder / "curves.png").unlink(missing_ok=True)
 
 
 def read_results(results_path):
@@ -392,10 +392,11 @@ def runs_own_records(records):
 def render(results_path):
     """table.md and per_rating.png of a study again, from its results.json alone; returns the table."""
     study, records, reference_records = read_results(results_path)
-    table = study_tables(study, records, reference_records, read_waiting_runs(results_path))[0]
+    waiting = read_waiting_runs(results_path)
+    table = study_tables(study, records, reference_records, waiting)[0]
     folder = Path(results_path).parent
     (folder / "table.md").write_text(table)
-    write_figures(study, records, folder)
+    write_figures(study, records, folder, waiting)
     return table
 
 

@@ -106,6 +106,8 @@ def plot_curves(study, records, path, multi_step_loss_end=None):
     figure = Figure(figsize=(11, 3.6 * len(models)), layout="constrained")
     axes = figure.subplots(len(models), 2, squeeze=False)
     for (rmse_axis, step_axis), model in zip(axes, models):
+        seeds = {method: sum(1 for r in records if (r["model"], r["method"]) == (model, method) and r.get("curve"))
+                 for method in study.methods}
         for method in study.methods:
             for axis, values in ((rmse_axis, lambda curve: curve["valid_rmse"]), (step_axis, effective_step)):
                 series = curve_series(records, model, method, values)
@@ -113,7 +115,8 @@ def plot_curves(study, records, path, multi_step_loss_end=None):
                     continue
                 steps, mean, low, high = series
                 colour = METHOD_COLOURS.get(method)
-                axis.plot(steps, mean, label=TITLES[method], color=colour)
+                fewer = f" ({seeds[method]} of {max(seeds.values())} seeds)" if seeds[method] < max(seeds.values()) else ""
+                axis.plot(steps, mean, label=TITLES[method] + fewer, color=colour)
                 axis.fill_between(steps, low, high, alpha=0.2, color=colour, linewidth=0)
         for axis in (rmse_axis, step_axis):
             axis.set_xlabel("outer iteration")
@@ -125,7 +128,7 @@ def plot_curves(study, records, path, multi_step_loss_end=None):
         step_axis.set_ylabel("effective inner step")
         step_axis.set_title(f"{TITLES[model]}: mean LSLR rate × mean encoder weight")
         rmse_axis.legend()
-    by_model = seeds_by_model(study, records)
+    by_model = seeds_by_model(study, [r for r in records if r.get("curve")])
     ended = " (dotted: the multi-step loss ends)" if multi_step_loss_end else ""
     figure.suptitle(f"{study.name}: learning curves, {seeds_phrase(by_model, 'mean and range over seeds')}"
                     f"{ended}")

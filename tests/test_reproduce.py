@@ -150,7 +150,8 @@ def test_report_finished_reports_the_whole_model_seed_sets_and_runs_nothing(stud
         (tmp_path / "tiny" / "runs" / str(seed) / "gru4rec" / "basic.json").unlink()
     assert [r for r in reproduce.main(argv) if r["model"] is not None] == []      # no table: the records wait
     assert "No model has finished every run of a seed yet" in (tmp_path / "tiny" / "table.md").read_text()
-    assert not (tmp_path / "tiny" / "per_rating.png").exists() and not (tmp_path / "tiny" / "curves.png").exists()
+    assert not (tmp_path / "tiny" / "per_rating.png").exists()                   # of whole sets alone
+    assert (tmp_path / "tiny" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"   # of every finished run
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
     assert results["runs"] == [] and len(results["waiting_runs"]) == len(reproduce.finished_records(
         tmp_path / "tiny" / "runs"))
