@@ -330,19 +330,13 @@ def waiting_table(waiting):
     leave out: each one's test RMSE and step, and its paired difference from its seed's MAML
     where that has finished too."""
     runs = [record for record in waiting if record["model"] is not None]
-    if not runs:
+    tested = [record for record in runs if record["metrics"]]
+    rows = [[str(r["seed"]), TITLES[r["model"]], TITLES[r["method"]],
+             f"{r['metrics']['rmse']:.4f}" if r["metrics"] else "diverged", str(r.get("checkpoint_step") or ""),
+             "".join(map(interval_cell, paired_rows(tested, r["model"], r["method"], "maml", [r["seed"]])
+                         if r["metrics"] and r["method"] != "maml" else []))] for r in runs]
+    if not rows:
         return ""
-    maml = {(record["seed"], record["model"]): record for record in runs if record["method"] == "maml"}
-
-    def versus_maml(record):
-        other = maml.get((record["seed"], record["model"]))
-        if other is None or other is record or not record["metrics"] or not other["metrics"]:
-            return ""
-        return interval_cell(paired_rmse_difference(record["metrics"]["per_user"]["squared_error"],
-                                                    other["metrics"]["per_user"]["squared_error"]))
-    rows = [[str(record["seed"]), TITLES[record["model"]], TITLES[record["method"]],
-             f"{record['metrics']['rmse']:.4f}" if record["metrics"] else "diverged",
-             str(record.get("checkpoint_step") or ""), versus_maml(record)] for record in runs]
     return ("\n## Finished runs waiting for the rest of their seed\n\nThe tables leave them out until every "
             "run of their model and seed has finished (results.json: waiting_runs). − MAML: paired over the "
             "seed's test users, 95 % interval.\n\n"
