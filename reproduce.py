@@ -52,7 +52,7 @@ from run.errors import DIVERGED_STATUS, UserError, run_cli
 from run.preemption import Preempted
 from run.progress import PROGRESS_VARIABLE, format_duration
 from study.finished_runs import finished_record, finished_records, finished_so_far, learning_curve
-from study.records import check_same_data, with_checksum
+from study.records import check_one_data_set, with_checksum
 from study.study_options import TITLES, TUNED_VARIANTS, check_run_flags, parse_command_line, study_flags
 from study.study_plan import Estimate, as_typed, plan_runs, plan_summary, threads_per_run
 
@@ -367,7 +367,7 @@ def main(argv=None):
     if study.report_finished:   # runs nothing, writes no run: the study may be running
         check_same_study(runs_dir, study_flags(study), remember=False)
         records, waiting = finished_so_far(plan_runs(study, runs_dir))
-        check_same_data([*records, *waiting], None, runs_dir)
+        check_one_data_set([*records, *waiting], None, runs_dir)
     else:
         with study_lock(runs_dir, study.name):
             records, waiting = run_study(study, study_dir, runs_dir, data), []
@@ -403,7 +403,7 @@ def run_study(study, study_dir, runs_dir, data):
     runs = plan_runs(study, runs_dir)
     if study.from_results:
         restore_finished_runs(study, study_dir, runs)
-    check_same_data([finished_record(run) for run in runs if run.record_path.is_file()], data.digest, runs_dir)
+    check_one_data_set([finished_record(run) for run in runs if run.record_path.is_file()], data.digest, runs_dir)
     print(plan_summary(study, runs, data.stats, runs_dir), flush=True)
     return execute_forwarding_signals(runs, study.jobs, Estimate(study, data.stats["num_train_users"], runs))
 

@@ -48,7 +48,7 @@ def check_record(record, source, advice):
     check_numbers(record, source, advice)
 
 
-def check_same_data(records, here, source):
+def check_one_data_set(records, here, source):
     """The records' data digests (dataloader.sequences_digest; None in older records) must be
     one, and with ``here`` (this machine's digest of the study's data) that one: a study run
     on two machines can otherwise pool runs made from two orders of the same file."""
