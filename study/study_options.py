@@ -143,24 +143,31 @@ def run_methods(methods):
                               for run in (TUNED_VARIANTS[method][1] if method in TUNED_VARIANTS else [method])))
 
 
-def read_study_files(argv):
+def read_study_files(argv, reading=()):
     """``argv`` with each ``@FILE`` replaced by the flags in FILE (shell words, one or more a
-    line, ``#`` comments; a `--` in it starts flags for every run); returns the flags, the
-    files' run flags and the files as given."""
+    line, ``#`` comments; a `--` in it starts flags for every run; an ``@OTHER`` in it reads
+    OTHER, a path from FILE's folder, in its place); returns the flags, the files' run flags
+    and the files as given in ``argv``. ``reading``: the files whose reading led here."""
     flags, run_flags, files = [], [], []
     for word in argv:
         if not word.startswith("@"):
             flags.append(word)
             continue
         path = Path(word[1:])
+        if path.resolve() in reading:
+            circle = " -> ".join(file.name for file in (*reading[reading.index(path.resolve()):], path))
+            raise UserError(f"the study files read each other in a circle ({circle}); remove one "
+                            f"of those @ lines")
         try:
             words = shlex.split(path.read_text(), comments=True)
         except OSError as error:
             raise UserError(f"cannot read the study file {path}: {error.strerror}; the committed "
                             f"studies are in {PROJECT_DIR / 'studies'}") from None
         split = words.index("--") if "--" in words else len(words)
-        flags += words[:split]
-        run_flags += words[split + 1:]
+        included = [f"@{path.parent / given[1:]}" if given.startswith("@") else given for given in words[:split]]
+        file_flags, file_run_flags, _ = read_study_files(included, (*reading, path.resolve()))
+        flags += file_flags
+        run_flags += [*file_run_flags, *words[split + 1:]]
         files.append(word[1:])
     return flags, run_flags, files
 

@@ -308,6 +308,21 @@ def test_a_study_file_gives_flags_that_later_flags_override(study, tmp_path):
         study_options.parse_command_line([f"@{tmp_path / 'no_such.txt'}"])
 
 
+def test_a_study_file_reads_another_beside_it_and_overrides_it(study, tmp_path):
+    (tmp_path / "base.txt").write_text(" ".join(study.argv[:study.argv.index("--")])
+                                       + " -- " + " ".join(RUN_FLAGS) + "\n")
+    (tmp_path / "variant").mkdir()
+    (tmp_path / "variant" / "shorter.txt").write_text("# the base study, one seed\n@../base.txt\n"
+                                                      "--seeds 7 -- --bert_dropout=0\n")
+    variant = study_options.parse_command_line([f"@{tmp_path / 'variant' / 'shorter.txt'}"])
+    assert settings(variant) == dict(settings(study_options.parse_command_line(study.argv)), seeds=[7],
+                                     run_flags=[*RUN_FLAGS, "--bert_dropout=0"])
+    assert variant.study_files == [str(tmp_path / "variant" / "shorter.txt")]   # what the command gave
+    (tmp_path / "base.txt").write_text("--seeds 1\n@variant/shorter.txt\n")
+    with pytest.raises(UserError, match=r"read each other in a circle \(base.txt -> shorter.txt -> base.txt\)"):
+        study_options.parse_command_line([f"@{tmp_path / 'base.txt'}"])
+
+
 def test_results_json_names_the_study_file(study, tmp_path):
     study_file = tmp_path / "tiny.txt"
     study_file.write_text(" ".join(study.argv[:study.argv.index("--")]) + " -- " + " ".join(RUN_FLAGS))
