@@ -139,7 +139,8 @@ def plot_curves(study, records, path, multi_step_loss_end=None):
 # --- the forest plot -------------------------------------------------------------------------
 def plot_forest(rows, path):
     """One line per row of ``rows`` (report.forest_rows: a study, model and comparison at a budget):
-    the pooled difference in test RMSE with its 95 % paired interval, 0 marked."""
+    the pooled difference in test RMSE with its 95 % paired interval, 0 marked, a grey line between
+    one dataset and model and the next."""
     figure = Figure(figsize=(10, 0.28 * len(rows) + 2.0), layout="constrained")
     axis = figure.subplots()
     positions = np.arange(len(rows))[::-1]
@@ -148,6 +149,9 @@ def plot_forest(rows, path):
         marker = "o" if row["method"] == "melo" else "s"
         axis.errorbar(row["difference"], position, xerr=[[row["difference"] - row["low"]], [row["high"] - row["difference"]]],
                       fmt=marker, color=colour, markersize=4, capsize=2, linewidth=1)
+    for position, row, above in zip(positions[1:], rows[1:], rows):    # a line between dataset-and-model groups
+        if (row["dataset"], row["model"]) != (above["dataset"], above["model"]):
+            axis.axhline(position + 0.5, color="lightgrey", linewidth=0.8)
     axis.axvline(0, color="black", linewidth=0.8)
     axis.set_yticks(positions, [row["label"] for row in rows], fontsize=7)
     axis.set_ylim(-0.8, len(rows) - 0.2)
