@@ -17,7 +17,6 @@ length would change from batch to batch, and each length would be another compil
 import time
 
 import torch
-from torch._dynamo.utils import counters
 from torch.func import functional_call, grad
 from tqdm import tqdm
 
@@ -52,6 +51,7 @@ class MetaGradient:
             loss, predictions = learner(task, step_weights)
             (loss * scale).backward()
             return loss.detach(), predictions.detach()
+        from torch._dynamo.utils import counters   # here: Dynamo takes seconds to import, and eager runs never need it
         params = {name: p for name, p in learner.named_parameters() if p.requires_grad}
         shapes = (tuple(batch.support_items.shape), tuple(batch.query_items.shape), len(step_weights))
         new_graph = shapes not in self.graph_shapes
