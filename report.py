@@ -5,6 +5,8 @@ committed study.
 
     python report.py results/quick/results.json    # table.md and the figures again, from the JSON
     python report.py --forest                      # results/forest.png from every committed results.json
+    python report.py results/ml-100k-3000/results.json --minus results/ml-100k-3000-at-300/results.json
+                                                   # each method at 3,000 iterations minus at 300, same users
 """
 import argparse
 import json
@@ -14,11 +16,10 @@ from pathlib import Path
 
 from meta_learning.evaluation import paired_rmse_difference
 from options import FLAGS
-from run.atomic_files import write_json
 from run.errors import UserError, run_cli
 from study.figures import plot_curves, plot_forest, plot_per_rating, seeds_by_model, seeds_phrase
-from study.records import check_checksum, check_numbers, with_checksum
-from study.study_options import PROJECT_DIR, TITLES, TUNED_VARIANTS, VARIANTS, parse_command_line
+from study.results_json import read_results, read_waiting_runs, with_rounded_per_user, write_results
+from study.study_options import PROJECT_DIR, TITLES, TUNED_VARIANTS, VARIANTS
 
 METRICS = ("rmse", "mae")
 REFERENCE_METHODS = ("maml", "melo")   # what benchmarks/reference_study.py writes
@@ -90,12 +91,14 @@ def per_user_errors(records, model, method, seed):
     return None if record is None else record["metrics"].get("per_user")
 
 
-def paired_rows(records, model, method, other, seeds):
-    """``method``'s test RMSE minus ``other``'s on the same users, with its 95 % paired-bootstrap
-    interval: per seed, and pooled over the seeds (their users together) when there are several."""
+def paired_rows(records, model, method, other, seeds, other_records=None):
+    """``method``'s test RMSE minus ``other``'s on the same users (``other``'s run among
+    ``other_records`` when given: another study's), with its 95 % paired-bootstrap interval: per
+    seed, and pooled over the seeds (their users together) when there are several."""
     rows, pooled, pooled_other = [], [], []
     for seed in seeds:
-        errors, other_errors = (per_user_errors(records, model, m, seed) for m in (method, other))
+        errors = per_user_errors(records, model, method, seed)
+        other_errors = per_user_errors(records if other_records is None else other_records, model, other, seed)
         if errors is None or other_errors is None:
             continue
         if errors["user"] != other_errors["user"]:
@@ -148,23 +151,65 @@ def interval_cell(row):
     return f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]"
 
 
+def seeds_table(paired, what, label):
+    """One row per model and pair of ``paired`` (paired_rows), one column per seed and the pooled
+    one; ``what`` heads the column of the pairs, ``label(method, versus)`` names each."""
+    seeds = list(dict.fromkeys(row["seed"] for row in paired))
+    header = ["Model", what, *(f"seed {seed}" if seed != "pooled" else "pooled" for seed in seeds)]
+    cells = {}
+    for row in paired:
+        cells.setdefault((row["model"], row["method"], row["versus"]), {})[row["seed"]] = interval_cell(row)
+    rows = [[TITLES[model], label(method, other), *(found.get(seed, "") for seed in seeds)]
+            for (model, method, other), found in cells.items()]
+    return markdown_table(header, rows)
+
+
 def paired_table(paired):
     """One row per model and difference, one column per seed and the pooled one."""
     if not paired:
         return ""
-    seeds = list(dict.fromkeys(row["seed"] for row in paired))
-    header = ["Model", "Difference in RMSE [95 % interval]", *(f"seed {seed}" if seed != "pooled" else "pooled"
-                                                                for seed in seeds)]
-    cells = {}
-    for row in paired:
-        cells.setdefault((row["model"], row["method"], row["versus"]), {})[row["seed"]] = interval_cell(row)
-    rows = [[TITLES[model], f"{TITLES[method]} − {TITLES[other]}", *(found.get(seed, "") for seed in seeds)]
-            for (model, method, other), found in cells.items()]
+    table = seeds_table(paired, "Difference in RMSE [95 % interval]",
+                        lambda method, other: f"{TITLES[method]} − {TITLES[other]}")
     return (f"\n## Paired differences\n\nA method's test RMSE minus another's on the same test "
             f"users, with a 95 % interval from a paired bootstrap over the users "
             f"({paired[0]['resamples']:,} resamples, seeded): negative when the first method's error is "
             f"lower; an interval that excludes 0 is a difference that the choice of test users does "
-            f"not explain. Pooled: the seeds' test users together.\n\n{markdown_table(header, rows)}\n")
+            f"not explain. Pooled: the seeds' test users together.\n\n{table}\n")
+
+
+def test_users(records, seed):
+    """The test users of a seed's first run that has per-user errors (every method of a study's
+    seed is tested on the same users), None when none has."""
+    return next((r["metrics"]["per_user"]["user"] for r in records
+                 if r["seed"] == seed and (r["metrics"] or {}).get("per_user")), None)
+
+
+def study_difference(results_path, other_path):
+    """Each method's test RMSE in one study minus the same method's in another on the same seeds'
+    test users (a study at 3,000 iterations against the same at 300), per seed and pooled, as a
+    markdown text, and its rows (paired_rows). Both studies' finished runs count, a seed's whole
+    set or not (their waiting runs too): no difference here needs a seed's other methods."""
+    (study, records, _), (other, other_records, _) = read_results(results_path), read_results(other_path)
+    records, other_records = records + read_waiting_runs(results_path), other_records + read_waiting_runs(other_path)
+    seeds = [seed for seed in study.seeds if seed in other.seeds]
+    for seed in seeds:
+        users, other_users = (test_users(found, seed) for found in (records, other_records))
+        if None not in (users, other_users) and users != other_users:
+            raise UserError(f"{study.name} and {other.name} test other users on seed {seed}: only studies of the "
+                            "same data file, filters, seeds and --num_test_data pair")
+    rows = [row for model in study.models if model in other.models
+            for method in study.methods if method in other.methods
+            for row in paired_rows(records, model, method, method, seeds, other_records)]
+    if not rows:
+        raise UserError(f"{study.name} and {other.name} have no finished run of one model, method and seed in "
+                        "common")
+    table = seeds_table(rows, "Method", lambda method, _: TITLES[method])
+    return (f"# {study.name} − {other.name}\n\nEach method's test RMSE in {study.name} "
+            f"({study.num_train_iterations:,} iterations) minus the same method's in {other.name} "
+            f"({other.num_train_iterations:,} iterations) on the same "
+            f"test users, with its 95 % paired-bootstrap interval ({rows[0]['resamples']:,} resamples, seeded): "
+            f"negative when {study.name}'s error is lower. Pooled: the seeds' test users together. Basic's "
+            f"differences are 0 where the two studies made the same data and Basic.\n\n{table}\n"), rows
 
 
 def reference_table(study, records, reference_records, paired):
@@ -240,54 +285,6 @@ def dataset_table(study, stats):
             f"valid, {stats['num_test_users']:,} test\n")
 
 
-PER_USER_DIGITS = 7   # significant digits of the per-user errors in results.json (float32's)
-
-
-def without_per_user(metrics):
-    return None if metrics is None else {name: value for name, value in metrics.items() if name != "per_user"}
-
-
-def with_rounded_per_user(record):
-    """``record`` with the per-user errors that the paired tables read, the squared ones, to
-    PER_USER_DIGITS significant digits: what results.json keeps (a run's own record keeps its
-    absolute errors too), and what every table is computed from, so that a table renders again
-    from results.json to the last digit."""
-    per_user = (record["metrics"] or {}).get("per_user")
-    if per_user is None:
-        return record
-    squared = [float(f"{error:.{PER_USER_DIGITS}g}") for error in per_user["squared_error"]]
-    return {**record, "metrics": {**record["metrics"], "per_user": {"user": per_user["user"], "squared_error": squared}}}
-
-
-def with_users_once_per_seed(runs):
-    """``runs`` without the test-user ids of their per-user errors where they equal their seed's
-    (the first recorded: every method of a seed is tested on the same users), and those ids per
-    seed: what results.json keeps, each seed's ids once rather than in each of its runs."""
-    test_users = {}
-    for record in runs:
-        if per_user := (record["metrics"] or {}).get("per_user"):
-            test_users.setdefault(str(record["seed"]), per_user["user"])
-
-    def compact(record):
-        per_user = (record["metrics"] or {}).get("per_user")
-        if per_user is None or per_user["user"] != test_users[str(record["seed"])]:
-            return record
-        return {**record, "metrics": {**record["metrics"], "per_user": {
-            name: errors for name, errors in per_user.items() if name != "user"}}}
-    return [compact(record) for record in runs], test_users
-
-
-def with_test_users(runs, test_users):
-    """The runs of a results.json with their test-user ids again (with_users_once_per_seed undone)."""
-    def expand(record):
-        per_user = (record["metrics"] or {}).get("per_user")
-        if per_user is None or "user" in per_user:
-            return record
-        users = test_users[str(record["seed"])]
-        return {**record, "metrics": {**record["metrics"], "per_user": {"user": users, **per_user}}}
-    return [expand(record) for record in runs]
-
-
 def study_tables(study, records, reference_records, waiting=()):
     """table.md's text, the paired differences and the reference's summary of a study's records;
     with no model's record yet, the list of the ``waiting`` runs (write_reports)."""
@@ -308,17 +305,7 @@ def write_reports(study, study_dir, stats, records, reference_records, waiting=(
     records = [with_rounded_per_user(record) for record in records]
     waiting = [with_rounded_per_user(record) for record in waiting]
     table, paired, reference_summary = study_tables(study, records, reference_records, waiting)
-    # results.json, kept small: one line, the per-user errors only of the methods in the tables
-    # (a tuned variant's other runs keep theirs in their own records), each seed's users once
-    runs, test_users = with_users_once_per_seed(
-        [record if record["method"] in study.methods or record["model"] is None else
-         {**record, "metrics": without_per_user(record["metrics"])} for record in records])
-    write_json(study_dir / "results.json", with_checksum(
-               {"dataset": study.name, "command": study.command, "study": study.study_files,
-                "data_path": study.data_path, "mode": study.mode, "seeds": study.seeds, "models": study.models,
-                "methods": study.methods, "run_flags": study.run_flags, "test_users": test_users,
-                "runs": runs, "paired": paired, "waiting_runs": waiting,
-                "reference_runs": reference_records, "reference_paired": reference_summary}), indent=None)
+    write_results(study_dir / "results.json", study, records, waiting, paired, reference_records, reference_summary)
     (study_dir / "table.md").write_text(table)
     (study_dir / "dataset.md").write_text(dataset_table(study, stats))
     write_figures(study, records, study_dir, waiting)
@@ -352,35 +339,6 @@ def write_figures(study, records, folder, waiting=()):
         (folder / "per_rating.png").unlink(missing_ok=True)
     if not plot_curves(study, [*records, *waiting], folder / "curves.png", multi_step_loss_end=MULTI_STEP_LOSS_END):
         (folder / "curves.png").unlink(missing_ok=True)
-
-
-def read_results(results_path):
-    """The study that a results.json records (its settings from the command it records), its
-    runs with their test-user ids again, and the reference's runs; checked first (study/records.py)."""
-    recorded = json.loads(Path(results_path).read_text())
-    advice = "take it again from git (git checkout), or run its study again"
-    check_checksum(recorded, results_path, advice)
-    study = parse_command_line(shlex.split(recorded["command"])[2:])
-    runs = with_test_users(recorded["runs"], recorded.get("test_users", {}))
-    for record in [*runs, *recorded.get("waiting_runs", [])]:
-        check_numbers(record, results_path, advice)
-    return study, runs, recorded["reference_runs"]
-
-
-def read_waiting_runs(results_path):
-    """The records of a results.json's finished runs that its tables leave out (write_reports'
-    ``waiting``); read_results checks them."""
-    return json.loads(Path(results_path).read_text()).get("waiting_runs", [])
-
-
-def runs_own_records(records):
-    """The records of the runs themselves among a results.json's: without the tuned variants'
-    copies (tuned_records makes them again), and each run that a tuned variant chose with the
-    per-user errors that its copy kept."""
-    chosen = {(record["seed"], record["model"], record["chosen_run"]): record["metrics"]
-              for record in records if "chosen_run" in record}
-    return [{**record, "metrics": chosen.get((record["seed"], record["model"], record["method"]), record["metrics"])}
-            for record in records if "chosen_run" not in record]
 
 
 def render(results_path):
@@ -431,7 +389,17 @@ def main(argv=None):
     parser.add_argument("--forest", metavar="PNG", nargs="?", const=str(FOREST_PATH),
                         help="write the forest plot of the results.json files given (default: every committed "
                              "one) to PNG (default: %(const)s)")
+    parser.add_argument("--minus", metavar="OTHER", help="print each method's test RMSE in the one results.json "
+                        "given minus the same method's in OTHER (another results.json of the same seeds and test "
+                        "users: the same study at another budget), per seed and pooled")
     arguments = parser.parse_args(argv)
+    if arguments.minus:
+        if len(arguments.results) != 1:
+            raise UserError("--minus OTHER takes one results.json to subtract OTHER from: "
+                            "python report.py STUDY/results.json --minus OTHER/results.json")
+        text, rows = study_difference(arguments.results[0], arguments.minus)
+        print(text)
+        return rows
     if arguments.forest:
         rows = forest_rows(arguments.results or committed_results())
         plot_forest(rows, arguments.forest)

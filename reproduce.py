@@ -46,13 +46,14 @@ from pathlib import Path
 
 from config import DataConfig
 from dataloader import load_data
-from report import read_reference_results, read_results, read_waiting_runs, runs_own_records, write_reports
+from report import read_reference_results, write_reports
 from run.atomic_files import LockHeld, exclusive_lock, write_json
 from run.errors import DIVERGED_STATUS, UserError, run_cli
 from run.preemption import Preempted
 from run.progress import PROGRESS_VARIABLE, format_duration
 from study.finished_runs import finished_record, finished_records, finished_so_far, learning_curve
 from study.records import check_one_data_set, with_checksum
+from study.results_json import read_results, read_waiting_runs, runs_own_records
 from study.study_options import TITLES, TUNED_VARIANTS, check_run_flags, parse_command_line, study_flags
 from study.study_plan import Estimate, as_typed, plan_runs, plan_summary, threads_per_run
 

@@ -14,7 +14,8 @@ from dataloader import load_data
 from options import parse_args
 import report
 from run.errors import UserError
-from study import figures, learning_curves, study_options
+from study import figures, learning_curves, results_json, study_options
+from study.records import with_checksum
 from tiny_study import (DATA, RUN_FLAGS, SEEDS, METHODS, table_rows, by_seed, mean_and_std, metric, method_rows,
                         paired_cells, metric_field, reference_records, write_reference, settings)
 
@@ -144,6 +145,31 @@ def test_reference_results_of_other_users_are_refused(study, tmp_path):
         report.read_reference_results(tmp_path / "reference", options, study.records)
 
 
+def test_a_study_minus_another_pairs_each_method_on_the_same_users_and_refuses_other_users(study, tmp_path):
+    recorded = json.loads((study.dir / "results.json").read_text())
+    for record in recorded["runs"]:              # the same study with MELO's error 10 % larger on every user
+        if record["method"] == "melo":
+            per_user = record["metrics"]["per_user"]
+            per_user["squared_error"] = [1.21 * error for error in per_user["squared_error"]]
+            record["metrics"]["rmse"] *= 1.1
+    other = tmp_path / "results.json"
+    other.write_text(json.dumps(with_checksum(recorded)))
+    rows = report.main([str(study.dir / "results.json"), "--minus", str(other)])
+    found = {(row["method"], row["seed"]): row for row in rows}
+    assert set(found) == {(method, seed) for method in METHODS for seed in (*SEEDS, "pooled")}
+    for seed, rmse in zip(SEEDS, metric(study, "gru4rec", "melo", "rmse")):
+        assert found["melo", seed]["difference"] == pytest.approx(-0.1 * rmse, abs=1e-6)
+        assert found["melo", seed]["low"] <= found["melo", seed]["difference"] <= found["melo", seed]["high"] < 0
+    for method in set(METHODS) - {"melo"}:
+        assert all(found[method, seed][name] == 0 for seed in (*SEEDS, "pooled") for name in ("difference", "low", "high"))
+    with pytest.raises(UserError, match="takes one results.json"):
+        report.main([str(study.dir / "results.json"), str(other), "--minus", str(other)])
+    recorded["test_users"][str(SEEDS[1])].reverse()
+    other.write_text(json.dumps(with_checksum(recorded)))
+    with pytest.raises(UserError, match=f"test other users on seed {SEEDS[1]}"):
+        report.main([str(study.dir / "results.json"), "--minus", str(other)])
+
+
 def test_dataset_table_equals_the_statistics_of_load_data(study):
     stats = load_data(DataConfig.from_args(parse_args([f"--data_path={study.ratings}", *DATA, *RUN_FLAGS]))).stats
     row = table_rows((study.dir / "dataset.md").read_text())["tiny"]
@@ -193,11 +219,11 @@ def test_results_json_keeps_each_users_squared_errors_to_seven_significant_digit
     # the tables are computed from what results.json keeps: rendered again, to the last digit
     assert report.render(study.dir / "results.json") == (study.dir / "table.md").read_text()
     # a run tested on other users keeps its own (the tables then refuse to pair it)
-    records = [report.with_rounded_per_user(record) for record in study.records]
+    records = [results_json.with_rounded_per_user(record) for record in study.records]
     records[-1]["metrics"]["per_user"]["user"] = list(reversed(records[-1]["metrics"]["per_user"]["user"]))
-    runs, test_users = report.with_users_once_per_seed(records)
+    runs, test_users = results_json.with_users_once_per_seed(records)
     assert runs[-1] == records[-1] and "user" not in runs[-2]["metrics"]["per_user"]
-    assert report.with_test_users(runs, test_users) == records
+    assert results_json.with_test_users(runs, test_users) == records
 
 
 @pytest.mark.parametrize("results", sorted(RESULTS.rglob("results.json")),

@@ -18,15 +18,15 @@ from options import parse_args
 import report
 import reproduce
 from run.errors import UserError, run_cli
-from study import records, study_options, study_plan
+from study import records, results_json, study_options, study_plan
 from tiny_study import RUN_FLAGS, SEEDS, METHODS, with_seeds, table_rows, file_times, metric, method_rows, settings
 
 
 # --- what one invocation writes ---------------------------------------------------------
 def test_every_run_is_recorded_with_the_metrics_its_test_wrote(study):
     results = json.loads((study.dir / "results.json").read_text())
-    assert report.with_test_users(results["runs"], results["test_users"]) == [
-        report.with_rounded_per_user(record) for record in study.records]
+    assert results_json.with_test_users(results["runs"], results["test_users"]) == [
+        results_json.with_rounded_per_user(record) for record in study.records]
     assert [(r["seed"], r["model"], r["method"]) for r in study.records] == [
         (seed, model, method) for seed in SEEDS
         for model, method in [(None, "mean_rating"), *(("gru4rec", m) for m in METHODS)]]
@@ -448,10 +448,10 @@ def test_the_tuned_step_is_the_maml_run_of_the_best_validation_rmse(study, tmp_p
     assert chosen["MAML (--inner_lr=1) validation RMSE"] == "diverged"
     assert report.render(tmp_path / "tiny" / "results.json") == table
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
-    written = {record["method"]: record for record in report.with_test_users(results["runs"], results["test_users"])
+    written = {record["method"]: record for record in results_json.with_test_users(results["runs"], results["test_users"])
                if record["model"] == "gru4rec"}
     assert "per_user" not in written["maml_inner_lr_0.1"]["metrics"]   # a grid run's: only in its own record
-    assert written["maml_tuned_step"]["metrics"]["per_user"] == report.with_rounded_per_user(tuned)["metrics"]["per_user"]
+    assert written["maml_tuned_step"]["metrics"]["per_user"] == results_json.with_rounded_per_user(tuned)["metrics"]["per_user"]
     assert reproduce.main(argv) == records               # the diverged run is not run again
     shutil.rmtree(tmp_path / "tiny" / "runs")           # the chosen run's per-user errors come back from its copy
     reproduce.main([*argv[:argv.index("--")], "--from_results", *argv[argv.index("--"):]])
