@@ -177,7 +177,7 @@ def paired_table(paired):
             f"not explain. Pooled: the seeds' test users together.\n\n{table}\n")
 
 
-def test_users(records, seed):
+def seed_test_users(records, seed):
     """The test users of a seed's first run that has per-user errors (every method of a study's
     seed is tested on the same users), None when none has."""
     return next((r["metrics"]["per_user"]["user"] for r in records
@@ -193,7 +193,7 @@ def study_difference(results_path, other_path):
     records, other_records = records + read_waiting_runs(results_path), other_records + read_waiting_runs(other_path)
     seeds = [seed for seed in study.seeds if seed in other.seeds]
     for seed in seeds:
-        users, other_users = (test_users(found, seed) for found in (records, other_records))
+        users, other_users = (seed_test_users(found, seed) for found in (records, other_records))
         if None not in (users, other_users) and users != other_users:
             raise UserError(f"{study.name} and {other.name} test other users on seed {seed}: only studies of the "
                             "same data file, filters, seeds and --num_test_data pair")
